@@ -1,0 +1,5 @@
+"""`python -m qkv` is the same as the `qkv` command."""
+
+from qkv.cli import main
+
+raise SystemExit(main())

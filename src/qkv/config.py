@@ -1,0 +1,250 @@
+"""ModelConfig: one dataclass that describes every model qkv builds, its presets and JSON form.
+
+Field names follow the notes: d_model, n_heads, n_layers, d_ff, n_kv_heads, vocab_size,
+max_seq_len, dropout. `validate()` runs on construction, so an invalid config never exists;
+each error names the field and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qkv.errors import ConfigError
+
+ARCHS = ("decoder", "encoder", "encoder-decoder")
+POSITIONS = ("sinusoidal", "learned", "rope", "none")
+NORMS = ("layernorm", "rmsnorm")
+FEED_FORWARDS = ("relu", "gelu", "gelu_tanh", "swiglu", "geglu")
+ATTENTIONS = ("fused", "explicit")
+
+
+@dataclass
+class ModelConfig:
+    """Shape and choices of a Transformer; `d_ff` and `n_kv_heads` default from the others."""
+
+    arch: str = "decoder"
+    vocab_size: int = 256
+    d_model: int = 128
+    n_heads: int = 4
+    n_layers: int = 4
+    d_ff: int | None = None
+    n_kv_heads: int | None = None
+    max_seq_len: int = 256
+    dropout: float = 0.0
+    position: str = "learned"
+    rope_base: float = 10000.0
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    norm_first: bool = True
+    final_norm: bool | None = None
+    feed_forward: str = "gelu"
+    bias: bool = True
+    tie_embeddings: bool = True
+    scale_embeddings: bool = False
+    attention: str = "fused"
+    init_std: float | None = 0.02
+
+    def __post_init__(self) -> None:
+        if self.d_ff is None and isinstance(self.d_model, int):
+            self.d_ff = 4 * self.d_model
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.final_norm is None:
+            self.final_norm = self.norm_first
+        self.validate()
+
+    @property
+    def head_dim(self) -> int:
+        """d_k = d_model / n_heads."""
+        return self.d_model // self.n_heads
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first invalid field and how to fix it."""
+        _check_type(self)
+        for name in ("vocab_size", "d_model", "n_heads", "n_layers", "d_ff", "n_kv_heads"):
+            _require(getattr(self, name) >= 1, name, f"must be at least 1, got {getattr(self, name)}")
+        _require(self.max_seq_len >= 1, "max_seq_len", f"must be at least 1, got {self.max_seq_len}")
+        _choice(self, "arch", ARCHS)
+        _choice(self, "position", POSITIONS)
+        _choice(self, "norm", NORMS)
+        _choice(self, "feed_forward", FEED_FORWARDS)
+        _choice(self, "attention", ATTENTIONS)
+        if self.d_model % self.n_heads:
+            divisors = [h for h in range(1, self.d_model + 1) if self.d_model % h == 0]
+            _require(
+                False,
+                "n_heads",
+                f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
+                f"choose n_heads from {divisors[:12]} or change d_model",
+            )
+        if self.n_heads % self.n_kv_heads:
+            _require(
+                False,
+                "n_kv_heads",
+                f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}; "
+                "each key/value head must serve a whole group of query heads",
+            )
+        _require(
+            0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}"
+        )
+        _require(self.norm_eps > 0, "norm_eps", f"must be positive, got {self.norm_eps}")
+        _require(self.rope_base > 1, "rope_base", f"must be greater than 1, got {self.rope_base}")
+        if self.position == "rope" and self.head_dim % 2:
+            _require(
+                False,
+                "position",
+                f"rope rotates pairs of dimensions, so d_model/n_heads must be even "
+                f"(got {self.head_dim}); change d_model or n_heads",
+            )
+        if self.init_std is not None:
+            _require(self.init_std > 0, "init_std", f"must be positive or null, got {self.init_std}")
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with `changes` applied, validated; derived fields follow unless set."""
+        data = self.to_dict()
+        for derived, source in (("d_ff", "d_model"), ("n_kv_heads", "n_heads")):
+            if source in changes and derived not in changes:
+                data[derived] = None
+        if "norm_first" in changes and "final_norm" not in changes:
+            data["final_norm"] = None
+        data.update(changes)
+        return ModelConfig.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown config field(s) {unknown}; known fields are {sorted(known)}"
+            )
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelConfig:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"config is not valid JSON ({err}); fix the file's syntax") from None
+        if not isinstance(data, dict):
+            raise ConfigError("config JSON must be an object of field: value pairs")
+        return cls.from_dict(data)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelConfig:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist; check the path") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path} is not UTF-8 text; save it as UTF-8") from None
+        return cls.from_json(text)
+
+    @classmethod
+    def preset(cls, name: str, **changes: Any) -> ModelConfig:
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return PRESETS[name].replace(**changes) if changes else PRESETS[name].replace()
+
+
+_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,),
+    "float": (int, float),
+    "bool": (bool,),
+    "str": (str,),
+}
+
+
+def _check_type(config: ModelConfig) -> None:
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        base, optional = str(f.type).replace(" | None", ""), " | None" in str(f.type)
+        if value is None and optional:
+            continue
+        allowed = _TYPES.get(base)
+        if allowed is None:
+            continue
+        wrong_bool = isinstance(value, bool) and bool not in allowed
+        if wrong_bool or not isinstance(value, allowed):
+            _require(False, f.name, f"must be {base}, got {value!r} ({type(value).__name__})")
+        if base == "float":
+            setattr(config, f.name, float(value))
+
+
+def _require(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"invalid config field {name}: {message}")
+
+
+def _choice(config: ModelConfig, name: str, choices: tuple[str, ...]) -> None:
+    value = getattr(config, name)
+    _require(value in choices, name, f"{value!r} is not one of {list(choices)}")
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # The notes' worked example: 4-dimensional embeddings, post-norm, ReLU FFN, sinusoids.
+    "notes-demo": ModelConfig(
+        d_model=4,
+        n_heads=2,
+        n_layers=1,
+        d_ff=16,
+        vocab_size=16,
+        max_seq_len=64,
+        position="sinusoidal",
+        norm_first=False,
+        feed_forward="relu",
+        init_std=None,
+    ),
+    # A model that trains in minutes on 2 CPU cores.
+    "tiny": ModelConfig(d_model=128, n_heads=4, n_layers=4, max_seq_len=256, vocab_size=256),
+    # GPT-2 small (124M with its 50257-token vocabulary).
+    "gpt2-small": ModelConfig(
+        vocab_size=50257,
+        d_model=768,
+        n_heads=12,
+        n_layers=12,
+        max_seq_len=1024,
+        feed_forward="gelu_tanh",
+    ),
+    # Llama-style: RoPE + RMSNorm + SwiGLU + grouped-query attention, no biases, untied head.
+    "llama-small": ModelConfig(
+        vocab_size=32000,
+        d_model=512,
+        n_heads=8,
+        n_kv_heads=2,
+        n_layers=8,
+        d_ff=1408,
+        max_seq_len=2048,
+        position="rope",
+        norm="rmsnorm",
+        feed_forward="swiglu",
+        bias=False,
+        tie_embeddings=False,
+    ),
+    # "Attention Is All You Need", base model: encoder-decoder, post-norm, sinusoids, ReLU.
+    "transformer-base": ModelConfig(
+        arch="encoder-decoder",
+        vocab_size=37000,
+        d_model=512,
+        n_heads=8,
+        n_layers=6,
+        d_ff=2048,
+        max_seq_len=512,
+        dropout=0.1,
+        position="sinusoidal",
+        norm_first=False,
+        feed_forward="relu",
+        scale_embeddings=True,
+    ),
+}

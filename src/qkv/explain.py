@@ -1,0 +1,421 @@
+"""The walkthrough: a sentence through a decoder, stage by stage, every number kept.
+
+`explain_text` builds the notes' worked example (word-level tokens, a freshly initialised seeded
+model with d_model = 4) and `walk` records each stage of any DecoderLM's forward pass by calling the
+model's own modules in order, so the final logits equal `model(token_ids)`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from qkv.config import ModelConfig
+from qkv.errors import QkvError
+from qkv.model import DecoderLM, probabilities
+from qkv.nn.attention import causal_mask
+from qkv.nn.feedforward import FeedForward
+from qkv.nn.position import apply_rotary
+
+NOTES_SENTENCE = "The quick brown fox jumps over the lazy dog"
+MAX_WORDS = 512
+
+
+@dataclass
+class Stage:
+    """One step of the forward pass: its formula and tensor, one row per token.
+
+    `values` is (tokens, columns), or (heads, tokens, columns) for per-head stages.
+    """
+
+    name: str
+    formula: str
+    values: Tensor
+    columns: list[str]
+    layer: int | None = None
+    sublayer: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "name": self.name,
+            "formula": self.formula,
+            "shape": list(self.values.shape),
+            "values": self.values.tolist(),
+        }
+        if self.layer is not None:
+            data["layer"] = self.layer
+        if self.sublayer is not None:
+            data["sublayer"] = self.sublayer
+        return data
+
+
+@dataclass
+class Walkthrough:
+    tokens: list[str]
+    token_ids: list[int]
+    vocabulary: list[str]
+    config: ModelConfig
+    stages: list[Stage] = field(default_factory=list)
+
+    def stage(self, name: str, layer: int | None = None) -> Stage:
+        """The first stage called `name` (in `layer`, if given)."""
+        for s in self.stages:
+            if s.name == name and (layer is None or s.layer == layer):
+                return s
+        raise KeyError(name)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "tokens": self.tokens,
+            "token_ids": self.token_ids,
+            "vocabulary": self.vocabulary,
+            "config": self.config.to_dict(),
+            "stages": [s.to_json() for s in self.stages],
+        }
+
+
+def word_tokens(text: str) -> list[str]:
+    """Words and punctuation marks, in order: "dog." -> ["dog", "."]."""
+    return re.findall(r"\w+|[^\w\s]", text)
+
+
+def explain_text(
+    text: str = NOTES_SENTENCE,
+    d_model: int = 4,
+    n_heads: int = 2,
+    n_layers: int = 1,
+    seed: int = 0,
+) -> Walkthrough:
+    """The notes' example: word tokens through a fresh post-norm decoder (preset notes-demo)."""
+    tokens = word_tokens(text)
+    if not tokens:
+        raise QkvError("the text to explain is empty; give a sentence, e.g. qkv explain 'The fox'")
+    if len(tokens) > MAX_WORDS:
+        raise QkvError(
+            f"the text has {len(tokens)} words; explain prints one row per word, "
+            f"so give at most {MAX_WORDS}"
+        )
+    vocabulary = sorted({t.lower() for t in tokens})
+    config = ModelConfig.preset(
+        "notes-demo",
+        d_model=d_model,
+        n_heads=n_heads,
+        n_layers=n_layers,
+        vocab_size=len(vocabulary),
+        max_seq_len=max(64, len(tokens)),
+    )
+    torch.manual_seed(seed)
+    model = DecoderLM(config).eval()
+    token_ids = [vocabulary.index(t.lower()) for t in tokens]
+    walkthrough = walk(model, torch.tensor([token_ids]), tokens, vocabulary)
+    walkthrough.stages.insert(
+        0,
+        Stage(
+            "token_ids",
+            "id_i = index of the lower-cased word i in the vocabulary (sorted unique words)",
+            torch.tensor(token_ids)[:, None],
+            ["id"],
+        ),
+    )
+    return walkthrough
+
+
+def _dims(prefix: str, n: int) -> list[str]:
+    return [f"{prefix}{i}" for i in range(n)]
+
+
+def _head_dims(n_heads: int, head_dim: int) -> list[str]:
+    return [f"h{h}.{i}" for h in range(n_heads) for i in range(head_dim)]
+
+
+@torch.no_grad()
+def walk(
+    model: DecoderLM, token_ids: Tensor, tokens: list[str], vocabulary: list[str]
+) -> Walkthrough:
+    """Run `model` on one sequence (1, seq), recording every stage's tensor."""
+    config = model.config
+    out = Walkthrough(tokens, token_ids[0].tolist(), vocabulary, config)
+    add = out.stages.append
+    d = _dims("d", config.d_model)
+    seq = token_ids.shape[-1]
+    positions = torch.arange(seq)[None, :]
+    embedder = model.embedder
+
+    x = embedder.token_embedding(token_ids)
+    scale = " * sqrt(d_model)" if config.scale_embeddings else ""
+    add(Stage("embeddings", f"x_i = E[id_i]{scale}: row id_i of the embedding table", x[0], d))
+    rotary = None
+    if config.position == "sinusoidal":
+        pe = embedder.position(positions)
+        formula = "PE(pos, 2i) = sin(pos / 10000^(2i/d_model)), PE(pos, 2i+1) = cos(same angle)"
+        add(Stage("positional_encoding", formula, pe[0], d))
+    elif config.position == "learned":
+        pe = embedder.position(positions)
+        add(Stage("positional_encoding", "PE(pos) = P[pos]: row pos of a learned table", pe[0], d))
+    elif config.position == "rope":
+        rotary = embedder.rotary(positions)
+        half = config.head_dim // 2
+        angles = torch.atan2(rotary[1], rotary[0])[0, 0, :, :half]
+        formula = f"RoPE angle(pos, i) = pos * {config.rope_base:g}^(-2i/d_k), applied to q and k"
+        add(Stage("positional_encoding", formula, angles, _dims("θ", half)))
+    if config.position in ("sinusoidal", "learned"):
+        x = x + pe
+        add(Stage("embeddings_plus_positions", "x_i = E[id_i] + PE(i)", x[0], d))
+
+    for layer, block in enumerate(model.blocks):
+        x = _walk_attention(add, block, x, rotary, tokens, layer, config)
+        x = _walk_feed_forward(add, block, x, layer, config)
+
+    if config.final_norm:
+        x = model.final_norm(x)
+        add(Stage("final_norm", _norm_formula(config), x[0], d))
+    logits = model.head(x)
+    head = "h E^T (tied to the embedding)" if config.tie_embeddings else "h W_out^T"
+    add(Stage("logits", f"logits_i = {head}: one score per vocabulary word", logits[0], vocabulary))
+    probs = probabilities(logits)
+    add(
+        Stage(
+            "probabilities",
+            "p_i(w) = exp(logit_i(w)) / sum_v exp(logit_i(v)): next-token distribution",
+            probs[0],
+            vocabulary,
+        )
+    )
+    return out
+
+
+def _norm_formula(config: ModelConfig) -> str:
+    if config.norm == "rmsnorm":
+        return "RMSNorm(x) = gamma * x / sqrt(mean(x^2) + eps)"
+    return "LayerNorm(x) = gamma * (x - mean) / sqrt(var + eps) + beta"
+
+
+def _residual(add, block, x: Tensor, sub: Tensor, norm, layer: int, name: str, config) -> Tensor:
+    """Record the residual connection (and the post-norm that follows it)."""
+    d = _dims("d", config.d_model)
+    what = "Attention(x)" if name == "attention" else "FFN(x)"
+    x = x + sub
+    add(Stage("residual", f"x + {what}: the residual connection", x[0], d, layer, name))
+    if not config.norm_first:
+        x = norm(x)
+        add(Stage("layer_norm", _norm_formula(config), x[0], d, layer, name))
+    return x
+
+
+def _pre_norm(add, x: Tensor, norm, layer: int, name: str, config) -> Tensor:
+    if not config.norm_first:
+        return x
+    h = norm(x)
+    add(Stage("layer_norm", _norm_formula(config), h[0], _dims("d", config.d_model), layer, name))
+    return h
+
+
+def _walk_attention(add, block, x, rotary, tokens, layer, config) -> Tensor:
+    attention = block.self_attention
+    h = _pre_norm(add, x, block.attention_norm, layer, "attention", config)
+    n_heads, n_kv, d_k = attention.n_heads, attention.n_kv_heads, attention.head_dim
+    projections = {}
+    for name, proj, heads in (
+        ("query", attention.q_proj, n_heads),
+        ("key", attention.k_proj, n_kv),
+        ("value", attention.v_proj, n_kv),
+    ):
+        projections[name] = proj(h)
+        letter = name[0].upper()
+        add(
+            Stage(
+                name,
+                f"{letter} = X W_{letter} + b_{letter}, split into {heads} head(s) of d_k = {d_k}",
+                projections[name][0],
+                _head_dims(heads, d_k),
+                layer,
+                "attention",
+            )
+        )
+    q = attention.split_heads(projections["query"], n_heads)
+    k = attention.split_heads(projections["key"], n_kv)
+    v = attention.split_heads(projections["value"], n_kv)
+    if rotary is not None:
+        q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+    k = k.repeat_interleave(n_heads // n_kv, dim=1)
+    v = v.repeat_interleave(n_heads // n_kv, dim=1)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(d_k)
+    rope = " (q, k rotated by RoPE)" if rotary is not None else ""
+    add(
+        Stage(
+            "scores",
+            f"S_h = Q_h K_h^T / sqrt(d_k){rope}, d_k = {d_k}: how well word i's query fits word j's key",
+            scores[0],
+            tokens,
+            layer,
+            "attention",
+        )
+    )
+    allowed = causal_mask(scores.shape[-2], scores.shape[-1])
+    weights = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    add(
+        Stage(
+            "attention_weights",
+            "A_h = softmax(S_h + causal mask): row i sums to 1 over words j <= i",
+            weights[0],
+            tokens,
+            layer,
+            "attention",
+        )
+    )
+    heads = (weights @ v).transpose(1, 2).flatten(-2)
+    add(
+        Stage(
+            "weighted_values",
+            "head_h = A_h V_h, concat(head_1, ..., head_H): each word's mix of the values",
+            heads[0],
+            _head_dims(n_heads, d_k),
+            layer,
+            "attention",
+        )
+    )
+    projected = attention.o_proj(heads)
+    add(
+        Stage(
+            "attention_output",
+            "MultiHead(X) = concat(heads) W_O + b_O",
+            projected[0],
+            _dims("d", config.d_model),
+            layer,
+            "attention",
+        )
+    )
+    return _residual(add, block, x, projected, block.attention_norm, layer, "attention", config)
+
+
+def _walk_feed_forward(add, block, x, layer, config) -> Tensor:
+    ffn = block.feed_forward
+    h = _pre_norm(add, x, block.feed_forward_norm, layer, "feed_forward", config)
+    if isinstance(ffn, FeedForward):
+        hidden = ffn.activation(ffn.w1(h))
+        act = {"relu": "max(0, ", "gelu": "GELU(", "gelu_tanh": "GELU_tanh("}[config.feed_forward]
+        formula = f"{act}x W1 + b1): W1 projects up from d_model to d_ff = {config.d_ff}"
+        result = ffn.w2(hidden)
+        result_formula = "FFN(x) = hidden W2 + b2: W2 projects back down to d_model"
+    else:
+        hidden = ffn.activation(ffn.gate(h)) * ffn.up(h)
+        act = "SiLU" if config.feed_forward == "swiglu" else "GELU"
+        formula = f"{act}(gate(x)) * up(x): gate and up project to d_ff = {config.d_ff}"
+        result = ffn.down(hidden)
+        result_formula = "FFN(x) = down(hidden): back down to d_model"
+    add(Stage("feed_forward_hidden", formula, hidden[0], _dims("f", config.d_ff), layer, "feed_forward"))
+    add(
+        Stage(
+            "feed_forward", result_formula, result[0], _dims("d", config.d_model), layer, "feed_forward"
+        )
+    )
+    return _residual(add, block, x, result, block.feed_forward_norm, layer, "feed_forward", config)
+
+
+def render_text(walkthrough: Walkthrough, max_columns: int = 10) -> str:
+    """The walkthrough as text: per stage a title, its formula and a table, one row per token."""
+    config = walkthrough.config
+    lines = [
+        f"qkv explain: {' '.join(walkthrough.tokens)}",
+        f"model: decoder, d_model={config.d_model}, heads={config.n_heads} (d_k={config.head_dim}), "
+        f"layers={config.n_layers}, d_ff={config.d_ff}, vocabulary={config.vocab_size} words, "
+        f"{'pre' if config.norm_first else 'post'}-norm {config.norm}, {config.position} positions, "
+        f"{config.feed_forward} feed-forward; freshly initialised, untrained",
+    ]
+    for number, stage in enumerate(walkthrough.stages, start=1):
+        where = "" if stage.layer is None else f"  [layer {stage.layer}"
+        where += f", {stage.sublayer}]" if stage.sublayer else ("]" if where else "")
+        lines += ["", f"{number:2d}. {stage.name}{where}  shape {list(stage.values.shape)}"]
+        lines.append(f"    {stage.formula}")
+        if stage.values.dim() == 3:
+            for h, matrix in enumerate(stage.values):
+                lines.append(f"    head {h}:")
+                lines += _table(matrix, walkthrough.tokens, stage.columns, max_columns)
+        else:
+            lines += _table(stage.values, walkthrough.tokens, stage.columns, max_columns)
+    lines += ["", _prediction(walkthrough)]
+    return "\n".join(lines)
+
+
+def _prediction(walkthrough: Walkthrough, k: int = 5) -> str:
+    last = walkthrough.stage("probabilities").values[-1]
+    top = torch.topk(last, min(k, last.numel()))
+    best = ", ".join(
+        f"{walkthrough.vocabulary[i]} {p:.3f}" for p, i in zip(top.values.tolist(), top.indices.tolist())
+    )
+    return f"next word after {walkthrough.tokens[-1]!r} (random weights, so a random guess): {best}"
+
+
+def _table(values: Tensor, rows: list[str], columns: list[str], max_columns: int) -> list[str]:
+    shown = list(range(min(len(columns), max_columns)))
+    hidden = len(columns) - len(shown)
+    label_width = max(len(r) for r in rows)
+    width = max(8, *(len(columns[c]) + 1 for c in shown))
+    integer = not values.is_floating_point()
+    header = " " * (label_width + 4) + "".join(f"{columns[c]:>{width}}" for c in shown)
+    lines = [header + (f"   … +{hidden} more" if hidden else "")]
+    for row, label in zip(values.tolist(), rows):
+        cells = "".join(
+            f"{row[c]:>{width}d}" if integer else f"{row[c]:>{width}.3f}" for c in shown
+        )
+        lines.append(f"    {label:<{label_width}}{cells}")
+    return lines
+
+
+def render_json(walkthrough: Walkthrough) -> str:
+    return json.dumps(walkthrough.to_json())
+
+
+def plot(walkthrough: Walkthrough, path: str | Path) -> Path:
+    """Heatmaps of the positional encodings and of each head's attention weights, saved to `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    if not path.parent.exists():
+        raise QkvError(f"cannot write the plot: folder {path.parent} does not exist; create it first")
+    tokens = walkthrough.tokens
+    panels: list[tuple[str, Tensor, list[str]]] = []
+    try:
+        pe = walkthrough.stage("positional_encoding")
+        panels.append((f"positional encoding\n{pe.formula.split(',')[0]}", pe.values, pe.columns))
+    except KeyError:
+        pass
+    for layer in range(walkthrough.config.n_layers):
+        weights = walkthrough.stage("attention_weights", layer).values
+        for h, matrix in enumerate(weights):
+            panels.append((f"attention weights, layer {layer}, head {h}", matrix, tokens))
+    n_cols = min(3, len(panels))
+    n_rows = math.ceil(len(panels) / n_cols)
+    side = max(3.5, 0.35 * len(tokens) + 1.5)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(side * n_cols, side * n_rows), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.axis("off")
+    for ax, (title, matrix, columns) in zip(axes.flat, panels):
+        attention = title.startswith("attention")
+        image = ax.imshow(
+            matrix.numpy(), cmap="viridis" if attention else "RdBu", vmin=0 if attention else -1,
+            vmax=1, aspect="auto",
+        )
+        ax.set_title(title, fontsize=9)
+        ax.set_yticks(range(len(tokens)), tokens, fontsize=8)
+        ax.set_xticks(range(len(columns)), columns, fontsize=8, rotation=90 if attention else 0)
+        ax.set_xlabel("attended word (key)" if attention else "dimension", fontsize=8)
+        fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=110)
+    except (OSError, ValueError) as err:
+        raise QkvError(f"cannot write the plot to {path}: {err}") from None
+    finally:
+        plt.close(fig)
+    return path

@@ -1,0 +1,268 @@
+"""The three Transformer models built from qkv.nn blocks, and the output head.
+
+- DecoderLM: decoder-only language model (GPT, Llama): causal self-attention, next-token logits.
+- Encoder: encoder-only (BERT): bidirectional self-attention, a logit per position (masked LM).
+- EncoderDecoder: the original paper's model: the decoder cross-attends to the encoded source.
+All take token ids (batch, seq) and return logits (batch, seq, vocab_size); `probabilities` is
+their softmax. `attention_mask` (batch, seq) marks real tokens with 1 and padding with 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from qkv.config import ModelConfig
+from qkv.errors import QkvError
+from qkv.nn.attention import KVCache, additive_mask, causal_mask, padding_mask
+from qkv.nn.block import DecoderBlock, EncoderBlock
+from qkv.nn.embedding import TokenEmbedding
+from qkv.nn.norm import build_norm
+from qkv.nn.position import (
+    LearnedPositionalEmbedding,
+    RotaryEmbedding,
+    SinusoidalPositionalEncoding,
+)
+
+
+class OutputHead(nn.Module):
+    """logits = h W^T (+ b): (batch, seq, d_model) -> (batch, seq, vocab_size).
+
+    Tied to the embedding, W is the embedding table E itself (no new parameters).
+    """
+
+    def __init__(self, d_model: int, vocab_size: int, tied_to: TokenEmbedding | None = None) -> None:
+        super().__init__()
+        # A tied table is held outside this module's tree, so it is stored and counted once.
+        self.tied_to = (tied_to,) if tied_to is not None else ()
+        self.weight = None
+        if tied_to is None:
+            self.weight = nn.Parameter(torch.randn(vocab_size, d_model) * d_model**-0.5)
+
+    def forward(self, h: Tensor) -> Tensor:
+        weight = self.tied_to[0].weight if self.tied_to else self.weight
+        return nn.functional.linear(h, weight)
+
+
+def probabilities(logits: Tensor) -> Tensor:
+    """softmax(logits)_v = exp(logit_v) / sum_u exp(logit_u), over the vocabulary."""
+    return torch.softmax(logits.float(), dim=-1)
+
+
+class Embedder(nn.Module):
+    """x = dropout(E[ids] + PE[positions]) for additive positions; RoPE angles for rotary ones."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.token_embedding = TokenEmbedding(
+            config.vocab_size, config.d_model, config.scale_embeddings
+        )
+        self.position: nn.Module | None = None
+        self.rotary: RotaryEmbedding | None = None
+        if config.position == "sinusoidal":
+            self.position = SinusoidalPositionalEncoding(config.max_seq_len, config.d_model)
+        elif config.position == "learned":
+            self.position = LearnedPositionalEmbedding(config.max_seq_len, config.d_model)
+        elif config.position == "rope":
+            self.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_base)
+        self.dropout = nn.Dropout(config.dropout)
+        self.max_seq_len = config.max_seq_len
+
+    def forward(
+        self, token_ids: Tensor, positions: Tensor | None = None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """ids (batch, seq) -> (x (batch, seq, d_model), rotary (cos, sin) or None)."""
+        last = token_ids.shape[-1] - 1 if positions is None else int(positions.max())
+        if last >= self.max_seq_len:
+            raise QkvError(
+                f"position {last} is past the model's context (max_seq_len={self.max_seq_len}); "
+                "shorten the input or use a model with a longer context"
+            )
+        if positions is None:
+            positions = torch.arange(token_ids.shape[-1], device=token_ids.device)[None, :]
+        x = self.token_embedding(token_ids)
+        if self.position is not None:
+            x = x + self.position(positions)
+        rotary = self.rotary(positions) if self.rotary is not None else None
+        return self.dropout(x), rotary
+
+
+def _self_attention_mask(
+    attention_mask: Tensor | None, q_len: int, causal: bool, dtype: torch.dtype
+) -> Tensor | None:
+    """Combine padding (and causality) into one float mask, or None when nothing is masked."""
+    if attention_mask is None:
+        return None
+    allowed = padding_mask(attention_mask)
+    if causal:
+        allowed = allowed & causal_mask(q_len, attention_mask.shape[-1], attention_mask.device)
+    return additive_mask(allowed, dtype)
+
+
+def _final_norm(config: ModelConfig) -> nn.Module:
+    if not config.final_norm:
+        return nn.Identity()
+    return build_norm(config.norm, config.d_model, config.norm_eps, config.bias)
+
+
+class _Model(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    def make_head(self, embedder: Embedder) -> OutputHead:
+        tied = embedder.token_embedding if self.config.tie_embeddings else None
+        return OutputHead(self.config.d_model, self.config.vocab_size, tied)
+
+    def init_weights(self) -> None:
+        """N(0, init_std) for matrices and embeddings, zero biases; residual outputs scaled by
+        1/sqrt(2 n_layers) (GPT-2). `init_std = None` keeps PyTorch's default per-module init."""
+        std = self.config.init_std
+        if std is None:
+            return
+        for name, param in self.named_parameters():
+            if param.dim() < 2:
+                if "norm" not in name:
+                    nn.init.zeros_(param)
+                continue
+            scale = 1.0
+            if name.endswith(("o_proj.weight", "w2.weight", "down.weight")):
+                scale = 1.0 / math.sqrt(2 * self.config.n_layers)
+            nn.init.normal_(param, std=std * scale)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+class DecoderLM(_Model):
+    """Decoder-only LM: logits for token t+1 from tokens <= t."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        self.embedder = Embedder(config)
+        self.blocks = nn.ModuleList(DecoderBlock(config) for _ in range(config.n_layers))
+        self.final_norm = _final_norm(config)
+        self.head = self.make_head(self.embedder)
+        self.init_weights()
+
+    def hidden_states(
+        self,
+        token_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        positions: Tensor | None = None,
+        caches: list[KVCache] | None = None,
+    ) -> Tensor:
+        """(batch, seq) -> final hidden states (batch, seq, d_model).
+
+        With `caches` (one per block) only the new tokens are passed; give their `positions`, and
+        an `attention_mask` covering cached + new tokens if there is padding.
+        """
+        x, rotary = self.embedder(token_ids, positions)
+        mask = _self_attention_mask(attention_mask, token_ids.shape[-1], True, x.dtype)
+        for i, block in enumerate(self.blocks):
+            cache = caches[i] if caches is not None else None
+            x = block(x, mask=mask, is_causal=mask is None, rotary=rotary, cache=cache)
+        return self.final_norm(x)
+
+    def forward(
+        self,
+        token_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        positions: Tensor | None = None,
+        caches: list[KVCache] | None = None,
+    ) -> Tensor:
+        """(batch, seq) -> next-token logits (batch, seq, vocab_size)."""
+        return self.head(self.hidden_states(token_ids, attention_mask, positions, caches))
+
+
+class Encoder(_Model):
+    """Encoder-only model: every position attends to every other (non-padding) position."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        self.embedder = Embedder(config)
+        self.blocks = nn.ModuleList(EncoderBlock(config) for _ in range(config.n_layers))
+        self.final_norm = _final_norm(config)
+        self.head = self.make_head(self.embedder)
+        self.init_weights()
+
+    def hidden_states(self, token_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """(batch, seq) -> contextual vectors (batch, seq, d_model)."""
+        x, rotary = self.embedder(token_ids)
+        mask = _self_attention_mask(attention_mask, token_ids.shape[-1], False, x.dtype)
+        for block in self.blocks:
+            x = block(x, mask=mask, rotary=rotary)
+        return self.final_norm(x)
+
+    def forward(self, token_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """(batch, seq) -> per-position vocabulary logits (batch, seq, vocab_size)."""
+        return self.head(self.hidden_states(token_ids, attention_mask))
+
+
+class EncoderDecoder(_Model):
+    """Encoder over the source, decoder over the target that cross-attends to the encoder output.
+
+    Source and target share one vocabulary and one embedding table, as in the paper.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        self.embedder = Embedder(config)
+        self.encoder_blocks = nn.ModuleList(EncoderBlock(config) for _ in range(config.n_layers))
+        self.encoder_norm = _final_norm(config)
+        self.decoder_blocks = nn.ModuleList(
+            DecoderBlock(config, cross_attention=True) for _ in range(config.n_layers)
+        )
+        self.decoder_norm = _final_norm(config)
+        self.head = self.make_head(self.embedder)
+        self.init_weights()
+
+    def encode(self, source_ids: Tensor, source_mask: Tensor | None = None) -> Tensor:
+        """Source ids (batch, src_seq) -> memory (batch, src_seq, d_model)."""
+        x, rotary = self.embedder(source_ids)
+        mask = _self_attention_mask(source_mask, source_ids.shape[-1], False, x.dtype)
+        for block in self.encoder_blocks:
+            x = block(x, mask=mask, rotary=rotary)
+        return self.encoder_norm(x)
+
+    def decode_hidden_states(
+        self,
+        target_ids: Tensor,
+        memory: Tensor,
+        source_mask: Tensor | None = None,
+        target_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Target ids (batch, tgt_seq) + memory -> decoder states (batch, tgt_seq, d_model)."""
+        x, rotary = self.embedder(target_ids)
+        mask = _self_attention_mask(target_mask, target_ids.shape[-1], True, x.dtype)
+        memory_mask = None if source_mask is None else additive_mask(padding_mask(source_mask), x.dtype)
+        for block in self.decoder_blocks:
+            x = block(
+                x, memory, mask=mask, is_causal=mask is None, memory_mask=memory_mask, rotary=rotary
+            )
+        return self.decoder_norm(x)
+
+    def forward(
+        self,
+        source_ids: Tensor,
+        target_ids: Tensor,
+        source_mask: Tensor | None = None,
+        target_mask: Tensor | None = None,
+    ) -> Tensor:
+        """(batch, src_seq), (batch, tgt_seq) -> logits for the next target token (batch, tgt_seq, vocab)."""
+        memory = self.encode(source_ids, source_mask)
+        return self.head(self.decode_hidden_states(target_ids, memory, source_mask, target_mask))
+
+
+MODELS: dict[str, type[_Model]] = {
+    "decoder": DecoderLM,
+    "encoder": Encoder,
+    "encoder-decoder": EncoderDecoder,
+}
+
+
+def build_model(config: ModelConfig) -> DecoderLM | Encoder | EncoderDecoder:
+    """The model class named by config.arch, freshly initialised."""
+    return MODELS[config.arch](config)

@@ -1,0 +1,70 @@
+"""Positional information: sinusoidal and learned absolute encodings (added to the embeddings)
+and rotary embeddings (RoPE, applied to queries and keys inside attention).
+
+The notes write the sinusoid's base once as 1000 and once as 10,000; qkv uses 10000, as in
+"Attention Is All You Need". With the "none" choice a model gets no positional signal at all.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def sinusoidal_table(max_seq_len: int, d_model: int, base: float = 10000.0) -> Tensor:
+    """PE(pos, 2i) = sin(pos / base^(2i/d_model)), PE(pos, 2i+1) = cos(...): (max_seq_len, d_model)."""
+    position = torch.arange(max_seq_len, dtype=torch.float64)[:, None]
+    two_i = torch.arange(0, d_model, 2, dtype=torch.float64)
+    angle = position / base ** (two_i / d_model)
+    table = torch.zeros(max_seq_len, d_model, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(angle)
+    table[:, 1::2] = torch.cos(angle[:, : d_model // 2])
+    return table.float()
+
+
+class SinusoidalPositionalEncoding(nn.Module):
+    """Fixed PE table, looked up by position: (batch, seq) positions -> (batch, seq, d_model)."""
+
+    def __init__(self, max_seq_len: int, d_model: int, base: float = 10000.0) -> None:
+        super().__init__()
+        self.register_buffer("table", sinusoidal_table(max_seq_len, d_model, base), persistent=False)
+
+    def forward(self, positions: Tensor) -> Tensor:
+        return self.table[positions]
+
+
+class LearnedPositionalEmbedding(nn.Module):
+    """P[pos], a learned table (GPT-2, BERT): (batch, seq) positions -> (batch, seq, d_model)."""
+
+    def __init__(self, max_seq_len: int, d_model: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(max_seq_len, d_model))
+
+    def forward(self, positions: Tensor) -> Tensor:
+        return nn.functional.embedding(positions, self.weight)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE angles theta_{pos,i} = pos * base^(-2i/d_head), returned as (cos, sin) per position.
+
+    Dimension i is paired with i + d_head/2 (the "rotate half" layout Llama checkpoints use).
+    """
+
+    def __init__(self, head_dim: int, max_seq_len: int, base: float = 10000.0) -> None:
+        super().__init__()
+        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        angle = torch.arange(max_seq_len, dtype=torch.float64)[:, None] * inv_freq
+        angle = torch.cat([angle, angle], dim=-1)
+        self.register_buffer("cos", angle.cos().float(), persistent=False)
+        self.register_buffer("sin", angle.sin().float(), persistent=False)
+
+    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """(batch, seq) positions -> cos, sin of shape (batch, 1, seq, d_head), broadcast over heads."""
+        return self.cos[positions].unsqueeze(-3), self.sin[positions].unsqueeze(-3)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate each pair (x_i, x_{i+d/2}) by theta: x * cos + rotate_half(x) * sin, x (b, h, s, d)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
