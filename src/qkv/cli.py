@@ -63,8 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--d-model", type=_positive, default=4, help="embedding size (default 4)")
     explain.add_argument("--heads", type=_positive, default=2, help="attention heads (default 2)")
     explain.add_argument("--layers", type=_positive, default=1, help="decoder blocks (default 1)")
-    explain.add_argument("--seed", type=int, default=0, help="seed for the random weights (default 0)")
-    explain.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    explain.add_argument(
+        "--seed", type=int, default=0, help="seed for the random weights (default 0)"
+    )
+    explain.add_argument(
+        "--json", action="store_true", help="print one JSON object instead of tables"
+    )
     explain.add_argument("--plot", metavar="FILE.png", help="also save heatmaps to this image file")
     return parser
 

@@ -66,8 +66,12 @@ class ModelConfig:
         """Raise ConfigError naming the first invalid field and how to fix it."""
         _check_type(self)
         for name in ("vocab_size", "d_model", "n_heads", "n_layers", "d_ff", "n_kv_heads"):
-            _require(getattr(self, name) >= 1, name, f"must be at least 1, got {getattr(self, name)}")
-        _require(self.max_seq_len >= 1, "max_seq_len", f"must be at least 1, got {self.max_seq_len}")
+            _require(
+                getattr(self, name) >= 1, name, f"must be at least 1, got {getattr(self, name)}"
+            )
+        _require(
+            self.max_seq_len >= 1, "max_seq_len", f"must be at least 1, got {self.max_seq_len}"
+        )
         _choice(self, "arch", ARCHS)
         _choice(self, "position", POSITIONS)
         _choice(self, "norm", NORMS)
@@ -88,9 +92,7 @@ class ModelConfig:
                 f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}; "
                 "each key/value head must serve a whole group of query heads",
             )
-        _require(
-            0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}"
-        )
+        _require(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
         _require(self.norm_eps > 0, "norm_eps", f"must be positive, got {self.norm_eps}")
         _require(self.rope_base > 1, "rope_base", f"must be greater than 1, got {self.rope_base}")
         if self.position == "rope" and self.head_dim % 2:
@@ -101,7 +103,9 @@ class ModelConfig:
                 f"(got {self.head_dim}); change d_model or n_heads",
             )
         if self.init_std is not None:
-            _require(self.init_std > 0, "init_std", f"must be positive or null, got {self.init_std}")
+            _require(
+                self.init_std > 0, "init_std", f"must be positive or null, got {self.init_std}"
+            )
 
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with `changes` applied, validated; derived fields follow unless set."""

@@ -251,7 +251,7 @@ def _walk_attention(add, block, x, rotary, tokens, layer, config) -> Tensor:
     add(
         Stage(
             "scores",
-            f"S_h = Q_h K_h^T / sqrt(d_k){rope}, d_k = {d_k}: how well word i's query fits word j's key",
+            f"S_h = Q_h K_h^T / sqrt(d_k){rope}, d_k = {d_k}: how well query i fits key j",
             scores[0],
             tokens,
             layer,
@@ -310,10 +310,24 @@ def _walk_feed_forward(add, block, x, layer, config) -> Tensor:
         formula = f"{act}(gate(x)) * up(x): gate and up project to d_ff = {config.d_ff}"
         result = ffn.down(hidden)
         result_formula = "FFN(x) = down(hidden): back down to d_model"
-    add(Stage("feed_forward_hidden", formula, hidden[0], _dims("f", config.d_ff), layer, "feed_forward"))
     add(
         Stage(
-            "feed_forward", result_formula, result[0], _dims("d", config.d_model), layer, "feed_forward"
+            "feed_forward_hidden",
+            formula,
+            hidden[0],
+            _dims("f", config.d_ff),
+            layer,
+            "feed_forward",
+        )
+    )
+    add(
+        Stage(
+            "feed_forward",
+            result_formula,
+            result[0],
+            _dims("d", config.d_model),
+            layer,
+            "feed_forward",
         )
     )
     return _residual(add, block, x, result, block.feed_forward_norm, layer, "feed_forward", config)
@@ -324,10 +338,11 @@ def render_text(walkthrough: Walkthrough, max_columns: int = 10) -> str:
     config = walkthrough.config
     lines = [
         f"qkv explain: {' '.join(walkthrough.tokens)}",
-        f"model: decoder, d_model={config.d_model}, heads={config.n_heads} (d_k={config.head_dim}), "
-        f"layers={config.n_layers}, d_ff={config.d_ff}, vocabulary={config.vocab_size} words, "
-        f"{'pre' if config.norm_first else 'post'}-norm {config.norm}, {config.position} positions, "
-        f"{config.feed_forward} feed-forward; freshly initialised, untrained",
+        f"model: decoder, d_model={config.d_model}, heads={config.n_heads} "
+        f"(d_k={config.head_dim}), layers={config.n_layers}, d_ff={config.d_ff}, "
+        f"vocabulary={config.vocab_size} words, {'pre' if config.norm_first else 'post'}-norm "
+        f"{config.norm}, {config.position} positions, {config.feed_forward} feed-forward; "
+        "freshly initialised, untrained",
     ]
     for number, stage in enumerate(walkthrough.stages, start=1):
         where = "" if stage.layer is None else f"  [layer {stage.layer}"
@@ -348,7 +363,8 @@ def _prediction(walkthrough: Walkthrough, k: int = 5) -> str:
     last = walkthrough.stage("probabilities").values[-1]
     top = torch.topk(last, min(k, last.numel()))
     best = ", ".join(
-        f"{walkthrough.vocabulary[i]} {p:.3f}" for p, i in zip(top.values.tolist(), top.indices.tolist())
+        f"{walkthrough.vocabulary[i]} {p:.3f}"
+        for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=False)
     )
     return f"next word after {walkthrough.tokens[-1]!r} (random weights, so a random guess): {best}"
 
@@ -361,7 +377,7 @@ def _table(values: Tensor, rows: list[str], columns: list[str], max_columns: int
     integer = not values.is_floating_point()
     header = " " * (label_width + 4) + "".join(f"{columns[c]:>{width}}" for c in shown)
     lines = [header + (f"   … +{hidden} more" if hidden else "")]
-    for row, label in zip(values.tolist(), rows):
+    for row, label in zip(values.tolist(), rows, strict=False):
         cells = "".join(
             f"{row[c]:>{width}d}" if integer else f"{row[c]:>{width}.3f}" for c in shown
         )
@@ -374,7 +390,7 @@ def render_json(walkthrough: Walkthrough) -> str:
 
 
 def plot(walkthrough: Walkthrough, path: str | Path) -> Path:
-    """Heatmaps of the positional encodings and of each head's attention weights, saved to `path`."""
+    """Heatmaps of the positional encodings and of every head's attention weights, as `path`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -382,7 +398,9 @@ def plot(walkthrough: Walkthrough, path: str | Path) -> Path:
 
     path = Path(path)
     if not path.parent.exists():
-        raise QkvError(f"cannot write the plot: folder {path.parent} does not exist; create it first")
+        raise QkvError(
+            f"cannot write the plot: folder {path.parent} does not exist; create it first"
+        )
     tokens = walkthrough.tokens
     panels: list[tuple[str, Tensor, list[str]]] = []
     try:
@@ -400,11 +418,14 @@ def plot(walkthrough: Walkthrough, path: str | Path) -> Path:
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(side * n_cols, side * n_rows), squeeze=False)
     for ax in axes.flat[len(panels) :]:
         ax.axis("off")
-    for ax, (title, matrix, columns) in zip(axes.flat, panels):
+    for ax, (title, matrix, columns) in zip(axes.flat, panels, strict=False):
         attention = title.startswith("attention")
         image = ax.imshow(
-            matrix.numpy(), cmap="viridis" if attention else "RdBu", vmin=0 if attention else -1,
-            vmax=1, aspect="auto",
+            matrix.numpy(),
+            cmap="viridis" if attention else "RdBu",
+            vmin=0 if attention else -1,
+            vmax=1,
+            aspect="auto",
         )
         ax.set_title(title, fontsize=9)
         ax.set_yticks(range(len(tokens)), tokens, fontsize=8)

@@ -33,7 +33,9 @@ class OutputHead(nn.Module):
     Tied to the embedding, W is the embedding table E itself (no new parameters).
     """
 
-    def __init__(self, d_model: int, vocab_size: int, tied_to: TokenEmbedding | None = None) -> None:
+    def __init__(
+        self, d_model: int, vocab_size: int, tied_to: TokenEmbedding | None = None
+    ) -> None:
         super().__init__()
         # A tied table is held outside this module's tree, so it is stored and counted once.
         self.tied_to = (tied_to,) if tied_to is not None else ()
@@ -237,7 +239,9 @@ class EncoderDecoder(_Model):
         """Target ids (batch, tgt_seq) + memory -> decoder states (batch, tgt_seq, d_model)."""
         x, rotary = self.embedder(target_ids)
         mask = _self_attention_mask(target_mask, target_ids.shape[-1], True, x.dtype)
-        memory_mask = None if source_mask is None else additive_mask(padding_mask(source_mask), x.dtype)
+        memory_mask = (
+            None if source_mask is None else additive_mask(padding_mask(source_mask), x.dtype)
+        )
         for block in self.decoder_blocks:
             x = block(
                 x, memory, mask=mask, is_causal=mask is None, memory_mask=memory_mask, rotary=rotary
@@ -251,7 +255,7 @@ class EncoderDecoder(_Model):
         source_mask: Tensor | None = None,
         target_mask: Tensor | None = None,
     ) -> Tensor:
-        """(batch, src_seq), (batch, tgt_seq) -> logits for the next target token (batch, tgt_seq, vocab)."""
+        """(batch, src_seq), (batch, tgt_seq) -> next-target-token logits (batch, tgt_seq, V)."""
         memory = self.encode(source_ids, source_mask)
         return self.head(self.decode_hidden_states(target_ids, memory, source_mask, target_mask))
 

@@ -21,7 +21,11 @@ from qkv.nn.position import apply_rotary
 
 
 def causal_mask(q_len: int, k_len: int, device: torch.device | None = None) -> Tensor:
-    """Bool (q_len, k_len): query i (the last q_len of k_len positions) sees keys j <= i + k_len - q_len."""
+    """Bool (q_len, k_len), True = may attend: query i sees keys j <= i + (k_len - q_len).
+
+    The queries are the last q_len of k_len positions (bottom-right aligned), as when decoding
+    with a cache.
+    """
     return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)
 
 
@@ -50,7 +54,7 @@ def _with_causal(mask: Tensor | None, q_len: int, k_len: int, device: torch.devi
 
 
 def _repeat_kv(x: Tensor, n_heads: int) -> Tensor:
-    """(b, n_kv_heads, s, d) -> (b, n_heads, s, d): each key/value head serves a group of queries."""
+    """(b, n_kv_heads, s, d) -> (b, n_heads, s, d): each key/value head serves a query group."""
     groups = n_heads // x.shape[1]
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
@@ -96,10 +100,10 @@ def fused_attention(
 
 
 class KVCache(Protocol):
-    """What attention needs from a key/value cache: append this step's keys/values, get all so far."""
+    """What attention needs of a key/value cache: append this step's keys/values, get all."""
 
     def update(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
-        """key, value (batch, n_kv_heads, new, d_k) -> cached keys, values (batch, n_kv_heads, total, d_k)."""
+        """key, value (batch, n_kv_heads, new, d_k) -> all keys, values (.., total, d_k)."""
         ...
 
 

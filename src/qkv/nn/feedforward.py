@@ -20,10 +20,15 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 
 
 class FeedForward(nn.Module):
-    """FFN(x) = act(x W1 + b1) W2 + b2, act = ReLU (max(0, .)) or GELU: d_model -> d_ff -> d_model."""
+    """FFN(x) = act(x W1 + b1) W2 + b2, act = max(0, .) or GELU; d_model -> d_ff -> d_model."""
 
     def __init__(
-        self, d_model: int, d_ff: int, activation: str = "relu", bias: bool = True, dropout: float = 0.0
+        self,
+        d_model: int,
+        d_ff: int,
+        activation: str = "relu",
+        bias: bool = True,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.w1 = nn.Linear(d_model, d_ff, bias=bias)
@@ -39,7 +44,12 @@ class GatedFeedForward(nn.Module):
     """FFN(x) = down(act(gate(x)) * up(x)): SwiGLU with act = SiLU, GeGLU with act = GELU."""
 
     def __init__(
-        self, d_model: int, d_ff: int, activation: str = "silu", bias: bool = False, dropout: float = 0.0
+        self,
+        d_model: int,
+        d_ff: int,
+        activation: str = "silu",
+        bias: bool = False,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.gate = nn.Linear(d_model, d_ff, bias=bias)

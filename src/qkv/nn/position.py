@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 
 def sinusoidal_table(max_seq_len: int, d_model: int, base: float = 10000.0) -> Tensor:
-    """PE(pos, 2i) = sin(pos / base^(2i/d_model)), PE(pos, 2i+1) = cos(...): (max_seq_len, d_model)."""
+    """PE(pos, 2i) = sin(pos / base^(2i/d_model)), PE(pos, 2i+1) = cos(same); (seq, d_model)."""
     position = torch.arange(max_seq_len, dtype=torch.float64)[:, None]
     two_i = torch.arange(0, d_model, 2, dtype=torch.float64)
     angle = position / base ** (two_i / d_model)
@@ -27,7 +27,9 @@ class SinusoidalPositionalEncoding(nn.Module):
 
     def __init__(self, max_seq_len: int, d_model: int, base: float = 10000.0) -> None:
         super().__init__()
-        self.register_buffer("table", sinusoidal_table(max_seq_len, d_model, base), persistent=False)
+        self.register_buffer(
+            "table", sinusoidal_table(max_seq_len, d_model, base), persistent=False
+        )
 
     def forward(self, positions: Tensor) -> Tensor:
         return self.table[positions]
@@ -59,12 +61,12 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", angle.sin().float(), persistent=False)
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """(batch, seq) positions -> cos, sin of shape (batch, 1, seq, d_head), broadcast over heads."""
+        """(batch, seq) positions -> cos, sin (batch, 1, seq, d_head), broadcast over heads."""
         return self.cos[positions].unsqueeze(-3), self.sin[positions].unsqueeze(-3)
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate each pair (x_i, x_{i+d/2}) by theta: x * cos + rotate_half(x) * sin, x (b, h, s, d)."""
+    """Rotate each pair (x_i, x_{i+d/2}) by theta: x cos + rotate_half(x) sin; x (b, h, s, d)."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
