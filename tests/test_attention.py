@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch_reference import copy_attention
 
 from qkv.nn.attention import (
     MultiHeadAttention,
@@ -116,21 +117,6 @@ def test_attention_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda *a: fused_attention(*a, is_causal=True), (q, k, v))
 
 
-def _copy_from_torch(ours: MultiHeadAttention, theirs: nn.MultiheadAttention) -> None:
-    w_q, w_k, w_v = theirs.in_proj_weight.chunk(3)
-    b_q, b_k, b_v = theirs.in_proj_bias.chunk(3)
-    with torch.no_grad():
-        for proj, w, b in (
-            (ours.q_proj, w_q, b_q),
-            (ours.k_proj, w_k, b_k),
-            (ours.v_proj, w_v, b_v),
-        ):
-            proj.weight.copy_(w)
-            proj.bias.copy_(b)
-        ours.o_proj.weight.copy_(theirs.out_proj.weight)
-        ours.o_proj.bias.copy_(theirs.out_proj.bias)
-
-
 @pytest.mark.parametrize("implementation", ["explicit", "fused"])
 @pytest.mark.parametrize("kind", ["self", "cross"])
 @pytest.mark.parametrize("masking", ["none", "causal", "padding", "causal+padding"])
@@ -138,7 +124,7 @@ def test_multi_head_attention_matches_torch(implementation, kind, masking):
     torch.manual_seed(0)
     theirs = nn.MultiheadAttention(D, H, batch_first=True).eval()
     ours = MultiHeadAttention(D, H, implementation=implementation).eval()
-    _copy_from_torch(ours, theirs)
+    copy_attention(theirs, ours)
     x = torch.randn(B, T, D)
     memory = x if kind == "self" else torch.randn(B, S, D)
     k_len = memory.shape[1]
