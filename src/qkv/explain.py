@@ -10,22 +10,29 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from qkv.config import ModelConfig
 from qkv.errors import QkvError
 from qkv.model import DecoderLM, probabilities
 from qkv.nn.attention import causal_mask
+from qkv.nn.block import DecoderBlock
 from qkv.nn.feedforward import FeedForward
 from qkv.nn.position import apply_rotary
 
 NOTES_SENTENCE = "The quick brown fox jumps over the lazy dog"
 MAX_WORDS = 512
+POSITION_TITLES = {
+    "sinusoidal": "positional encoding: sin / cos, base 10000",
+    "learned": "learned positional embedding",
+    "rope": "RoPE angles (radians) per pair of dimensions",
+}
 
 
 @dataclass
@@ -54,6 +61,9 @@ class Stage:
         if self.sublayer is not None:
             data["sublayer"] = self.sublayer
         return data
+
+
+AddStage = Callable[[Stage], None]
 
 
 @dataclass
@@ -197,7 +207,16 @@ def _norm_formula(config: ModelConfig) -> str:
     return "LayerNorm(x) = gamma * (x - mean) / sqrt(var + eps) + beta"
 
 
-def _residual(add, block, x: Tensor, sub: Tensor, norm, layer: int, name: str, config) -> Tensor:
+def _residual(
+    add: AddStage,
+    block: DecoderBlock,
+    x: Tensor,
+    sub: Tensor,
+    norm: nn.Module,
+    layer: int,
+    name: str,
+    config: ModelConfig,
+) -> Tensor:
     """Record the residual connection (and the post-norm that follows it)."""
     d = _dims("d", config.d_model)
     what = "Attention(x)" if name == "attention" else "FFN(x)"
@@ -209,7 +228,9 @@ def _residual(add, block, x: Tensor, sub: Tensor, norm, layer: int, name: str, c
     return x
 
 
-def _pre_norm(add, x: Tensor, norm, layer: int, name: str, config) -> Tensor:
+def _pre_norm(
+    add: AddStage, x: Tensor, norm: nn.Module, layer: int, name: str, config: ModelConfig
+) -> Tensor:
     if not config.norm_first:
         return x
     h = norm(x)
@@ -217,7 +238,15 @@ def _pre_norm(add, x: Tensor, norm, layer: int, name: str, config) -> Tensor:
     return h
 
 
-def _walk_attention(add, block, x, rotary, tokens, layer, config) -> Tensor:
+def _walk_attention(
+    add: AddStage,
+    block: DecoderBlock,
+    x: Tensor,
+    rotary: tuple[Tensor, Tensor] | None,
+    tokens: list[str],
+    layer: int,
+    config: ModelConfig,
+) -> Tensor:
     attention = block.self_attention
     h = _pre_norm(add, x, block.attention_norm, layer, "attention", config)
     n_heads, n_kv, d_k = attention.n_heads, attention.n_kv_heads, attention.head_dim
@@ -295,7 +324,9 @@ def _walk_attention(add, block, x, rotary, tokens, layer, config) -> Tensor:
     return _residual(add, block, x, projected, block.attention_norm, layer, "attention", config)
 
 
-def _walk_feed_forward(add, block, x, layer, config) -> Tensor:
+def _walk_feed_forward(
+    add: AddStage, block: DecoderBlock, x: Tensor, layer: int, config: ModelConfig
+) -> Tensor:
     ffn = block.feed_forward
     h = _pre_norm(add, x, block.feed_forward_norm, layer, "feed_forward", config)
     if isinstance(ffn, FeedForward):
@@ -403,11 +434,10 @@ def plot(walkthrough: Walkthrough, path: str | Path) -> Path:
         )
     tokens = walkthrough.tokens
     panels: list[tuple[str, Tensor, list[str]]] = []
-    try:
+    position = walkthrough.config.position
+    if position in POSITION_TITLES:
         pe = walkthrough.stage("positional_encoding")
-        panels.append((f"positional encoding\n{pe.formula.split(',')[0]}", pe.values, pe.columns))
-    except KeyError:
-        pass
+        panels.append((POSITION_TITLES[position], pe.values, pe.columns))
     for layer in range(walkthrough.config.n_layers):
         weights = walkthrough.stage("attention_weights", layer).values
         for h, matrix in enumerate(weights):
@@ -420,17 +450,17 @@ def plot(walkthrough: Walkthrough, path: str | Path) -> Path:
         ax.axis("off")
     for ax, (title, matrix, columns) in zip(axes.flat, panels, strict=False):
         attention = title.startswith("attention")
+        limits = {"vmin": 0, "vmax": 1} if attention else {}
+        if position == "sinusoidal" and not attention:
+            limits = {"vmin": -1, "vmax": 1}
         image = ax.imshow(
-            matrix.numpy(),
-            cmap="viridis" if attention else "RdBu",
-            vmin=0 if attention else -1,
-            vmax=1,
-            aspect="auto",
+            matrix.numpy(), cmap="viridis" if attention else "RdBu", aspect="auto", **limits
         )
         ax.set_title(title, fontsize=9)
         ax.set_yticks(range(len(tokens)), tokens, fontsize=8)
         ax.set_xticks(range(len(columns)), columns, fontsize=8, rotation=90 if attention else 0)
         ax.set_xlabel("attended word (key)" if attention else "dimension", fontsize=8)
+        ax.set_ylabel("word (query)" if attention else "word (position)", fontsize=8)
         fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
     try:
