@@ -3,11 +3,37 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from qkv import __version__
+from qkv.config import PRESETS, ModelConfig
 from qkv.errors import ConfigError, QkvError
+from qkv.tokenizer import KINDS
+from qkv.train import (
+    EvalResult,
+    Run,
+    StepInfo,
+    TrainConfig,
+    evaluate,
+    plot_loss,
+    prepare_run,
+    resolve_device,
+    write_metrics,
+)
+
+# The main job: a small BPE model of the standard library's docstrings in about 5 minutes.
+QUICKSTART = TrainConfig(
+    steps=1500, batch_size=16, context=128, lr=2e-3, warmup_steps=100, eval_every=500
+)
+QUICKSTART_MODEL = ModelConfig.preset("tiny", max_seq_len=128)
+QUICKSTART_VOCAB = 4096
+QUICKSTART_PROMPTS = ["Return the ", "def ", "This module provides ", "If the file "]
 
 EXPLAIN_EXAMPLES = """examples:
   qkv explain                                   the notes' sentence, d_model = 4, 2 heads
@@ -70,7 +96,114 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print one JSON object instead of tables"
     )
     explain.add_argument("--plot", metavar="FILE.png", help="also save heatmaps to this image file")
+    _add_train_parser(commands)
+    _add_eval_parser(commands)
+    _add_quickstart_parser(commands)
     return parser
+
+
+TRAIN_EXAMPLES = """examples:
+  qkv train --data notes/ --out runs/notes                      a BPE model of your text folder
+  qkv train --data ../shared/data/tinyshakespeare.txt --tokenizer char --context 64 \\
+            --batch-size 12 --steps 2000 --out runs/shakespeare  nanoGPT's CPU benchmark
+  qkv train --data "docs/**/*.md" --preset llama-small --set n_layers=4 --out runs/llama
+  qkv train --resume runs/notes --steps 4000                    continue a run (or after Ctrl-C)
+"""
+
+
+def _add_train_parser(commands: argparse._SubParsersAction) -> None:
+    train = commands.add_parser(
+        "train",
+        help="train a decoder language model on your text",
+        description="Train a decoder-only language model on text files, folders, globs or "
+        "builtin:stdlib-docs. Checkpoints go to OUT/checkpoints (OUT/latest is the newest), with "
+        "metrics.jsonl and loss.png beside them. Ctrl-C saves a checkpoint before exiting.",
+        epilog=TRAIN_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument(
+        "--data",
+        nargs="+",
+        metavar="PATH",
+        help="files, folders, globs or builtin:stdlib-docs (default: builtin:stdlib-docs)",
+    )
+    train.add_argument("--out", type=Path, help="run directory (default: runs/train)")
+    model = train.add_mutually_exclusive_group()
+    model.add_argument("--preset", help=f"model preset: {', '.join(PRESETS)} (default tiny)")
+    model.add_argument("--config", type=Path, help="model config JSON file")
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a model config field, e.g. --set n_layers=6 (repeatable)",
+    )
+    train.add_argument("--tokenizer", choices=KINDS, help="bpe (default) or char")
+    train.add_argument("--vocab-size", type=_positive, help="BPE vocabulary size (default 4096)")
+    train.add_argument(
+        "--resume", type=Path, metavar="DIR", help="continue from a run directory or checkpoint"
+    )
+    defaults = TrainConfig()
+    options = [
+        ("--steps", _positive, "optimizer steps"),
+        ("--batch-size", _positive, "sequences per micro-batch"),
+        ("--context", _positive, "tokens per sequence"),
+        ("--grad-accum", _positive, "micro-batches per step"),
+        ("--lr", float, "peak learning rate"),
+        ("--warmup-steps", int, "linear warmup steps"),
+        ("--weight-decay", float, "AdamW weight decay on matrices"),
+        ("--beta2", float, "AdamW beta2"),
+        ("--grad-clip", float, "clip the gradient norm to this"),
+        ("--eval-every", _positive, "evaluate every N steps"),
+        ("--eval-windows", _positive, "validation windows per evaluation"),
+        ("--save-every", _positive, "checkpoint every N steps"),
+        ("--seed", int, "random seed"),
+        ("--device", str, "auto, cpu, cuda or cuda:N"),
+        ("--dtype", str, "auto, float32 or bfloat16 (autocast)"),
+    ]
+    for flag, kind, text in options:
+        default = getattr(defaults, flag[2:].replace("-", "_"))
+        train.add_argument(flag, type=kind, help=f"{text} (default {default})")
+    train.add_argument("--compile", action="store_true", default=None, help="use torch.compile")
+    train.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.05,
+        help="share of documents held out for validation (default 0.05)",
+    )
+
+
+def _add_eval_parser(commands: argparse._SubParsersAction) -> None:
+    evaluate = commands.add_parser(
+        "eval",
+        help="loss, perplexity and bits per byte of a model on a corpus",
+        description="Evaluate a checkpoint on text: mean next-token loss, perplexity and bits per "
+        "byte. Without --data: the validation split of builtin:stdlib-docs.",
+        epilog="examples:\n  qkv eval --model runs/quickstart\n"
+        "  qkv eval --model runs/notes --data notes/ --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    evaluate.add_argument("--model", type=Path, required=True, help="run or checkpoint directory")
+    evaluate.add_argument("--data", nargs="+", metavar="PATH", help="files, folders, globs")
+    evaluate.add_argument("--context", type=_positive, help="tokens per window (default: model's)")
+    evaluate.add_argument("--batch-size", type=_positive, default=16)
+    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _add_quickstart_parser(commands: argparse._SubParsersAction) -> None:
+    quickstart = commands.add_parser(
+        "quickstart",
+        help="train a small model on the standard library's docstrings in about 5 minutes",
+        description="The whole life of a language model on 2 CPU cores: build builtin:stdlib-docs "
+        "from this Python's standard library, train a BPE tokenizer and a small decoder, report "
+        "validation loss and bits per byte, and generate samples. Everything goes to OUT.",
+        epilog="examples:\n  qkv quickstart\n  qkv quickstart --out runs/qs2 --steps 300",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    quickstart.add_argument("--out", type=Path, default=Path("runs/quickstart"))
+    quickstart.add_argument("--steps", type=_positive, default=QUICKSTART.steps)
+    quickstart.add_argument("--device", default="auto")
 
 
 def _explain(args: argparse.Namespace) -> None:
@@ -96,6 +229,193 @@ def _explain(args: argparse.Namespace) -> None:
             print(f"\nplot saved to {args.plot}")
 
 
+def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """--set key=value pairs; values are JSON (numbers, true/false, null) or plain strings."""
+    changes: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise QkvError(f"--set expects KEY=VALUE, got {pair!r}")
+        try:
+            changes[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            changes[key.strip()] = value
+    return changes
+
+
+def _train_config(args: argparse.Namespace, base: TrainConfig) -> TrainConfig:
+    given = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(TrainConfig)
+        if getattr(args, f.name, None) is not None
+    }
+    return dataclasses.replace(base, **given)
+
+
+class _Progress:
+    """A tqdm bar for training: loss, tokens/s and ETA; evaluations and saves as lines above it."""
+
+    def __init__(self, total: int, initial: int) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+        self.write = self.bar.write
+
+    def step(self, info: StepInfo) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix(
+            loss=f"{info.loss:.3f}", tok_s=f"{info.tokens_per_second:,.0f}", refresh=False
+        )
+
+    def eval(self, step: int, result: EvalResult) -> None:
+        self.write(
+            f"step {step}: val loss {result.loss:.4f}, perplexity {result.perplexity:.2f}, "
+            f"bits/byte {result.bits_per_byte:.3f}"
+        )
+
+
+def _run_training(run: Run, out: Path) -> list[dict[str, Any]]:
+    trainer = run.trainer
+    progress = _Progress(trainer.cfg.steps, trainer.step)
+    trainer.on_step, trainer.on_eval = progress.step, progress.eval
+    trainer.on_save = lambda path: progress.bar.set_description(f"train (saved {path.name})")
+    try:
+        history = trainer.run()
+    except KeyboardInterrupt:
+        progress.bar.close()
+        raise QkvError(
+            f"interrupted at step {trainer.step}; checkpoint saved. Continue with: "
+            f"qkv train --resume {out}"
+        ) from None
+    finally:
+        progress.bar.close()
+        write_metrics(trainer.history, out / "metrics.jsonl")
+        if trainer.history:
+            plot_loss(trainer.history, out / "loss.png")
+    return history
+
+
+def _summary(run: Run) -> str:
+    trainer, corpus = run.trainer, run.corpus
+    config, cfg = trainer.model.config, trainer.cfg
+    tokens = cfg.steps * trainer.tokens_per_step
+    return "\n".join(
+        [
+            f"model: {trainer.model.num_parameters():,} parameters; decoder "
+            f"d_model={config.d_model}, heads={config.n_heads}, layers={config.n_layers}, "
+            f"{config.position} positions, {config.norm}, {config.feed_forward}",
+            f"data: {corpus.documents:,} documents; train {len(corpus.train.tokens):,} tokens, "
+            f"validation {len(corpus.val.tokens):,} tokens; tokenizer "
+            f"{corpus.tokenizer.vocab_size:,} tokens, "
+            f"{corpus.train.bytes_per_token:.2f} bytes/token",
+            f"training: {cfg.steps:,} steps x {trainer.tokens_per_step:,} tokens "
+            f"({cfg.batch_size} x {cfg.context} x {cfg.grad_accum}) = {tokens:,} tokens "
+            f"({tokens / max(1, len(corpus.train.tokens)):.1f} epochs); "
+            f"{trainer.flops_per_step / 1e9:,.1f} GFLOP/step; {trainer.dtype} on {trainer.device}"
+            + (f"; resuming at step {trainer.step}" if run.resumed_from else ""),
+        ]
+    )
+
+
+def _train(args: argparse.Namespace) -> None:
+    from qkv.checkpoint import load_training_state, resolve
+
+    model_config = None
+    base = TrainConfig()
+    out = args.out
+    if args.resume is not None:
+        if args.preset or args.config or args.set or args.tokenizer:
+            raise QkvError(
+                "--resume continues a run as it was: drop --preset/--config/--set/--tokenizer"
+            )
+        folder = resolve(args.resume)
+        base = TrainConfig(**load_training_state(folder)[1]["train_config"])
+        if out is None:
+            out = folder.parent.parent if folder.parent.name == "checkpoints" else folder
+    else:
+        if args.config is not None:
+            model_config = ModelConfig.load(args.config)
+        else:
+            model_config = ModelConfig.preset(args.preset or "tiny")
+        if args.set:
+            model_config = model_config.replace(**_parse_overrides(args.set))
+    out = out or Path("runs/train")
+    cfg = _train_config(args, base)
+    run = prepare_run(
+        args.data or ["builtin:stdlib-docs"],
+        out,
+        cfg,
+        model_config,
+        args.tokenizer or "bpe",
+        args.vocab_size or 4096,
+        args.val_fraction,
+        args.resume,
+        progress=lambda message: print(message, file=sys.stderr),
+    )
+    print(_summary(run))
+    _run_training(run, out)
+    last = [h for h in run.trainer.history if "val_loss" in h][-1]
+    print(
+        f"done: validation loss {last['val_loss']:.4f}, bits/byte {last['val_bits_per_byte']:.3f};"
+        f" checkpoint {out / 'latest'}, metrics {out / 'metrics.jsonl'}, plot {out / 'loss.png'}"
+    )
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from qkv.checkpoint import load_model
+    from qkv.data import prepare_eval_data
+
+    device = resolve_device(args.device)
+    model, tokenizer = load_model(args.model, device)
+    context = args.context or model.config.max_seq_len
+    data = prepare_eval_data(args.data, tokenizer, progress=lambda m: print(m, file=sys.stderr))
+    from tqdm import tqdm
+
+    windows = (len(data.tokens) - 1) // context
+    with tqdm(total=windows, desc="eval", unit="window", disable=args.json) as bar:
+        result = evaluate(model, data, context, args.batch_size, progress=bar.update)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        print(
+            f"loss {result.loss:.4f}  perplexity {result.perplexity:.2f}  "
+            f"bits/byte {result.bits_per_byte:.3f}  ({result.tokens:,} tokens)"
+        )
+
+
+def _quickstart(args: argparse.Namespace) -> None:
+    from qkv.checkpoint import load_model
+    from qkv.generate import sample
+
+    cfg = dataclasses.replace(QUICKSTART, steps=args.steps, device=args.device)
+    cfg.eval_every = min(cfg.eval_every, cfg.steps)
+    started = time.perf_counter()
+    run = prepare_run(
+        ["builtin:stdlib-docs"],
+        args.out,
+        cfg,
+        QUICKSTART_MODEL,
+        "bpe",
+        QUICKSTART_VOCAB,
+        progress=lambda message: print(message, file=sys.stderr),
+    )
+    print(_summary(run))
+    _run_training(run, args.out)
+    model, tokenizer = load_model(args.out)
+    result = run.trainer.evaluate()
+    print(
+        f"\nvalidation: loss {result.loss:.4f}, perplexity {result.perplexity:.2f}, "
+        f"bits/byte {result.bits_per_byte:.3f} (a unigram model of this text: about 4.7)"
+    )
+    print("\nsamples (temperature 0.8, top-k 50):")
+    for prompt in QUICKSTART_PROMPTS:
+        print(f"--- {prompt}{sample(model, tokenizer, prompt, 60, seed=0)}")
+    print(
+        f"\ndone in {time.perf_counter() - started:.0f} s; everything is in {args.out}/ "
+        f"(checkpoint: {args.out}/latest, metrics.jsonl, loss.png)"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -103,7 +423,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        {"explain": _explain}[args.command](args)
+        commands = {
+            "explain": _explain,
+            "train": _train,
+            "eval": _eval,
+            "quickstart": _quickstart,
+        }
+        commands[args.command](args)
     except QkvError as err:
         print(f"qkv {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -1,0 +1,166 @@
+"""Checkpoint directories, written atomically and read back safely (no pickle).
+
+A checkpoint is a directory: `config.json` (ModelConfig), `model.safetensors`, `tokenizer.json`,
+and for training `optimizer.safetensors` (optimizer moments and RNG states) with
+`trainer_state.json` (step, hyper-parameters, optimizer groups). A training run keeps them in
+RUN/checkpoints/step-NNNNNNNN and points the symlink RUN/latest at the newest. Each is written
+in a hidden temporary directory and renamed into place, then `latest` is swapped atomically, so a
+crash or SIGKILL at any moment leaves the previous checkpoint whole and `latest` pointing at it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from qkv.config import ModelConfig
+from qkv.errors import QkvError
+from qkv.model import build_model
+from qkv.tokenizer import Tokenizer
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+TOKENIZER = "tokenizer.json"
+OPTIMIZER = "optimizer.safetensors"
+TRAINER_STATE = "trainer_state.json"
+LATEST = "latest"
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_checkpoint(
+    folder: Path,
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    tensors: dict[str, torch.Tensor] | None = None,
+    state: dict[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint directory at `folder` atomically (temp dir + rename); returns it."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    (tmp / CONFIG).write_text(model.config.to_json(), encoding="utf-8")
+    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(weights, tmp / WEIGHTS, metadata={"format": "pt"})
+    tokenizer.save(tmp / TOKENIZER)
+    if tensors is not None:
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp / OPTIMIZER)
+    if state is not None:
+        (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2), encoding="utf-8")
+    for file in tmp.iterdir():
+        _fsync(file)
+    old = folder.parent / f".old-{folder.name}-{os.getpid()}"
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    _fsync(folder.parent)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def save_training_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    tensors: dict[str, torch.Tensor],
+    state: dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    """RUN/checkpoints/step-NNNNNNNN, then RUN/latest -> it; older ones beyond `keep` removed."""
+    folder = run_dir / "checkpoints" / f"step-{step:08d}"
+    if not (folder / TRAINER_STATE).is_file():  # the same step holds the same state: keep it
+        write_checkpoint(folder, model, tokenizer, tensors, state)
+    link = run_dir / LATEST
+    tmp_link = run_dir / f".{LATEST}-{os.getpid()}"
+    if tmp_link.is_symlink() or tmp_link.exists():
+        tmp_link.unlink()
+    tmp_link.symlink_to(folder.relative_to(run_dir))
+    os.replace(tmp_link, link)
+    _fsync(run_dir)
+    checkpoints = sorted(p for p in folder.parent.iterdir() if p.name.startswith("step-"))
+    for old in checkpoints[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint directory, or a run directory (its `latest` checkpoint)."""
+    path = Path(path)
+    if (path / CONFIG).is_file():
+        return path
+    if (path / LATEST).exists():
+        return (path / LATEST).resolve()
+    if not path.exists():
+        raise QkvError(f"no checkpoint at {path}: the path does not exist")
+    raise QkvError(
+        f"{path} is not a qkv checkpoint: it has no {CONFIG} and no '{LATEST}' link; "
+        "give a run directory from `qkv train` or one of its checkpoints"
+    )
+
+
+def load_config(folder: Path) -> ModelConfig:
+    return ModelConfig.load(folder / CONFIG)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Any, Tokenizer]:
+    """(model in eval mode, tokenizer) from a checkpoint or run directory."""
+    folder = resolve(path)
+    config = load_config(folder)
+    model = build_model(config)
+    load_weights(model, folder / WEIGHTS)
+    return model.to(device).eval(), Tokenizer.load(folder / TOKENIZER)
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    """Load safetensors weights into `model`, naming any missing, unexpected or misshapen tensor."""
+    try:
+        weights = load_file(path)
+    except FileNotFoundError:
+        raise QkvError(f"checkpoint weights {path} are missing") from None
+    except (SafetensorError, OSError, ValueError) as err:
+        raise QkvError(f"checkpoint weights {path} are corrupt or unreadable ({err})") from None
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        raise QkvError(
+            f"checkpoint weights {path} do not fit the config: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+    for name, tensor in weights.items():
+        if tensor.shape != expected[name].shape:
+            raise QkvError(
+                f"checkpoint tensor {name} has shape {list(tensor.shape)} but the config "
+                f"needs {list(expected[name].shape)}"
+            )
+    model.load_state_dict(weights)
+
+
+def load_training_state(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(optimizer + RNG tensors, trainer state) of a checkpoint written by training."""
+    try:
+        tensors = load_file(folder / OPTIMIZER)
+        state = json.loads((folder / TRAINER_STATE).read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise QkvError(
+            f"{folder} cannot be resumed: {Path(err.filename).name} is missing "
+            "(only checkpoints written by `qkv train` hold the optimizer state)"
+        ) from None
+    except (SafetensorError, OSError, ValueError) as err:
+        raise QkvError(f"training state in {folder} is corrupt ({err})") from None
+    return tensors, state

@@ -1,0 +1,345 @@
+"""Corpora: text files, folders, globs or `builtin:stdlib-docs`, split into documents, divided
+into train / validation by document, tokenized once into cached memory-mapped token files, and
+served as random context windows.
+
+A document is a file, or a piece of a large file cut at a blank line, so a single file still
+yields a validation split. Documents are joined with <|endoftext|> between them. The split is
+deterministic: a document goes to validation when the hash of its text is among the lowest
+`val_fraction` of all documents' hashes.
+"""
+
+from __future__ import annotations
+
+import ast
+import glob
+import hashlib
+import json
+import os
+import sys
+import sysconfig
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qkv.errors import QkvError
+from qkv.tokenizer import Tokenizer
+
+BUILTIN_PREFIX = "builtin:"
+BUILTINS = ("stdlib-docs",)
+
+
+@dataclass(frozen=True)
+class Document:
+    source: str
+    text: str
+
+
+def cache_dir() -> Path:
+    """$QKV_CACHE_DIR, else ~/.cache/qkv: tokenized corpora and trained tokenizers."""
+    return Path(os.environ.get("QKV_CACHE_DIR", Path.home() / ".cache" / "qkv"))
+
+
+def read_text_file(path: Path) -> str:
+    """The file's text, or a QkvError naming a missing, empty, binary or non-UTF-8 file."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise QkvError(f"data file {path} does not exist; check the path") from None
+    except IsADirectoryError:
+        raise QkvError(f"{path} is a directory where a file was expected") from None
+    except OSError as err:
+        raise QkvError(f"cannot read data file {path}: {err.strerror}") from None
+    if not data.strip():
+        raise QkvError(f"data file {path} is empty; give files that contain text")
+    if b"\x00" in data[:8192]:
+        raise QkvError(f"data file {path} looks binary (it contains NUL bytes); give text files")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise QkvError(
+            f"data file {path} is not UTF-8: byte 0x{data[err.start]:02x} at offset {err.start} "
+            "cannot be decoded; convert it, e.g. iconv -f latin1 -t utf-8"
+        ) from None
+
+
+def expand_paths(spec: str) -> list[Path]:
+    """A file, a folder (every non-hidden file under it, sorted) or a glob pattern."""
+    path = Path(spec)
+    if path.is_dir():
+        files = [
+            p
+            for p in sorted(path.rglob("*"))
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        ]
+        if not files:
+            raise QkvError(f"folder {path} has no files; put text files in it")
+        return files
+    if any(ch in spec for ch in "*?["):
+        files = [Path(p) for p in sorted(glob.glob(spec, recursive=True)) if Path(p).is_file()]
+        if not files:
+            raise QkvError(f"no files match {spec!r}; check the pattern")
+        return files
+    return [path]
+
+
+def split_into_documents(source: str, text: str, target_chars: int) -> list[Document]:
+    """Cut text after the first blank line (else newline) past each `target_chars`; lossless."""
+    pieces, start = [], 0
+    while len(text) - start > 2 * target_chars:
+        cut = text.find("\n\n", start + target_chars)
+        if cut < 0:
+            cut = text.find("\n", start + target_chars)
+        if cut < 0:
+            break
+        end = cut + (2 if text.startswith("\n\n", cut) else 1)
+        pieces.append(text[start:end])
+        start = end
+    pieces.append(text[start:])
+    if len(pieces) == 1:
+        return [Document(source, text)]
+    return [Document(f"{source}#{i}", piece) for i, piece in enumerate(pieces)]
+
+
+def read_corpus(specs: list[str], progress: Callable[[str], None] | None = None) -> list[Document]:
+    """Documents of every spec: builtin:NAME, a file, a folder or a glob."""
+    if not specs:
+        raise QkvError("no data given; pass files, folders, globs or builtin:stdlib-docs")
+    files: list[tuple[str, str]] = []
+    documents: list[Document] = []
+    for spec in specs:
+        if spec.startswith(BUILTIN_PREFIX):
+            documents += builtin_corpus(spec[len(BUILTIN_PREFIX) :], progress)
+            continue
+        files += [(str(p), read_text_file(p)) for p in expand_paths(spec)]
+    total = sum(len(text) for _, text in files)
+    target = min(65536, max(1024, total // 64))
+    for source, text in files:
+        documents += split_into_documents(source, text, target)
+    return documents
+
+
+def builtin_corpus(name: str, progress: Callable[[str], None] | None = None) -> list[Document]:
+    if name != "stdlib-docs":
+        raise QkvError(f"unknown builtin corpus {name!r}; available: builtin:stdlib-docs")
+    return stdlib_docs(progress)
+
+
+def stdlib_docs(progress: Callable[[str], None] | None = None) -> list[Document]:
+    """Docstrings of the running Python's standard library (modules, classes, functions), read
+    with `ast` (nothing imported, tests excluded); cached as JSON per interpreter."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    key = hashlib.sha256(f"{sys.version}|{root}".encode()).hexdigest()[:16]
+    cached = cache_dir() / "builtin" / f"stdlib-docs-{key}.json"
+    if cached.is_file():
+        return [Document(s, t) for s, t in json.loads(cached.read_text(encoding="utf-8"))]
+    if progress:
+        progress(f"building builtin:stdlib-docs from {root} (once; cached in {cached.parent})")
+    documents = list(_stdlib_docstrings(root))
+    _atomic_write_text(cached, json.dumps([[d.source, d.text] for d in documents]))
+    return documents
+
+
+def _stdlib_docstrings(root: Path) -> Iterator[Document]:
+    skip = {"site-packages", "test", "tests"}
+    for path in sorted(root.rglob("*.py")):
+        relative = path.relative_to(root)
+        if skip & set(relative.parts[:-1]):
+            continue
+        module = ".".join(relative.with_suffix("").parts).removesuffix(".__init__")
+        try:
+            tree = ast.parse(path.read_bytes())
+        except (SyntaxError, ValueError):
+            continue
+        for qualname, node in _documented_nodes(tree, module):
+            docstring = ast.get_docstring(node)
+            if docstring:
+                yield Document(qualname, docstring)
+
+
+def _documented_nodes(node: ast.AST, prefix: str) -> Iterator[tuple[str, ast.AST]]:
+    yield prefix, node
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield from _documented_nodes(child, f"{prefix}.{child.name}")
+
+
+def split_train_val(
+    documents: list[Document], val_fraction: float = 0.05
+) -> tuple[list[Document], list[Document]]:
+    """Validation = the documents whose text hashes lowest, at least one; order kept."""
+    if not 0 < val_fraction < 1:
+        raise QkvError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    if len(documents) < 2:
+        raise QkvError(
+            "the corpus is one short document: a validation split needs at least two; "
+            "give more text (a few KB) or more files"
+        )
+    n_val = max(1, round(len(documents) * val_fraction))
+    ranked = sorted(range(len(documents)), key=lambda i: _digest(documents[i].text) + str(i))
+    val_ids = set(ranked[:n_val])
+    train = [d for i, d in enumerate(documents) if i not in val_ids]
+    val = [d for i, d in enumerate(documents) if i in val_ids]
+    return train, val
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def corpus_digest(documents: list[Document]) -> str:
+    h = hashlib.sha256()
+    for d in documents:
+        h.update(_digest(d.source).encode())
+        h.update(_digest(d.text).encode())
+    return h.hexdigest()
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+@dataclass
+class TokenFile:
+    """A split's tokens, memory-mapped, and the UTF-8 bytes of the text they encode."""
+
+    tokens: np.ndarray
+    n_bytes: int
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.n_bytes / max(1, len(self.tokens))
+
+
+def tokenize_split(documents: list[Document], tokenizer: Tokenizer, name: str) -> TokenFile:
+    """Documents -> one memory-mapped token file, <|endoftext|> after each document.
+
+    Cached under cache_dir()/tokens by (documents, tokenizer), so a second run starts at once.
+    """
+    key = hashlib.sha256(
+        (corpus_digest(documents) + _digest(tokenizer.to_str())).encode()
+    ).hexdigest()[:24]
+    folder = cache_dir() / "tokens" / key
+    meta_path = folder / f"{name}.json"
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        tokens = np.memmap(folder / f"{name}.bin", dtype=meta["dtype"], mode="r")
+        return TokenFile(tokens, meta["n_bytes"])
+    dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
+    eot = tokenizer.end_of_text_id
+    chunks = []
+    for start in range(0, len(documents), 1024):
+        texts = [d.text for d in documents[start : start + 1024]]
+        for ids in tokenizer.encode_batch(texts):
+            chunks.append(np.asarray([*ids, eot], dtype=dtype))
+    tokens = np.concatenate(chunks)
+    n_bytes = sum(len(d.text.encode("utf-8")) for d in documents)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{name}.{os.getpid()}.bin"
+    tokens.tofile(tmp)
+    os.replace(tmp, folder / f"{name}.bin")
+    _atomic_write_text(meta_path, json.dumps({"dtype": np.dtype(dtype).name, "n_bytes": n_bytes}))
+    return TokenFile(np.memmap(folder / f"{name}.bin", dtype=dtype, mode="r"), n_bytes)
+
+
+class Batches:
+    """Random (inputs, targets) windows of `context` tokens; targets are inputs shifted by one."""
+
+    def __init__(self, data: TokenFile, batch_size: int, context: int, seed: int) -> None:
+        if len(data.tokens) <= context + 1:
+            raise QkvError(
+                f"the split has {len(data.tokens)} tokens, fewer than one context window of "
+                f"{context + 1}; give more text or a smaller --context"
+            )
+        self.tokens = data.tokens
+        self.batch_size, self.context = batch_size, context
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(batch, context) inputs and targets."""
+        high = len(self.tokens) - self.context - 1
+        starts = torch.randint(0, high + 1, (self.batch_size,), generator=self.generator)
+        span = self.context + 1
+        window = torch.from_numpy(
+            np.stack([self.tokens[s : s + span] for s in starts.tolist()]).astype(np.int64)
+        )
+        return window[:, :-1], window[:, 1:]
+
+
+def eval_windows(
+    data: TokenFile, context: int, batch_size: int, max_windows: int | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Consecutive non-overlapping windows covering the split from its start, in batches."""
+    tokens = data.tokens
+    n = (len(tokens) - 1) // context
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n == 0:
+        raise QkvError(
+            f"the validation split has {len(tokens)} tokens, fewer than one window of "
+            f"{context + 1}; give more text or a smaller --context"
+        )
+    for first in range(0, n, batch_size):
+        last = min(n, first + batch_size)
+        block = np.asarray(tokens[first * context : last * context + 1], dtype=np.int64)
+        block = torch.from_numpy(block)
+        yield block[:-1].view(-1, context), block[1:].view(-1, context)
+
+
+@dataclass
+class Corpus:
+    """A tokenizer and the corpus' train / validation token files."""
+
+    tokenizer: Tokenizer
+    train: TokenFile
+    val: TokenFile
+    documents: int
+
+
+def prepare_corpus(
+    specs: list[str],
+    tokenizer: Tokenizer | str,
+    vocab_size: int = 4096,
+    val_fraction: float = 0.05,
+    progress: Callable[[str], None] | None = None,
+) -> Corpus:
+    """Read, split and tokenize a corpus; `tokenizer` is a Tokenizer or a kind to train
+    ("bpe", "char"), cached by (corpus, kind, vocab_size)."""
+    documents = read_corpus(specs, progress)
+    train, val = split_train_val(documents, val_fraction)
+    if isinstance(tokenizer, str):
+        kind = tokenizer
+        suffix = f"-{vocab_size}" if kind == "bpe" else ""
+        cached = cache_dir() / "tokenizers" / f"{kind}{suffix}-{corpus_digest(train)[:24]}.json"
+        if cached.is_file():
+            tokenizer = Tokenizer.load(cached)
+        else:
+            if progress:
+                progress(f"training a {kind} tokenizer on {len(train)} documents")
+            tokenizer = Tokenizer.train(kind, (d.text for d in train), vocab_size)
+            _atomic_write_text(cached, tokenizer.to_str())
+    if progress:
+        progress(f"tokenizing {len(documents)} documents (cached after the first run)")
+    return Corpus(
+        tokenizer,
+        tokenize_split(train, tokenizer, "train"),
+        tokenize_split(val, tokenizer, "val"),
+        len(documents),
+    )
+
+
+def prepare_eval_data(
+    specs: list[str] | None,
+    tokenizer: Tokenizer,
+    progress: Callable[[str], None] | None = None,
+) -> TokenFile:
+    """All of the given corpus, or without specs the validation split of builtin:stdlib-docs."""
+    if not specs:
+        _, val = split_train_val(read_corpus(["builtin:stdlib-docs"], progress))
+        return tokenize_split(val, tokenizer, "val")
+    return tokenize_split(read_corpus(specs, progress), tokenizer, "all")

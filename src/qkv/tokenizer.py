@@ -1,0 +1,116 @@
+"""Tokenizers: text -> token ids -> text, both kinds stored as a standard `tokenizer.json`.
+
+- "bpe": byte-level BPE trained on the corpus with Hugging Face `tokenizers` (GPT-2's scheme):
+  every string maps to bytes, so nothing is ever unknown.
+- "char": one token per character seen in the corpus, and UTF-8 byte tokens (<0x00>..<0xFF>) as
+  the fallback for characters it has not seen (the byte-fallback scheme of Llama's tokenizer).
+Both are lossless: decode(encode(s)) == s for every Unicode string s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from qkv.errors import QkvError
+
+END_OF_TEXT = "<|endoftext|>"
+PAD = "<|pad|>"
+SPECIAL_TOKENS = [END_OF_TEXT, PAD]
+KINDS = ("bpe", "char")
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` with qkv's specials: <|endoftext|> between documents, <|pad|>."""
+
+    def __init__(self, backend: tokenizers.Tokenizer) -> None:
+        self.backend = backend
+        for token in SPECIAL_TOKENS:
+            if backend.token_to_id(token) is None:
+                backend.add_special_tokens([token])
+
+    @classmethod
+    def train(cls, kind: str, texts: Iterable[str], vocab_size: int = 4096) -> Tokenizer:
+        """Train a `kind` ("bpe" or "char") tokenizer on `texts`; vocab_size applies to BPE."""
+        if kind == "bpe":
+            return cls.train_bpe(texts, vocab_size)
+        if kind == "char":
+            return cls.train_char(texts)
+        raise QkvError(f"unknown tokenizer {kind!r}; choose one of {list(KINDS)}")
+
+    @classmethod
+    def train_bpe(cls, texts: Iterable[str], vocab_size: int = 4096) -> Tokenizer:
+        """Byte-level BPE: from the 256 bytes, merge the most frequent pair until vocab_size."""
+        minimum = 256 + len(SPECIAL_TOKENS)
+        if vocab_size <= minimum:
+            raise QkvError(f"BPE vocab_size must be more than {minimum} (256 bytes + specials)")
+        backend = tokenizers.Tokenizer(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=SPECIAL_TOKENS,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        backend.train_from_iterator(texts, trainer)
+        return cls(backend)
+
+    @classmethod
+    def train_char(cls, texts: Iterable[str]) -> Tokenizer:
+        """Specials, then the 256 byte-fallback tokens, then each distinct character, sorted."""
+        vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+        for byte in range(256):
+            vocab[f"<0x{byte:02X}>"] = len(vocab)
+        characters: set[str] = set()
+        for text in texts:
+            characters.update(text)
+        for character in sorted(characters):
+            vocab.setdefault(character, len(vocab))
+        backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True))
+        backend.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+        return cls(backend)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        """Read a tokenizer.json (or the one inside a checkpoint directory)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        if not path.is_file():
+            raise QkvError(f"no tokenizer at {path}; a checkpoint needs its tokenizer.json")
+        try:
+            return cls(tokenizers.Tokenizer.from_file(str(path)))
+        except Exception as err:
+            raise QkvError(f"{path} is not a valid tokenizer.json ({err})") from None
+
+    def to_str(self) -> str:
+        return self.backend.to_str()
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_str(), encoding="utf-8")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def end_of_text_id(self) -> int:
+        return self.backend.token_to_id(END_OF_TEXT)
+
+    @property
+    def pad_id(self) -> int:
+        return self.backend.token_to_id(PAD)
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        encodings = self.backend.encode_batch(texts, add_special_tokens=False)
+        return [e.ids for e in encodings]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=False)
