@@ -82,11 +82,12 @@ def test_attention_weights_rows_sum_to_one_and_respect_causality():
     assert (weights.triu(1) == 0).all()
 
 
-def test_fully_masked_row_stays_finite():
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_fully_masked_row_stays_finite_and_implementations_agree(kind):
     q, k, v = _qkv()
     allowed = torch.zeros(B, 1, T, T, dtype=torch.bool)
     allowed[..., 1:, :] = True
-    mask = additive_mask(allowed, q.dtype)
+    mask = allowed if kind == "bool" else additive_mask(allowed, q.dtype)
     explicit, _ = explicit_attention(q, k, v, mask)
     fused = fused_attention(q, k, v, mask)
     assert torch.isfinite(explicit).all() and torch.isfinite(fused).all()
@@ -103,9 +104,12 @@ def test_attention_dropout_zeroes_weights_only_in_training():
     torch.testing.assert_close(first, second)
     mha.train()
     assert not torch.allclose(mha(x)[0], first)
-    out, _ = explicit_attention(q, k, v, dropout_p=0.5)
-    _, weights = explicit_attention(q, k, v)
-    assert not torch.allclose(out, weights @ v)
+    torch.manual_seed(1)
+    out, weights = explicit_attention(q, k, v, dropout_p=0.5)
+    torch.manual_seed(1)
+    kept = torch.nn.functional.dropout(torch.ones_like(weights), 0.5) > 0
+    assert 0.3 < kept.float().mean() < 0.7
+    torch.testing.assert_close(out, (weights * kept / 0.5) @ v)
 
 
 def test_attention_gradcheck_float64():
@@ -161,3 +165,20 @@ def test_grouped_query_attention_equals_mha_with_shared_heads():
     x = torch.randn(B, T, D)
     torch.testing.assert_close(gqa(x, is_causal=True)[0], mha(x, is_causal=True)[0])
     assert gqa.k_proj.weight.shape == (2 * d_k, D)
+
+
+def test_multi_head_attention_is_causal_flag_matches_torch():
+    torch.manual_seed(0)
+    theirs = nn.MultiheadAttention(D, H, batch_first=True).eval()
+    ours = MultiHeadAttention(D, H).eval()
+    copy_attention(theirs, ours)
+    x = torch.randn(B, T, D)
+    expected, _ = theirs(x, x, x, attn_mask=~causal_mask(T, T), need_weights=False)
+    assert (ours(x, is_causal=True)[0] - expected).abs().max() <= 1e-5
+
+
+def test_multi_head_attention_refuses_heads_that_do_not_divide():
+    with pytest.raises(ValueError, match="n_heads"):
+        MultiHeadAttention(10, 3)
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        MultiHeadAttention(16, 4, n_kv_heads=3)

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -17,6 +18,7 @@ def qkv(*args: str) -> subprocess.CompletedProcess:
 def test_explain_prints_every_stage_for_the_notes_sentence():
     result = qkv("explain", "The quick brown fox jumps over the lazy dog")
     assert result.returncode == 0, result.stderr
+    headers = re.findall(r"^\s*\d+\. (\w+)", result.stdout, flags=re.MULTILINE)
     for name in (
         "embeddings",
         "positional_encoding",
@@ -25,7 +27,7 @@ def test_explain_prints_every_stage_for_the_notes_sentence():
         "layer_norm",
         "probabilities",
     ):
-        assert name in result.stdout
+        assert name in headers
     assert "softmax" in result.stdout
 
 
@@ -78,6 +80,11 @@ def test_explain_json_is_one_object_with_valid_numbers(tmp_path):
         (["explain", ""], "empty"),
         (["explain", "--plot", "/no/such/folder/a.png"], "does not exist"),
         (["explain", "--plot", "/tmp/qkv-plot.unknownext"], "cannot write the plot"),
+        (["explain", "--plot", "/tmp"], "image file name"),
+        (["explain", "--plot", ""], "image file name"),
+        (["explain", "--plot", "/tmp/no-extension"], "end the name with"),
+        (["explain", "--seed", "99999999999999999999999"], "--seed"),
+        (["explain", "--layers", "0"], "at least 1"),
         (["frobnicate"], "invalid choice"),
     ],
 )
@@ -93,3 +100,10 @@ def test_help_has_examples():
     result = qkv("explain", "--help")
     assert result.returncode == 0
     assert "examples:" in result.stdout and "--plot" in result.stdout
+
+
+def test_plot_of_text_the_font_cannot_draw_stays_quiet(tmp_path):
+    result = qkv("explain", "héllo 世界 🙂 ok", "--plot", str(tmp_path / "u.png"))
+    assert result.returncode == 0
+    assert result.stderr == ""
+    assert (tmp_path / "u.png").stat().st_size > 1000

@@ -42,6 +42,7 @@ def test_gpt2_small_preset_has_124m_parameters():
         ({"norm_first": 1}, "norm_first", "must be bool"),
         ({"position": "rope", "d_model": 12, "n_heads": 4}, "position", "even"),
         ({"norm_eps": 0.0}, "norm_eps", "positive"),
+        ({"init_std": float("inf")}, "init_std", "finite"),
     ],
 )
 def test_invalid_config_names_field_and_fix(changes, field, hint):
@@ -56,12 +57,23 @@ def test_unknown_field_is_named():
         ModelConfig.from_dict({"d_modle": 4})
 
 
-def test_replace_recomputes_derived_fields():
+def test_replace_recomputes_derived_fields_but_keeps_chosen_ones():
     config = ModelConfig(d_model=64, n_heads=8)
     assert config.d_ff == 256 and config.n_kv_heads == 8
     wider = config.replace(d_model=128, n_heads=4)
     assert wider.d_ff == 512 and wider.n_kv_heads == 4
     assert config.replace(d_ff=100).d_ff == 100
+    llama = ModelConfig.preset("llama-small", n_heads=4)
+    assert llama.n_kv_heads == 2 and llama.d_ff == 1408
+    assert ModelConfig(norm_first=True).replace(norm_first=False).final_norm is False
+
+
+def test_config_is_frozen():
+    import dataclasses
+
+    config = ModelConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.n_heads = 3
 
 
 def test_load_reports_missing_and_malformed_files(tmp_path):

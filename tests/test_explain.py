@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from qkv import ModelConfig
-from qkv.explain import NOTES_SENTENCE, explain_text, plot, render_text, walk, word_tokens
+from qkv.explain import (
+    NOTES_SENTENCE,
+    explain_text,
+    figure,
+    plot,
+    render_text,
+    walk,
+    word_tokens,
+)
 from qkv.model import DecoderLM
 
 REQUIRED = {"embeddings", "positional_encoding", "attention_weights", "feed_forward", "layer_norm"}
@@ -105,3 +113,31 @@ def test_unusable_text_is_refused(text):
 
     with pytest.raises(QkvError):
         explain_text(text)
+
+
+def test_plot_labels_heatmaps_with_the_words():
+    w = explain_text("the cat sat on the mat", n_heads=2)
+    fig = figure(w)
+    titled = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
+    assert any(t.startswith("positional encoding") for t in titled)
+    head = titled["attention weights, layer 0, head 1"]
+    words = ["the", "cat", "sat", "on", "the", "mat"]
+    assert [t.get_text() for t in head.get_yticklabels()] == words
+    assert [t.get_text() for t in head.get_xticklabels()] == words
+
+
+def test_rope_walkthrough_shows_unwrapped_angles():
+    torch.manual_seed(0)
+    config = ModelConfig.preset("notes-demo", position="rope", norm_first=True)
+    model = DecoderLM(config).eval()
+    w = walk(model, torch.zeros(1, 12, dtype=torch.long), [str(i) for i in range(12)], ["a"] * 16)
+    angles = w.stage("positional_encoding").values
+    torch.testing.assert_close(angles[:, 0], torch.arange(12, dtype=torch.float32))
+
+
+def test_explain_leaves_the_global_random_state_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    explain_text(seed=7)
+    torch.testing.assert_close(torch.rand(3), expected)

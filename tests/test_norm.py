@@ -47,3 +47,13 @@ def test_norms_keep_bfloat16_inputs_in_bfloat16():
     x = torch.randn(2, 16, dtype=torch.bfloat16)
     assert LayerNorm(16)(x).dtype == torch.bfloat16
     assert RMSNorm(16)(x).dtype == torch.bfloat16
+
+
+def test_norms_keep_float64_precision_and_pass_gradcheck():
+    torch.manual_seed(0)
+    x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    for ours, theirs in ((LayerNorm(8), nn.LayerNorm(8)), (RMSNorm(8), nn.RMSNorm(8, eps=1e-5))):
+        ours, theirs = ours.double(), theirs.double()
+        assert ours(x).dtype == torch.float64
+        assert (ours(x) - theirs(x)).abs().max() <= 1e-12
+        assert torch.autograd.gradcheck(ours, (x,))

@@ -33,7 +33,7 @@ QUICKSTART = TrainConfig(
 )
 QUICKSTART_MODEL = ModelConfig.preset("tiny", max_seq_len=128)
 QUICKSTART_VOCAB = 4096
-QUICKSTART_PROMPTS = ["Return the ", "def ", "This module provides ", "If the file "]
+QUICKSTART_PROMPTS = ["Return the", "This module provides", "If the file", "Raise ValueError if"]
 
 EXPLAIN_EXAMPLES = """examples:
   qkv explain                                   the notes' sentence, d_model = 4, 2 heads
@@ -64,6 +64,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 2**63 - 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="qkv",
@@ -76,10 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     explain = commands.add_parser(
         "explain",
         help="walk a sentence through a fresh Transformer, stage by stage",
-        description="Walk a sentence through a freshly initialised (seeded) decoder, the way the "
-        "notes do: tokens, embeddings, positions, Q/K/V, attention weights, feed-forward, norms, "
-        "logits and next-word probabilities; each stage prints its formula and a table with one "
-        "row per word.",
+        description="Walk a sentence through a freshly initialised (seeded) decoder, the way\n"
+        "the notes do: tokens, embeddings, positions, Q/K/V, attention weights,\n"
+        "feed-forward, norms, logits and next-word probabilities. Each stage prints\n"
+        "its formula and a table with one row per word.",
         epilog=EXPLAIN_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -90,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--heads", type=_positive, default=2, help="attention heads (default 2)")
     explain.add_argument("--layers", type=_positive, default=1, help="decoder blocks (default 1)")
     explain.add_argument(
-        "--seed", type=int, default=0, help="seed for the random weights (default 0)"
+        "--seed", type=_seed, default=0, help="seed for the random weights (default 0)"
     )
     explain.add_argument(
         "--json", action="store_true", help="print one JSON object instead of tables"
@@ -209,24 +219,23 @@ def _add_quickstart_parser(commands: argparse._SubParsersAction) -> None:
 def _explain(args: argparse.Namespace) -> None:
     from qkv import explain
 
-    if args.d_model > 1024 or args.layers > 48:
-        raise QkvError("explain prints every number: keep --d-model <= 1024 and --layers <= 48")
+    if args.d_model > 256 or args.layers > 12:
+        raise QkvError("explain prints every number: keep --d-model <= 256 and --layers <= 12")
     text = " ".join(args.text) if args.text else explain.NOTES_SENTENCE
     try:
         walkthrough = explain.explain_text(text, args.d_model, args.heads, args.layers, args.seed)
     except ConfigError as err:
-        message = str(err)
+        message = str(err).replace("invalid config field ", "invalid ")
         for name, option in EXPLAIN_OPTIONS.items():
-            message = message.replace(f"field {name}:", f"option {option}:")
+            message = message.replace(name, option)
         raise QkvError(message) from None
-    if args.plot:
-        explain.plot(walkthrough, args.plot)
+    plotted = None if args.plot is None else explain.plot(walkthrough, args.plot)
     if args.json:
         print(explain.render_json(walkthrough))
     else:
         print(explain.render_text(walkthrough))
-        if args.plot:
-            print(f"\nplot saved to {args.plot}")
+        if plotted is not None:
+            print(f"\nplot saved to {plotted}")
 
 
 def _parse_overrides(pairs: list[str]) -> dict[str, Any]:

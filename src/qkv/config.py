@@ -1,14 +1,15 @@
 """ModelConfig: one dataclass that describes every model qkv builds, its presets and JSON form.
 
 Field names follow the notes: d_model, n_heads, n_layers, d_ff, n_kv_heads, vocab_size,
-max_seq_len, dropout. `validate()` runs on construction, so an invalid config never exists;
-each error names the field and the fix.
+max_seq_len, dropout. A config is frozen and validated on construction, so an invalid one never
+exists; each error names the field and the fix. Change one with `replace(...)`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ FEED_FORWARDS = ("relu", "gelu", "gelu_tanh", "swiglu", "geglu")
 ATTENTIONS = ("fused", "explicit")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     """Shape and choices of a Transformer; `d_ff` and `n_kv_heads` default from the others."""
 
@@ -49,13 +50,16 @@ class ModelConfig:
     init_std: float | None = 0.02
 
     def __post_init__(self) -> None:
-        if self.d_ff is None and isinstance(self.d_model, int):
-            self.d_ff = 4 * self.d_model
-        if self.n_kv_heads is None:
-            self.n_kv_heads = self.n_heads
-        if self.final_norm is None:
-            self.final_norm = self.norm_first
+        for derived, value in self._derived().items():
+            if getattr(self, derived) is None:
+                object.__setattr__(self, derived, value)
         self.validate()
+
+    def _derived(self) -> dict[str, Any]:
+        """Defaults computed from other fields: d_ff = 4 d_model, n_kv_heads = n_heads, final
+        norm when pre-norm."""
+        d_ff = 4 * self.d_model if isinstance(self.d_model, int) else None
+        return {"d_ff": d_ff, "n_kv_heads": self.n_heads, "final_norm": self.norm_first}
 
     @property
     def head_dim(self) -> int:
@@ -78,7 +82,7 @@ class ModelConfig:
         _choice(self, "feed_forward", FEED_FORWARDS)
         _choice(self, "attention", ATTENTIONS)
         if self.d_model % self.n_heads:
-            divisors = [h for h in range(1, self.d_model + 1) if self.d_model % h == 0]
+            divisors = [h for h in range(1, min(self.d_model, 64) + 1) if self.d_model % h == 0]
             _require(
                 False,
                 "n_heads",
@@ -104,17 +108,18 @@ class ModelConfig:
             )
         if self.init_std is not None:
             _require(
-                self.init_std > 0, "init_std", f"must be positive or null, got {self.init_std}"
+                0 < self.init_std < math.inf,
+                "init_std",
+                f"must be positive and finite, or null, got {self.init_std}",
             )
 
     def replace(self, **changes: Any) -> ModelConfig:
-        """A copy with `changes` applied, validated; derived fields follow unless set."""
+        """A copy with `changes` applied, validated. A derived field that still had its default
+        (e.g. d_ff = 4 d_model) follows the change; one set on purpose (GQA's n_kv_heads) stays."""
         data = self.to_dict()
-        for derived, source in (("d_ff", "d_model"), ("n_kv_heads", "n_heads")):
-            if source in changes and derived not in changes:
+        for derived, default in self._derived().items():
+            if derived not in changes and data[derived] == default:
                 data[derived] = None
-        if "norm_first" in changes and "final_norm" not in changes:
-            data["final_norm"] = None
         data.update(changes)
         return ModelConfig.from_dict(data)
 
@@ -183,7 +188,7 @@ def _check_type(config: ModelConfig) -> None:
         if wrong_bool or not isinstance(value, allowed):
             _require(False, f.name, f"must be {base}, got {value!r} ({type(value).__name__})")
         if base == "float":
-            setattr(config, f.name, float(value))
+            object.__setattr__(config, f.name, float(value))
 
 
 def _require(ok: bool, name: str, message: str) -> None:

@@ -7,10 +7,12 @@ model's own modules in order, so the final logits equal `model(token_ids)`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,8 @@ from qkv.nn.position import apply_rotary
 
 NOTES_SENTENCE = "The quick brown fox jumps over the lazy dog"
 MAX_WORDS = 512
+MAX_PLOT_WORDS = 60
+PLOT_FORMATS = (".png", ".svg", ".pdf")
 POSITION_TITLES = {
     "sinusoidal": "positional encoding: sin / cos, base 10000",
     "learned": "learned positional embedding",
@@ -121,8 +125,9 @@ def explain_text(
         vocab_size=len(vocabulary),
         max_seq_len=max(64, len(tokens)),
     )
-    torch.manual_seed(seed)
-    model = DecoderLM(config).eval()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = DecoderLM(config).eval()
     token_ids = [vocabulary.index(t.lower()) for t in tokens]
     walkthrough = walk(model, torch.tensor([token_ids]), tokens, vocabulary)
     walkthrough.stages.insert(
@@ -171,10 +176,9 @@ def walk(
         add(Stage("positional_encoding", "PE(pos) = P[pos]: row pos of a learned table", pe[0], d))
     elif config.position == "rope":
         rotary = embedder.rotary(positions)
-        half = config.head_dim // 2
-        angles = torch.atan2(rotary[1], rotary[0])[0, 0, :, :half]
+        angles = embedder.rotary.angles(positions)[0]
         formula = f"RoPE angle(pos, i) = pos * {config.rope_base:g}^(-2i/d_k), applied to q and k"
-        add(Stage("positional_encoding", formula, angles, _dims("θ", half)))
+        add(Stage("positional_encoding", formula, angles, _dims("θ", angles.shape[-1])))
     if config.position in ("sinusoidal", "learned"):
         x = x + pe
         add(Stage("embeddings_plus_positions", "x_i = E[id_i] + PE(i)", x[0], d))
@@ -209,7 +213,6 @@ def _norm_formula(config: ModelConfig) -> str:
 
 def _residual(
     add: AddStage,
-    block: DecoderBlock,
     x: Tensor,
     sub: Tensor,
     norm: nn.Module,
@@ -251,6 +254,7 @@ def _walk_attention(
     h = _pre_norm(add, x, block.attention_norm, layer, "attention", config)
     n_heads, n_kv, d_k = attention.n_heads, attention.n_kv_heads, attention.head_dim
     projections = {}
+    bias = " + b_" if config.bias else ""
     for name, proj, heads in (
         ("query", attention.q_proj, n_heads),
         ("key", attention.k_proj, n_kv),
@@ -261,7 +265,7 @@ def _walk_attention(
         add(
             Stage(
                 name,
-                f"{letter} = X W_{letter} + b_{letter}, split into {heads} head(s) of d_k = {d_k}",
+                f"{letter} = X W_{letter}{bias}{letter}, split into {heads} head(s), d_k = {d_k}",
                 projections[name][0],
                 _head_dims(heads, d_k),
                 layer,
@@ -321,7 +325,7 @@ def _walk_attention(
             "attention",
         )
     )
-    return _residual(add, block, x, projected, block.attention_norm, layer, "attention", config)
+    return _residual(add, x, projected, block.attention_norm, layer, "attention", config)
 
 
 def _walk_feed_forward(
@@ -361,7 +365,7 @@ def _walk_feed_forward(
             "feed_forward",
         )
     )
-    return _residual(add, block, x, result, block.feed_forward_norm, layer, "feed_forward", config)
+    return _residual(add, x, result, block.feed_forward_norm, layer, "feed_forward", config)
 
 
 def render_text(walkthrough: Walkthrough, max_columns: int = 10) -> str:
@@ -421,17 +425,46 @@ def render_json(walkthrough: Walkthrough) -> str:
 
 
 def plot(walkthrough: Walkthrough, path: str | Path) -> Path:
-    """Heatmaps of the positional encodings and of every head's attention weights, as `path`."""
+    """Save `figure(walkthrough)` as `path` (.png, .svg or .pdf); returns the path."""
+    path = Path(path)
+    if str(path) in ("", ".") or path.is_dir():
+        raise QkvError(f"--plot needs an image file name such as attention.png, got {str(path)!r}")
+    if path.suffix.lower() not in PLOT_FORMATS:
+        raise QkvError(
+            f"cannot write the plot as {path.name!r}: end the name with one of {PLOT_FORMATS}"
+        )
+    if not path.parent.exists():
+        raise QkvError(
+            f"cannot write the plot: folder {path.parent} does not exist; create it first"
+        )
+    if len(walkthrough.tokens) > MAX_PLOT_WORDS:
+        raise QkvError(
+            f"--plot draws one row per word: keep the text to {MAX_PLOT_WORDS} words "
+            f"(it has {len(walkthrough.tokens)})"
+        )
+    import matplotlib.pyplot as plt
+
+    fig = figure(walkthrough)
+    try:
+        with _missing_glyphs_quiet():
+            fig.savefig(path, dpi=110)
+    except OSError as err:
+        raise QkvError(
+            f"cannot write the plot to {path}: {err.strerror}; choose a writable place"
+        ) from None
+    finally:
+        plt.close(fig)
+    return path
+
+
+def figure(walkthrough: Walkthrough) -> Any:
+    """A matplotlib Figure: the positional encodings and each head's attention weights as
+    heatmaps, rows and columns labelled with the words."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    if not path.parent.exists():
-        raise QkvError(
-            f"cannot write the plot: folder {path.parent} does not exist; create it first"
-        )
     tokens = walkthrough.tokens
     panels: list[tuple[str, Tensor, list[str]]] = []
     position = walkthrough.config.position
@@ -462,11 +495,14 @@ def plot(walkthrough: Walkthrough, path: str | Path) -> Path:
         ax.set_xlabel("attended word (key)" if attention else "dimension", fontsize=8)
         ax.set_ylabel("word (query)" if attention else "word (position)", fontsize=8)
         fig.colorbar(image, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    try:
-        fig.savefig(path, dpi=110)
-    except (OSError, ValueError) as err:
-        raise QkvError(f"cannot write the plot to {path}: {err}") from None
-    finally:
-        plt.close(fig)
-    return path
+    with _missing_glyphs_quiet():
+        fig.tight_layout()
+    return fig
+
+
+@contextlib.contextmanager
+def _missing_glyphs_quiet() -> Iterator[None]:
+    """Words in scripts the font lacks are drawn as boxes, without a warning per glyph."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Glyph .* missing from")
+        yield

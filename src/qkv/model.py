@@ -75,14 +75,16 @@ class Embedder(nn.Module):
     def forward(
         self, token_ids: Tensor, positions: Tensor | None = None
     ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
-        """ids (batch, seq) -> (x (batch, seq, d_model), rotary (cos, sin) or None)."""
-        last = token_ids.shape[-1] - 1 if positions is None else int(positions.max())
-        if last >= self.max_seq_len:
-            raise QkvError(
-                f"position {last} is past the model's context (max_seq_len={self.max_seq_len}); "
-                "shorten the input or use a model with a longer context"
-            )
+        """ids (batch, seq) -> (x (batch, seq, d_model), rotary (cos, sin) or None).
+
+        `positions` (batch or 1, seq) defaults to 0..seq-1; given ones must be < max_seq_len.
+        """
         if positions is None:
+            if token_ids.shape[-1] > self.max_seq_len:
+                raise QkvError(
+                    f"{token_ids.shape[-1]} tokens do not fit the model's context "
+                    f"(max_seq_len={self.max_seq_len}); shorten the input"
+                )
             positions = torch.arange(token_ids.shape[-1], device=token_ids.device)[None, :]
         x = self.token_embedding(token_ids)
         if self.position is not None:

@@ -96,6 +96,9 @@ def fused_attention(
     if is_causal and (mask is not None or q_len != k_len):
         # SDPA's own causal flag aligns the mask top-left; decoding with a cache needs bottom-right.
         mask, is_causal = _with_causal(mask, q_len, k_len, q.device), False
+    if mask is not None and mask.dtype == torch.bool:
+        # As in explicit_attention: a row with no allowed key averages V instead of giving 0.
+        mask = additive_mask(mask, q.dtype)
     return F.scaled_dot_product_attention(q, k, v, mask, dropout_p=dropout_p, is_causal=is_causal)
 
 
@@ -123,8 +126,14 @@ class MultiHeadAttention(nn.Module):
         implementation: str = "fused",
     ) -> None:
         super().__init__()
+        n_kv_heads = n_kv_heads or n_heads
+        if d_model % n_heads or n_heads % n_kv_heads:
+            raise ValueError(
+                f"d_model={d_model} must divide into n_heads={n_heads}, "
+                f"and n_heads into n_kv_heads={n_kv_heads}"
+            )
         self.n_heads = n_heads
-        self.n_kv_heads = n_kv_heads or n_heads
+        self.n_kv_heads = n_kv_heads
         self.head_dim = d_model // n_heads
         self.dropout = dropout
         self.implementation = implementation
@@ -148,7 +157,7 @@ class MultiHeadAttention(nn.Module):
         cache: KVCache | None = None,
         need_weights: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
-        """x (batch, q_len, d_model) -> (out (batch, q_len, d_model), weights or None).
+        """x (batch, q_len, d_model) -> (out (batch, q_len, d_model), weights if need_weights).
 
         `rotary` is RotaryEmbedding's (cos, sin) for x's positions; `cache` receives this call's
         keys and values and returns all of them, for incremental decoding.
@@ -167,4 +176,4 @@ class MultiHeadAttention(nn.Module):
             out, weights = explicit_attention(q, k, v, mask, is_causal, dropout_p)
         else:
             out = fused_attention(q, k, v, mask, is_causal, dropout_p)
-        return self.o_proj(out.transpose(1, 2).flatten(-2)), weights
+        return self.o_proj(out.transpose(1, 2).flatten(-2)), weights if need_weights else None

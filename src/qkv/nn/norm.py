@@ -2,13 +2,17 @@
 
 The notes write "(x - mu)/sigma * (gamma/beta)"; the standard form, which qkv computes, scales by
 gamma and then shifts by beta, with eps inside the square root for stability.
-Inputs in half precision are normalized in float32 and cast back.
+Half-precision inputs (float16, bfloat16) are normalized in float32 and cast back.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+
+
+def _upcast(x: Tensor) -> Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 class LayerNorm(nn.Module):
@@ -21,7 +25,7 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(d_model)) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
-        h = x.float()
+        h = _upcast(x)
         mean = h.mean(dim=-1, keepdim=True)
         var = (h - mean).pow(2).mean(dim=-1, keepdim=True)
         y = (h - mean) * torch.rsqrt(var + self.eps) * self.weight
@@ -39,7 +43,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d_model))
 
     def forward(self, x: Tensor) -> Tensor:
-        h = x.float()
+        h = _upcast(x)
         y = h * torch.rsqrt(h.pow(2).mean(dim=-1, keepdim=True) + self.eps) * self.weight
         return y.to(x.dtype)
 

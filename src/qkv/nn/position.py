@@ -1,8 +1,8 @@
 """Positional information: sinusoidal and learned absolute encodings (added to the embeddings)
 and rotary embeddings (RoPE, applied to queries and keys inside attention).
 
-The notes write the sinusoid's base once as 1000 and once as 10,000; qkv uses 10000, as in
-"Attention Is All You Need". With the "none" choice a model gets no positional signal at all.
+The notes' section 2 writes the sinusoid's base as 1000; their worked example, the paper and qkv
+use 10000. With the "none" choice a model gets no positional signal at all.
 """
 
 from __future__ import annotations
@@ -11,15 +11,20 @@ import torch
 from torch import Tensor, nn
 
 
-def sinusoidal_table(max_seq_len: int, d_model: int, base: float = 10000.0) -> Tensor:
-    """PE(pos, 2i) = sin(pos / base^(2i/d_model)), PE(pos, 2i+1) = cos(same); (seq, d_model)."""
+def sinusoidal_table(
+    max_seq_len: int, d_model: int, base: float = 10000.0, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """PE(pos, 2i) = sin(pos / base^(2i/d_model)), PE(pos, 2i+1) = cos(same); (seq, d_model).
+
+    Computed in float64, returned in `dtype`.
+    """
     position = torch.arange(max_seq_len, dtype=torch.float64)[:, None]
     two_i = torch.arange(0, d_model, 2, dtype=torch.float64)
     angle = position / base ** (two_i / d_model)
     table = torch.zeros(max_seq_len, d_model, dtype=torch.float64)
     table[:, 0::2] = torch.sin(angle)
     table[:, 1::2] = torch.cos(angle[:, : d_model // 2])
-    return table.float()
+    return table.to(dtype)
 
 
 class SinusoidalPositionalEncoding(nn.Module):
@@ -50,15 +55,21 @@ class RotaryEmbedding(nn.Module):
     """RoPE angles theta_{pos,i} = pos * base^(-2i/d_head), returned as (cos, sin) per position.
 
     Dimension i is paired with i + d_head/2 (the "rotate half" layout Llama checkpoints use).
+    Angles are computed in float32 the way Hugging Face's Llama does, so long contexts match it.
     """
 
     def __init__(self, head_dim: int, max_seq_len: int, base: float = 10000.0) -> None:
         super().__init__()
-        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-        angle = torch.arange(max_seq_len, dtype=torch.float64)[:, None] * inv_freq
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+        self.register_buffer("inv_freq", 1.0 / base**exponents, persistent=False)
+        angle = self.angles(torch.arange(max_seq_len))
         angle = torch.cat([angle, angle], dim=-1)
-        self.register_buffer("cos", angle.cos().float(), persistent=False)
-        self.register_buffer("sin", angle.sin().float(), persistent=False)
+        self.register_buffer("cos", angle.cos(), persistent=False)
+        self.register_buffer("sin", angle.sin(), persistent=False)
+
+    def angles(self, positions: Tensor) -> Tensor:
+        """theta = pos * base^(-2i/d_head): (..., seq) positions -> (..., seq, d_head / 2)."""
+        return positions.float()[..., None] * self.inv_freq
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """(batch, seq) positions -> cos, sin (batch, 1, seq, d_head), broadcast over heads."""
