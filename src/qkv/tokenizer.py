@@ -28,9 +28,7 @@ class Tokenizer:
 
     def __init__(self, backend: tokenizers.Tokenizer) -> None:
         self.backend = backend
-        for token in SPECIAL_TOKENS:
-            if backend.token_to_id(token) is None:
-                backend.add_special_tokens([token])
+        backend.add_special_tokens(SPECIAL_TOKENS)  # keeps the ids of those already in the vocab
 
     @classmethod
     def train(cls, kind: str, texts: Iterable[str], vocab_size: int = 4096) -> Tokenizer:

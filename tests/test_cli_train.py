@@ -1,0 +1,140 @@
+"""End-to-end: `qkv train`, `qkv eval` and `qkv quickstart` as a user runs them."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def qkv(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "qkv", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+        env={**os.environ},
+    )
+
+
+TINY = ["--set", "d_model=32", "--set", "n_layers=2", "--set", "n_heads=2"]
+
+
+def test_train_then_eval_a_small_corpus(corpus_dir, tmp_path):
+    out = tmp_path / "run"
+    result = qkv(
+        "train",
+        "--data",
+        str(corpus_dir),
+        "--out",
+        str(out),
+        "--tokenizer",
+        "char",
+        "--steps",
+        "30",
+        "--batch-size",
+        "8",
+        "--context",
+        "64",
+        "--eval-every",
+        "15",
+        "--save-every",
+        "15",
+        *TINY,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "parameters" in result.stdout and "GFLOP/step" in result.stdout
+    assert "validation loss" in result.stdout
+    for name in (
+        "metrics.jsonl",
+        "loss.png",
+        "latest/config.json",
+        "latest/model.safetensors",
+        "latest/tokenizer.json",
+        "latest/optimizer.safetensors",
+        "latest/trainer_state.json",
+    ):
+        assert (out / name).exists(), name
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 31))
+    final = [r for r in records if "val_loss" in r][-1]
+
+    evaluated = qkv("eval", "--model", str(out), "--data", str(corpus_dir), "--json")
+    assert evaluated.returncode == 0, evaluated.stderr
+    scores = json.loads(evaluated.stdout)
+    assert set(scores) >= {"loss", "perplexity", "bits_per_byte"}
+    assert scores["perplexity"] == pytest.approx(2.718281828 ** scores["loss"], rel=1e-6)
+    assert abs(scores["loss"] - final["val_loss"]) < 0.5
+
+    resumed = qkv("train", "--resume", str(out), "--steps", "40")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming at step 30" in resumed.stdout
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 41))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "--data", "/no/such/file.txt", "--out", "{tmp}/r"], "does not exist"),
+        (
+            [
+                "train",
+                "--data",
+                "{corpus}",
+                "--set",
+                "d_model=30",
+                "--set",
+                "n_heads=4",
+                "--out",
+                "{tmp}/r",
+            ],
+            "n_heads",
+        ),
+        (["train", "--data", "{corpus}", "--set", "widht=3", "--out", "{tmp}/r"], "widht"),
+        (["train", "--data", "{corpus}", "--lr", "-1", "--out", "{tmp}/r"], "--lr"),
+        (["train", "--data", "{corpus}", "--preset", "gpt5", "--out", "{tmp}/r"], "gpt5"),
+        (["train", "--resume", "{tmp}/nothing"], "does not exist"),
+        (["eval", "--model", "{tmp}"], "not a qkv checkpoint"),
+        (["train", "--data", "{corpus}", "--device", "cuda", "--out", "{tmp}/r"], "no CUDA"),
+    ],
+)
+def test_bad_training_input_gets_one_clear_line(args, message, corpus_dir, tmp_path):
+    args = [a.format(tmp=tmp_path, corpus=corpus_dir) for a in args]
+    result = qkv(*args)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_corrupt_weights_are_refused_clearly(corpus_dir, tmp_path):
+    out = tmp_path / "run"
+    trained = qkv(
+        "train",
+        "--data",
+        str(corpus_dir),
+        "--out",
+        str(out),
+        "--tokenizer",
+        "char",
+        "--steps",
+        "2",
+        "--context",
+        "32",
+        *TINY,
+    )
+    assert trained.returncode == 0, trained.stderr
+    (out / "latest" / "model.safetensors").write_bytes(b"\x00" * 100)
+    result = qkv("eval", "--model", str(out), "--data", str(corpus_dir))
+    assert result.returncode != 0
+    assert "corrupt" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_quickstart_runs_end_to_end(tmp_path):
+    result = qkv("quickstart", "--steps", "10", "--out", str(tmp_path / "qs"))
+    assert result.returncode == 0, result.stderr
+    assert "bits/byte" in result.stdout and "samples" in result.stdout
+    assert (tmp_path / "qs" / "latest" / "tokenizer.json").is_file()

@@ -1,0 +1,179 @@
+"""The trainer: schedule, decay groups, learning, exact resume, non-finite loss, crash safety."""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from qkv.checkpoint import load_model, resolve
+from qkv.config import ModelConfig
+from qkv.data import prepare_corpus
+from qkv.errors import QkvError
+from qkv.model import DecoderLM
+from qkv.train import (
+    NonFiniteLoss,
+    TrainConfig,
+    Trainer,
+    evaluate,
+    lr_at,
+    parameter_groups,
+    prepare_run,
+)
+
+SMALL = ModelConfig(d_model=32, n_heads=4, n_layers=2, max_seq_len=32, dropout=0.1)
+
+
+def small_run(corpus_dir: Path, out: Path, **changes) -> Trainer:
+    settings = dict(
+        steps=8,
+        batch_size=4,
+        context=32,
+        lr=3e-3,
+        warmup_steps=2,
+        eval_every=4,
+        save_every=4,
+        eval_windows=8,
+        seed=0,
+    )
+    cfg = TrainConfig(**{**settings, **changes})
+    return prepare_run([str(corpus_dir)], out, cfg, SMALL, "char", val_fraction=0.2).trainer
+
+
+def test_lr_warms_up_linearly_then_decays_by_cosine_to_the_floor():
+    cfg = TrainConfig(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(55, cfg) == pytest.approx(0.55)
+    assert lr_at(100, cfg) == pytest.approx(0.1)
+    assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 100))
+
+
+def test_no_weight_decay_on_norms_biases_and_embeddings():
+    model = DecoderLM(ModelConfig(d_model=16, n_heads=2, n_layers=1, vocab_size=20))
+    decay, no_decay = parameter_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    assert "embedder.token_embedding.weight" in skipped
+    assert "embedder.position.weight" in skipped
+    assert all("norm" in n or n.endswith("bias") or "embed" in n for n in skipped)
+    assert decayed == {n for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n}
+    assert no_decay["weight_decay"] == 0 and decay["weight_decay"] == 0.1
+
+
+def test_training_lowers_the_validation_loss(corpus_dir, tmp_path):
+    trainer = small_run(corpus_dir, tmp_path / "run", steps=60, eval_every=60, save_every=60)
+    before = trainer.evaluate().loss
+    history = trainer.run()
+    after = [h for h in history if "val_loss" in h][-1]
+    assert after["val_loss"] < before - 1.0
+    assert after["val_bits_per_byte"] == pytest.approx(
+        after["val_loss"] / (math.log(2) * trainer.val_data.bytes_per_token)
+    )
+    assert all(h["grad_norm"] > 0 for h in history if "grad_norm" in h)
+
+
+def test_resume_is_exact(corpus_dir, tmp_path):
+    straight = small_run(corpus_dir, tmp_path / "straight")
+    straight.run()
+    first_half = small_run(corpus_dir, tmp_path / "halves")
+
+    def stop_after_four(info):
+        if info.step == 4:
+            first_half._stop_requested = True
+
+    first_half.on_step = stop_after_four
+    with pytest.raises(KeyboardInterrupt):
+        first_half.run()
+    resumed = prepare_run(
+        [str(corpus_dir)],
+        tmp_path / "halves",
+        TrainConfig(**{**first_half.cfg.__dict__}),
+        resume=tmp_path / "halves",
+        val_fraction=0.2,
+    ).trainer
+    assert resumed.step == 4
+    resumed.run()
+    losses = [h["loss"] for h in straight.history if "loss" in h]
+    resumed_losses = [h["loss"] for h in resumed.history if "loss" in h]
+    assert len(resumed_losses) == 8
+    assert resumed_losses == losses
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(corpus_dir, tmp_path):
+    trainer = small_run(corpus_dir, tmp_path / "run", steps=12, save_every=4, eval_every=100)
+
+    def poison(info):
+        if info.step == 6:
+            with torch.no_grad():
+                trainer.model.head.tied_to[0].weight.fill_(float("nan"))
+
+    trainer.on_step = poison
+    with pytest.raises(NonFiniteLoss, match="at step 7"):
+        trainer.run()
+    assert resolve(tmp_path / "run").name == "step-00000004"
+    model, _ = load_model(tmp_path / "run")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_context_longer_than_the_model_is_refused(corpus_dir, tmp_path):
+    with pytest.raises(QkvError, match="max_seq_len"):
+        Trainer(
+            DecoderLM(SMALL.replace(vocab_size=300)),
+            *_corpus_parts(corpus_dir),
+            TrainConfig(context=64),
+            tmp_path,
+        )
+
+
+def _corpus_parts(corpus_dir):
+    corpus = prepare_corpus([str(corpus_dir)], "char", val_fraction=0.2)
+    return corpus.tokenizer, corpus.train, corpus.val
+
+
+KILL_SCRIPT = """
+import os, signal, sys
+from pathlib import Path
+import qkv.checkpoint as checkpoint
+from qkv.config import ModelConfig
+from qkv.train import TrainConfig, prepare_run
+
+cfg = TrainConfig(steps=4, batch_size=2, context=16, eval_every=100, save_every=2, seed=0)
+config = ModelConfig(d_model=16, n_heads=2, n_layers=1, max_seq_len=16)
+run = prepare_run([sys.argv[1]], Path(sys.argv[2]), cfg, config, "char", val_fraction=0.2)
+trainer = run.trainer
+real_save = checkpoint.save_file
+
+def save_then_die(tensors, path, metadata=None):
+    if "step-00000004" in str(path):
+        Path(path).write_bytes(b"half a file")
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_save(tensors, path, metadata=metadata)
+
+checkpoint.save_file = save_then_die
+trainer.run()
+"""
+
+
+def test_sigkill_mid_save_leaves_the_previous_checkpoint_loadable(corpus_dir, tmp_path):
+    run = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(KILL_SCRIPT), str(corpus_dir), str(run)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ},
+    )
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    assert resolve(run).name == "step-00000002"
+    model, tokenizer = load_model(run)
+    corpus = prepare_corpus([str(corpus_dir)], tokenizer, val_fraction=0.2)
+    assert math.isfinite(evaluate(model, corpus.val, 16, max_windows=4).loss)
+    leftovers = [p.name for p in (run / "checkpoints").iterdir()]
+    assert "step-00000004" not in leftovers
