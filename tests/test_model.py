@@ -236,11 +236,11 @@ def test_encoder_real_positions_ignore_right_padding(variant: dict[str, object])
     "variant", [LEARNED, ROPE_GQA, VARIANTS["nopos-rmsnorm-geglu-mqa"]], ids=["mha", "gqa", "mqa"]
 )
 @torch.no_grad()
-def test_fused_and_explicit_attention_give_the_same_decoder_logits(
+def test_fused_and_explicit_kernels_give_the_same_decoder_logits(
     variant: dict[str, object], padded: bool
 ) -> None:
-    explicit = make_model("decoder", attention="explicit", **variant)
-    fused = make_model("decoder", seed=1, attention="fused", **variant)
+    explicit = make_model("decoder", kernels="explicit", **variant)
+    fused = make_model("decoder", seed=1, kernels="fused", **variant)
     fused.load_state_dict(explicit.state_dict())
     ids = random_ids()
     mask = left_padding_mask([SEQ, 4], SEQ) if padded else None
@@ -270,15 +270,15 @@ class ConcatCache:
 
 
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left_padded"])
-@pytest.mark.parametrize("attention", ["fused", "explicit"])
+@pytest.mark.parametrize("kernels", ["fused", "explicit"])
 @pytest.mark.parametrize(
     "variant", [LEARNED, SINUSOIDAL, ROPE_GQA], ids=["learned", "sinusoidal", "rope-gqa"]
 )
 @torch.no_grad()
 def test_kv_cache_decoding_matches_full_recomputation(
-    variant: dict[str, object], attention: str, padded: bool
+    variant: dict[str, object], kernels: str, padded: bool
 ) -> None:
-    model = make_model("decoder", attention=attention, **variant)
+    model = make_model("decoder", kernels=kernels, **variant)
     assert isinstance(model, DecoderLM)
     total, prompt = 11, 4
     ids = random_ids(seq=total)

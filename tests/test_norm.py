@@ -57,3 +57,18 @@ def test_norms_keep_float64_precision_and_pass_gradcheck():
         assert ours(x).dtype == torch.float64
         assert (ours(x) - theirs(x)).abs().max() <= 1e-12
         assert torch.autograd.gradcheck(ours, (x,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_norms_equal_the_written_out_formula(dtype):
+    torch.manual_seed(0)
+    x = (torch.randn(4, 9, 24) * 3 + 1).to(dtype)
+    for explicit, fused in (
+        (LayerNorm(24), LayerNorm(24, fused=True)),
+        (RMSNorm(24), RMSNorm(24, fused=True)),
+    ):
+        with torch.no_grad():
+            explicit.weight.normal_()
+        fused.load_state_dict(explicit.state_dict())
+        tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+        assert (fused(x).float() - explicit(x).float()).abs().max() <= tolerance

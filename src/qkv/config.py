@@ -20,7 +20,7 @@ ARCHS = ("decoder", "encoder", "encoder-decoder")
 POSITIONS = ("sinusoidal", "learned", "rope", "none")
 NORMS = ("layernorm", "rmsnorm")
 FEED_FORWARDS = ("relu", "gelu", "gelu_tanh", "swiglu", "geglu")
-ATTENTIONS = ("fused", "explicit")
+KERNELS = ("fused", "explicit")
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class ModelConfig:
     bias: bool = True
     tie_embeddings: bool = True
     scale_embeddings: bool = False
-    attention: str = "fused"
+    kernels: str = "fused"
     init_std: float | None = 0.02
 
     def __post_init__(self) -> None:
@@ -80,7 +80,7 @@ class ModelConfig:
         _choice(self, "position", POSITIONS)
         _choice(self, "norm", NORMS)
         _choice(self, "feed_forward", FEED_FORWARDS)
-        _choice(self, "attention", ATTENTIONS)
+        _choice(self, "kernels", KERNELS)
         if self.d_model % self.n_heads:
             divisors = [h for h in range(1, min(self.d_model, 64) + 1) if self.d_model % h == 0]
             _require(

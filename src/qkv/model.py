@@ -43,9 +43,13 @@ class OutputHead(nn.Module):
         if tied_to is None:
             self.weight = nn.Parameter(torch.randn(vocab_size, d_model) * d_model**-0.5)
 
+    @property
+    def matrix(self) -> Tensor:
+        """W (vocab_size, d_model): the embedding table when tied."""
+        return self.tied_to[0].weight if self.tied_to else self.weight
+
     def forward(self, h: Tensor) -> Tensor:
-        weight = self.tied_to[0].weight if self.tied_to else self.weight
-        return nn.functional.linear(h, weight)
+        return nn.functional.linear(h, self.matrix)
 
 
 def probabilities(logits: Tensor) -> Tensor:
@@ -106,9 +110,7 @@ def _self_attention_mask(
 
 
 def _final_norm(config: ModelConfig) -> nn.Module:
-    if not config.final_norm:
-        return nn.Identity()
-    return build_norm(config.norm, config.d_model, config.norm_eps, config.bias)
+    return build_norm(config) if config.final_norm else nn.Identity()
 
 
 class _Model(nn.Module):

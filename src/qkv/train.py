@@ -248,6 +248,7 @@ class Trainer:
             parameter_groups(self.model, self.cfg.weight_decay),
             lr=self.cfg.lr,
             betas=(self.cfg.beta1, self.cfg.beta2),
+            fused=self.device.type in ("cpu", "cuda"),  # one kernel for all parameters
         )
         self.forward = torch.compile(self.model) if self.cfg.compile else self.model
         self.batches = Batches(

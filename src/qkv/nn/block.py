@@ -18,7 +18,7 @@ from qkv.nn.norm import build_norm
 
 def _attention(config: ModelConfig, n_kv_heads: int | None) -> MultiHeadAttention:
     return MultiHeadAttention(
-        config.d_model, config.n_heads, n_kv_heads, config.bias, config.dropout, config.attention
+        config.d_model, config.n_heads, n_kv_heads, config.bias, config.dropout, config.kernels
     )
 
 
@@ -34,7 +34,7 @@ class _ResidualBlock(nn.Module):
 
     @staticmethod
     def make_norm(config: ModelConfig) -> nn.Module:
-        return build_norm(config.norm, config.d_model, config.norm_eps, config.bias)
+        return build_norm(config)
 
     def residual(self, x: Tensor, norm: nn.Module, sublayer: Callable[[Tensor], Tensor]) -> Tensor:
         """Pre-norm: x + Sublayer(Norm(x)); post-norm: Norm(x + Sublayer(x))."""
