@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -68,11 +70,57 @@ def test_train_then_eval_a_small_corpus(corpus_dir, tmp_path):
     assert scores["perplexity"] == pytest.approx(2.718281828 ** scores["loss"], rel=1e-6)
     assert abs(scores["loss"] - final["val_loss"]) < 0.5
 
-    resumed = qkv("train", "--resume", str(out), "--steps", "40")
+
+def _losses(run) -> list[float]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [r["loss"] for r in map(json.loads, lines) if "loss" in r]
+
+
+def test_ctrl_c_saves_and_resume_continues_the_same_run(corpus_dir, tmp_path):
+    args = [
+        "train",
+        "--data",
+        str(corpus_dir),
+        "--tokenizer",
+        "char",
+        "--steps",
+        "300",
+        "--batch-size",
+        "32",
+        "--context",
+        "64",
+        "--save-every",
+        "10",
+        "--eval-every",
+        "100",
+        "--set",
+        "dropout=0.1",
+        *TINY,
+    ]
+    straight = qkv(*args, "--out", str(tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stderr
+
+    run = tmp_path / "interrupted"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "qkv", *args, "--out", str(run)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (run / "latest").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 2, stderr
+    assert "interrupted at step" in stderr and "--resume" in stderr
+    stopped = len(_losses(run))
+    assert 10 <= stopped < 300
+
+    resumed = qkv("train", "--resume", str(run))
     assert resumed.returncode == 0, resumed.stderr
-    assert "resuming at step 30" in resumed.stdout
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "loss" in r] == list(range(1, 41))
+    assert f"resuming at step {stopped}" in resumed.stdout
+    assert _losses(run) == _losses(tmp_path / "straight")
 
 
 @pytest.mark.parametrize(

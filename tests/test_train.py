@@ -31,6 +31,9 @@ SMALL = ModelConfig(d_model=32, n_heads=4, n_layers=2, max_seq_len=32, dropout=0
 
 def small_run(corpus_dir: Path, out: Path, **changes) -> Trainer:
     settings = dict(
+        data=[str(corpus_dir)],
+        tokenizer="char",
+        val_fraction=0.2,
         steps=8,
         batch_size=4,
         context=32,
@@ -42,7 +45,7 @@ def small_run(corpus_dir: Path, out: Path, **changes) -> Trainer:
         seed=0,
     )
     cfg = TrainConfig(**{**settings, **changes})
-    return prepare_run([str(corpus_dir)], out, cfg, SMALL, "char", val_fraction=0.2).trainer
+    return prepare_run(out, cfg, SMALL).trainer
 
 
 def test_lr_warms_up_linearly_then_decays_by_cosine_to_the_floor():
@@ -92,11 +95,7 @@ def test_resume_is_exact(corpus_dir, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         first_half.run()
     resumed = prepare_run(
-        [str(corpus_dir)],
-        tmp_path / "halves",
-        TrainConfig(**{**first_half.cfg.__dict__}),
-        resume=tmp_path / "halves",
-        val_fraction=0.2,
+        tmp_path / "halves", TrainConfig(**first_half.cfg.__dict__), resume=tmp_path / "halves"
     ).trainer
     assert resumed.step == 4
     resumed.run()
@@ -144,9 +143,12 @@ import qkv.checkpoint as checkpoint
 from qkv.config import ModelConfig
 from qkv.train import TrainConfig, prepare_run
 
-cfg = TrainConfig(steps=4, batch_size=2, context=16, eval_every=100, save_every=2, seed=0)
+cfg = TrainConfig(
+    data=[sys.argv[1]], tokenizer="char", val_fraction=0.2,
+    steps=4, batch_size=2, context=16, eval_every=100, save_every=2, seed=0,
+)
 config = ModelConfig(d_model=16, n_heads=2, n_layers=1, max_seq_len=16)
-run = prepare_run([sys.argv[1]], Path(sys.argv[2]), cfg, config, "char", val_fraction=0.2)
+run = prepare_run(Path(sys.argv[2]), cfg, config)
 trainer = run.trainer
 real_save = checkpoint.save_file
 

@@ -29,10 +29,17 @@ from qkv.train import (
 
 # The main job: a small BPE model of the standard library's docstrings in about 5 minutes.
 QUICKSTART = TrainConfig(
-    steps=1500, batch_size=16, context=128, lr=2e-3, warmup_steps=100, eval_every=500
+    data=["builtin:stdlib-docs"],
+    tokenizer="bpe",
+    vocab_size=4096,
+    steps=1500,
+    batch_size=16,
+    context=128,
+    lr=2e-3,
+    warmup_steps=100,
+    eval_every=500,
 )
-QUICKSTART_MODEL = ModelConfig.preset("tiny", max_seq_len=128)
-QUICKSTART_VOCAB = 4096
+QUICKSTART_MODEL = ModelConfig.preset("tiny")
 QUICKSTART_PROMPTS = ["Return the", "This module provides", "If the file", "Raise ValueError if"]
 
 EXPLAIN_EXAMPLES = """examples:
@@ -178,7 +185,6 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     train.add_argument(
         "--val-fraction",
         type=float,
-        default=0.05,
         help="share of documents held out for validation (default 0.05)",
     )
 
@@ -333,9 +339,10 @@ def _train(args: argparse.Namespace) -> None:
     base = TrainConfig()
     out = args.out
     if args.resume is not None:
-        if args.preset or args.config or args.set or args.tokenizer:
+        if args.preset or args.config or args.set or args.tokenizer or args.vocab_size:
             raise QkvError(
-                "--resume continues a run as it was: drop --preset/--config/--set/--tokenizer"
+                "--resume continues a run with its own model and tokenizer: drop "
+                "--preset/--config/--set/--tokenizer/--vocab-size"
             )
         folder = resolve(args.resume)
         base = TrainConfig(**load_training_state(folder)[1]["train_config"])
@@ -351,15 +358,7 @@ def _train(args: argparse.Namespace) -> None:
     out = out or Path("runs/train")
     cfg = _train_config(args, base)
     run = prepare_run(
-        args.data or ["builtin:stdlib-docs"],
-        out,
-        cfg,
-        model_config,
-        args.tokenizer or "bpe",
-        args.vocab_size or 4096,
-        args.val_fraction,
-        args.resume,
-        progress=lambda message: print(message, file=sys.stderr),
+        out, cfg, model_config, args.resume, lambda message: print(message, file=sys.stderr)
     )
     print(_summary(run))
     _run_training(run, out)
@@ -400,13 +399,7 @@ def _quickstart(args: argparse.Namespace) -> None:
     cfg.eval_every = min(cfg.eval_every, cfg.steps)
     started = time.perf_counter()
     run = prepare_run(
-        ["builtin:stdlib-docs"],
-        args.out,
-        cfg,
-        QUICKSTART_MODEL,
-        "bpe",
-        QUICKSTART_VOCAB,
-        progress=lambda message: print(message, file=sys.stderr),
+        args.out, cfg, QUICKSTART_MODEL, progress=lambda message: print(message, file=sys.stderr)
     )
     print(_summary(run))
     _run_training(run, args.out)

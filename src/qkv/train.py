@@ -40,8 +40,13 @@ from qkv.tokenizer import Tokenizer
 
 @dataclass
 class TrainConfig:
-    """Hyper-parameters of one run; every field is a `qkv train` option."""
+    """Everything a run needs besides the model config; every field is a `qkv train` option,
+    and all of it is saved in checkpoints, so `--resume` continues the same run."""
 
+    data: list[str] = field(default_factory=lambda: ["builtin:stdlib-docs"])
+    val_fraction: float = 0.05
+    tokenizer: str = "bpe"
+    vocab_size: int = 4096
     steps: int = 1000
     batch_size: int = 16
     context: int = 256
@@ -71,6 +76,8 @@ class TrainConfig:
             raise QkvError(f"--lr must be positive, got {self.lr}")
         if self.warmup_steps < 0:
             raise QkvError("--warmup-steps must be 0 or more")
+        if not 0 < self.val_fraction < 1:
+            raise QkvError(f"--val-fraction must be between 0 and 1, got {self.val_fraction}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise QkvError(f"--dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
 
@@ -440,18 +447,15 @@ class Run:
 
 
 def prepare_run(
-    data: list[str],
     out: Path,
     cfg: TrainConfig,
     model_config: ModelConfig | None = None,
-    tokenizer_kind: str = "bpe",
-    vocab_size: int = 4096,
-    val_fraction: float = 0.05,
     resume: Path | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Run:
     """Corpus + tokenizer + model + trainer for a new run in `out`, or one resumed from a
-    checkpoint (whose model config and tokenizer are then used)."""
+    checkpoint (whose model config and tokenizer are then used). A new model's context
+    (max_seq_len) is the training context: learned positions past it would stay untrained."""
     cfg.validate()
     folder = None
     if resume is not None:
@@ -464,14 +468,14 @@ def prepare_run(
                 f"{out} already holds a training run; pass --resume {out} to continue it, "
                 "or choose another --out"
             )
-        tokenizer = tokenizer_kind
-    corpus = prepare_corpus(data, tokenizer, vocab_size, val_fraction, progress)
+        tokenizer = cfg.tokenizer
+    corpus = prepare_corpus(cfg.data, tokenizer, cfg.vocab_size, cfg.val_fraction, progress)
     if model_config is None:
         model_config = ModelConfig.preset("tiny")
     if resume is None:
         model_config = model_config.replace(
             vocab_size=corpus.tokenizer.vocab_size,
-            max_seq_len=max(model_config.max_seq_len, cfg.context),
+            max_seq_len=cfg.context,
         )
     elif model_config.vocab_size != corpus.tokenizer.vocab_size:
         raise QkvError(f"checkpoint {folder} has a tokenizer that does not fit its model")
