@@ -117,14 +117,19 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices; no decay on norms, biases and embedding tables."""
-    no_decay_ids = {
-        id(p)
+def _lookup_tables(model: nn.Module) -> list[nn.Parameter]:
+    """The embedding tables: token embeddings and learned positions (lookups, not matmuls)."""
+    return [
+        p
         for m in model.modules()
         if isinstance(m, (TokenEmbedding, LearnedPositionalEmbedding))
         for p in m.parameters(recurse=False)
-    }
+    ]
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices; no decay on norms, biases and embedding tables."""
+    no_decay_ids = {id(p) for p in _lookup_tables(model)}
     decay, no_decay = [], []
     for param in model.parameters():
         if not param.requires_grad:
@@ -138,12 +143,7 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
 
 def matmul_parameters(model: DecoderLM) -> int:
     """Parameters that take part in a matmul: all but lookup tables, plus the head's matrix."""
-    lookups = sum(
-        p.numel()
-        for m in model.modules()
-        if isinstance(m, (TokenEmbedding, LearnedPositionalEmbedding))
-        for p in m.parameters(recurse=False)
-    )
+    lookups = sum(p.numel() for p in _lookup_tables(model))
     head = model.config.vocab_size * model.config.d_model if model.config.tie_embeddings else 0
     return model.num_parameters() - lookups + head
 
