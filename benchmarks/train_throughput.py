@@ -145,6 +145,13 @@ def print_table(rows: list[dict]) -> None:
         )
 
 
+def nanogpt_shape(vocab_size: int, **choices: object) -> ModelConfig:
+    """nanoGPT's CPU model: 4 layers, 4 heads, d_model 128, context 64."""
+    return ModelConfig(
+        d_model=128, n_heads=4, n_layers=4, max_seq_len=64, vocab_size=vocab_size, **choices
+    )
+
+
 def shakespeare_tokens() -> tuple[Tokenizer, torch.Tensor, list[Document], list[Document]]:
     """nanoGPT's split: the first 90% of the characters train, the last 10% validate."""
     text = SHAKESPEARE.read_text(encoding="utf-8")
@@ -174,14 +181,7 @@ def throughput() -> None:
     rows = []
     if SHAKESPEARE.is_file():
         tokenizer, tokens, _, _ = shakespeare_tokens()
-        config = ModelConfig(
-            d_model=128,
-            n_heads=4,
-            n_layers=4,
-            max_seq_len=64,
-            vocab_size=tokenizer.vocab_size,
-            feed_forward="gelu_tanh",
-        )
+        config = nanogpt_shape(tokenizer.vocab_size, feed_forward="gelu_tanh")
         batches = random_batches(tokens, 110, 12, 64)
         rows += compare("(a) nanoGPT CPU shape", config, batches, [torch.float32], peaks, 10, 3)
     else:
@@ -202,15 +202,7 @@ def quality() -> None:
         print(f"skipping the quality run: {SHAKESPEARE} is absent")
         return
     tokenizer, _, train, val = shakespeare_tokens()
-    config = ModelConfig(
-        d_model=128,
-        n_heads=4,
-        n_layers=4,
-        max_seq_len=64,
-        vocab_size=tokenizer.vocab_size,
-        bias=False,
-        dropout=0.0,
-    )
+    config = nanogpt_shape(tokenizer.vocab_size, bias=False)
     cfg = TrainConfig(
         steps=2000,
         batch_size=12,

@@ -8,6 +8,15 @@ import sys
 
 import pytest
 
+REQUIRED_STAGES = (
+    "embeddings",
+    "positional_encoding",
+    "attention_weights",
+    "feed_forward",
+    "layer_norm",
+    "probabilities",
+)
+
 
 def qkv(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
@@ -19,14 +28,7 @@ def test_explain_prints_every_stage_for_the_notes_sentence():
     result = qkv("explain", "The quick brown fox jumps over the lazy dog")
     assert result.returncode == 0, result.stderr
     headers = re.findall(r"^\s*\d+\. (\w+)", result.stdout, flags=re.MULTILINE)
-    for name in (
-        "embeddings",
-        "positional_encoding",
-        "attention_weights",
-        "feed_forward",
-        "layer_norm",
-        "probabilities",
-    ):
+    for name in REQUIRED_STAGES:
         assert name in headers
     assert "softmax" in result.stdout
 
@@ -48,14 +50,7 @@ def test_explain_json_is_one_object_with_valid_numbers(tmp_path):
     data = json.loads(result.stdout)
     assert data["tokens"] == ["The", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog"]
     names = [s["name"] for s in data["stages"]]
-    for name in (
-        "embeddings",
-        "positional_encoding",
-        "attention_weights",
-        "feed_forward",
-        "layer_norm",
-        "probabilities",
-    ):
+    for name in REQUIRED_STAGES:
         assert name in names
     weights = [s for s in data["stages"] if s["name"] == "attention_weights"]
     assert len(weights) == 2 and weights[0]["shape"] == [4, 9, 9]

@@ -21,31 +21,16 @@ def qkv(*args: str, cwd=None) -> subprocess.CompletedProcess:
     )
 
 
-TINY = ["--set", "d_model=32", "--set", "n_layers=2", "--set", "n_heads=2"]
+def small_training(corpus_dir, options: str) -> list[str]:
+    """`qkv train` of a tiny char-level model on the test corpus, plus `options`."""
+    tiny = "--set d_model=32 --set n_layers=2 --set n_heads=2 --tokenizer char"
+    return ["train", "--data", str(corpus_dir), *tiny.split(), *options.split()]
 
 
 def test_train_then_eval_a_small_corpus(corpus_dir, tmp_path):
     out = tmp_path / "run"
-    result = qkv(
-        "train",
-        "--data",
-        str(corpus_dir),
-        "--out",
-        str(out),
-        "--tokenizer",
-        "char",
-        "--steps",
-        "30",
-        "--batch-size",
-        "8",
-        "--context",
-        "64",
-        "--eval-every",
-        "15",
-        "--save-every",
-        "15",
-        *TINY,
-    )
+    options = "--steps 30 --batch-size 8 --context 64 --eval-every 15 --save-every 15"
+    result = qkv(*small_training(corpus_dir, options), "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert "parameters" in result.stdout and "GFLOP/step" in result.stdout
     assert "validation loss" in result.stdout
@@ -77,26 +62,8 @@ def _losses(run) -> list[float]:
 
 
 def test_ctrl_c_saves_and_resume_continues_the_same_run(corpus_dir, tmp_path):
-    args = [
-        "train",
-        "--data",
-        str(corpus_dir),
-        "--tokenizer",
-        "char",
-        "--steps",
-        "300",
-        "--batch-size",
-        "32",
-        "--context",
-        "64",
-        "--save-every",
-        "10",
-        "--eval-every",
-        "100",
-        "--set",
-        "dropout=0.1",
-        *TINY,
-    ]
+    options = "--steps 300 --batch-size 32 --context 64 --save-every 10 --eval-every 100"
+    args = [*small_training(corpus_dir, options), "--set", "dropout=0.1"]
     straight = qkv(*args, "--out", str(tmp_path / "straight"))
     assert straight.returncode == 0, straight.stderr
 
@@ -160,20 +127,7 @@ def test_bad_training_input_gets_one_clear_line(args, message, corpus_dir, tmp_p
 
 def test_corrupt_weights_are_refused_clearly(corpus_dir, tmp_path):
     out = tmp_path / "run"
-    trained = qkv(
-        "train",
-        "--data",
-        str(corpus_dir),
-        "--out",
-        str(out),
-        "--tokenizer",
-        "char",
-        "--steps",
-        "2",
-        "--context",
-        "32",
-        *TINY,
-    )
+    trained = qkv(*small_training(corpus_dir, "--steps 2 --context 32"), "--out", str(out))
     assert trained.returncode == 0, trained.stderr
     (out / "latest" / "model.safetensors").write_bytes(b"\x00" * 100)
     result = qkv("eval", "--model", str(out), "--data", str(corpus_dir))
