@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 
 def qkv(*args: str, cwd=None) -> subprocess.CompletedProcess:
@@ -79,7 +80,7 @@ def test_ctrl_c_saves_and_resume_continues_the_same_run(corpus_dir, tmp_path):
         time.sleep(0.02)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 2, stderr
+    assert process.returncode == 130, stderr
     assert "interrupted at step" in stderr and "--resume" in stderr
     stopped = len(_losses(run))
     assert 10 <= stopped < 300
@@ -113,7 +114,20 @@ def test_ctrl_c_saves_and_resume_continues_the_same_run(corpus_dir, tmp_path):
         (["train", "--data", "{corpus}", "--preset", "gpt5", "--out", "{tmp}/r"], "gpt5"),
         (["train", "--resume", "{tmp}/nothing"], "does not exist"),
         (["eval", "--model", "{tmp}"], "not a qkv checkpoint"),
-        (["train", "--data", "{corpus}", "--device", "cuda", "--out", "{tmp}/r"], "no CUDA"),
+        pytest.param(
+            ["train", "--data", "{corpus}", "--device", "cuda", "--out", "{tmp}/r"],
+            "no CUDA",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA"),
+        ),
+        (["train", "--data", "{corpus}", "--device", "meta", "--out", "{tmp}/r"], "unknown device"),
+        (["train", "--data", "{corpus}", "--grad-clip", "-1", "--out", "{tmp}/r"], "--grad-clip"),
+        (["train", "--data", "{corpus}", "--beta2", "1.5", "--out", "{tmp}/r"], "--beta2"),
+        (["train", "--data", "{corpus}", "--out", "{corpus}/textwrap.py"], "is a file"),
+        (
+            ["train", "--data", "{corpus}", "--context", "100000", "--out", "{tmp}/r"],
+            "validation split",
+        ),
+        (["train", "--data", "{corpus}", "--config", "{tmp}", "--out", "{tmp}/r"], "cannot read"),
     ],
 )
 def test_bad_training_input_gets_one_clear_line(args, message, corpus_dir, tmp_path):
@@ -140,3 +154,18 @@ def test_quickstart_runs_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "bits/byte" in result.stdout and "samples" in result.stdout
     assert (tmp_path / "qs" / "latest" / "tokenizer.json").is_file()
+
+
+def test_eval_without_data_uses_the_models_own_validation_split(corpus_dir, tmp_path):
+    from qkv.data import prepare_corpus
+    from qkv.tokenizer import Tokenizer
+
+    out = tmp_path / "run"
+    options = "--steps 4 --context 32 --val-fraction 0.2"
+    trained = qkv(*small_training(corpus_dir, options), "--out", str(out))
+    assert trained.returncode == 0, trained.stderr
+    result = qkv("eval", "--model", str(out), "--json")
+    assert result.returncode == 0, result.stderr
+    corpus = prepare_corpus([str(corpus_dir)], Tokenizer.load(out / "latest"), val_fraction=0.2)
+    windows = (len(corpus.val.tokens) - 1) // 32
+    assert json.loads(result.stdout)["tokens"] == windows * 32

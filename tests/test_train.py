@@ -179,3 +179,39 @@ def test_sigkill_mid_save_leaves_the_previous_checkpoint_loadable(corpus_dir, tm
     assert math.isfinite(evaluate(model, corpus.val, 16, max_windows=4).loss)
     leftovers = [p.name for p in (run / "checkpoints").iterdir()]
     assert "step-00000004" not in leftovers
+
+
+def test_resume_from_an_older_checkpoint_trains_a_new_branch(corpus_dir, tmp_path):
+    run = tmp_path / "run"
+    small_run(corpus_dir, run).run()
+    newest = run / "checkpoints" / "step-00000008" / "model.safetensors"
+    before = newest.read_bytes()
+    cfg = TrainConfig(**{**small_run(corpus_dir, tmp_path / "x").cfg.__dict__, "lr": 1e-2})
+    branch = prepare_run(run, cfg, resume=run / "checkpoints" / "step-00000004").trainer
+    branch.run()
+    assert newest.read_bytes() != before
+    assert resolve(run).name == "step-00000008"
+
+
+def test_resume_applies_the_hyper_parameters_given_now(corpus_dir, tmp_path):
+    run = tmp_path / "run"
+    small_run(corpus_dir, run, steps=4, save_every=4).run()
+    cfg = TrainConfig(
+        **{**small_run(corpus_dir, tmp_path / "x").cfg.__dict__, "weight_decay": 0.0, "beta2": 0.5}
+    )
+    resumed = prepare_run(run, cfg, resume=run).trainer
+    decay, no_decay = resumed.optimizer.param_groups
+    assert decay["weight_decay"] == 0.0 and no_decay["weight_decay"] == 0.0
+    assert decay["betas"] == (0.9, 0.5)
+
+
+def test_resume_refuses_a_finished_run_and_another_runs_directory(corpus_dir, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    small_run(corpus_dir, first, steps=4, save_every=4).run()
+    small_run(corpus_dir, second, steps=4, save_every=4).run()
+    cfg = small_run(corpus_dir, tmp_path / "x", steps=4).cfg
+    with pytest.raises(QkvError, match="already at step 4"):
+        prepare_run(first, cfg, resume=first)
+    with pytest.raises(QkvError, match="holds another training run"):
+        prepare_run(second, TrainConfig(**{**cfg.__dict__, "steps": 8}), resume=first)
+    assert resolve(second).name == "step-00000004"

@@ -83,8 +83,11 @@ def save_training_checkpoint(
 ) -> Path:
     """RUN/checkpoints/step-NNNNNNNN, then RUN/latest -> it; older ones beyond `keep` removed."""
     folder = run_dir / "checkpoints" / f"step-{step:08d}"
-    if not (folder / TRAINER_STATE).is_file():  # the same step holds the same state: keep it
-        write_checkpoint(folder, model, tokenizer, tensors, state)
+    if folder.parent.is_dir():  # temporary folders a killed process left behind
+        for stale in folder.parent.iterdir():
+            if stale.name.startswith((".tmp-", ".old-")):
+                shutil.rmtree(stale, ignore_errors=True)
+    write_checkpoint(folder, model, tokenizer, tensors, state)
     link = run_dir / LATEST
     tmp_link = run_dir / f".{LATEST}-{os.getpid()}"
     if tmp_link.is_symlink() or tmp_link.exists():
@@ -96,6 +99,11 @@ def save_training_checkpoint(
     for old in checkpoints[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return folder
+
+
+def run_directory(checkpoint: Path) -> Path:
+    """The training run a checkpoint belongs to (RUN for RUN/checkpoints/step-N)."""
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint
 
 
 def resolve(path: str | Path) -> Path:
@@ -123,7 +131,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[An
     config = load_config(folder)
     model = build_model(config)
     load_weights(model, folder / WEIGHTS)
-    return model.to(device).eval(), Tokenizer.load(folder / TOKENIZER)
+    tokenizer = Tokenizer.load(folder / TOKENIZER)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise QkvError(
+            f"{folder}: its tokenizer has {tokenizer.vocab_size} tokens but the model only "
+            f"{config.vocab_size}; the checkpoint's files do not belong together"
+        )
+    return model.to(device).eval(), tokenizer
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -289,25 +290,46 @@ class _Progress:
         )
 
 
-def _run_training(run: Run, out: Path) -> list[dict[str, Any]]:
+class Interrupted(QkvError):
+    """Ctrl-C: exit status 130, as shells expect."""
+
+    exit_code = 130
+
+
+def _run_training(run: Run, out: Path) -> None:
+    """Train with a progress bar; metrics.jsonl and loss.png follow every evaluation and save."""
     trainer = run.trainer
     progress = _Progress(trainer.cfg.steps, trainer.step)
-    trainer.on_step, trainer.on_eval = progress.step, progress.eval
-    trainer.on_save = lambda path: progress.bar.set_description(f"train (saved {path.name})")
+
+    def record() -> None:
+        write_metrics(trainer.history, out / "metrics.jsonl")
+        if trainer.history:
+            plot_loss(trainer.history, out / "loss.png")
+
+    def evaluated(step: int, result: EvalResult) -> None:
+        progress.eval(step, result)
+        record()
+
+    def saved(path: Path) -> None:
+        progress.bar.set_description(f"train (saved {path.name})")
+        record()
+
+    trainer.on_step, trainer.on_eval, trainer.on_save = progress.step, evaluated, saved
     try:
-        history = trainer.run()
+        trainer.run()
     except KeyboardInterrupt:
-        progress.bar.close()
-        raise QkvError(
-            f"interrupted at step {trainer.step}; checkpoint saved. Continue with: "
+        saved_at = (
+            "no checkpoint saved"
+            if trainer.saved_step is None
+            else (f"checkpoint at step {trainer.saved_step}")
+        )
+        raise Interrupted(
+            f"interrupted at step {trainer.step}; {saved_at}. Continue with: "
             f"qkv train --resume {out}"
         ) from None
     finally:
         progress.bar.close()
-        write_metrics(trainer.history, out / "metrics.jsonl")
-        if trainer.history:
-            plot_loss(trainer.history, out / "loss.png")
-    return history
+        record()
 
 
 def _summary(run: Run) -> str:
@@ -320,8 +342,8 @@ def _summary(run: Run) -> str:
             f"d_model={config.d_model}, heads={config.n_heads}, layers={config.n_layers}, "
             f"{config.position} positions, {config.norm}, {config.feed_forward}",
             f"data: {corpus.documents:,} documents; train {len(corpus.train.tokens):,} tokens, "
-            f"validation {len(corpus.val.tokens):,} tokens; tokenizer "
-            f"{corpus.tokenizer.vocab_size:,} tokens, "
+            f"validation {len(corpus.val.tokens):,} tokens; vocabulary "
+            f"{corpus.tokenizer.vocab_size:,}, "
             f"{corpus.train.bytes_per_token:.2f} bytes/token",
             f"training: {cfg.steps:,} steps x {trainer.tokens_per_step:,} tokens "
             f"({cfg.batch_size} x {cfg.context} x {cfg.grad_accum}) = {tokens:,} tokens "
@@ -333,7 +355,7 @@ def _summary(run: Run) -> str:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from qkv.checkpoint import load_training_state, resolve
+    from qkv.checkpoint import load_training_state, resolve, run_directory
 
     model_config = None
     base = TrainConfig()
@@ -345,9 +367,14 @@ def _train(args: argparse.Namespace) -> None:
                 "--preset/--config/--set/--tokenizer/--vocab-size"
             )
         folder = resolve(args.resume)
-        base = TrainConfig(**load_training_state(folder)[1]["train_config"])
+        try:
+            base = TrainConfig(**load_training_state(folder)[1]["train_config"])
+        except (KeyError, TypeError):
+            raise QkvError(
+                f"{folder}/trainer_state.json was not written by this version of qkv train"
+            ) from None
         if out is None:
-            out = folder.parent.parent if folder.parent.name == "checkpoints" else folder
+            out = run_directory(folder)
     else:
         if args.config is not None:
             model_config = ModelConfig.load(args.config)
@@ -356,6 +383,8 @@ def _train(args: argparse.Namespace) -> None:
         if args.set:
             model_config = model_config.replace(**_parse_overrides(args.set))
     out = out or Path("runs/train")
+    if args.data:  # absolute, so a resumed run finds its files from any directory
+        args.data = [d if d.startswith("builtin:") else os.path.abspath(d) for d in args.data]
     cfg = _train_config(args, base)
     run = prepare_run(
         out, cfg, model_config, args.resume, lambda message: print(message, file=sys.stderr)
@@ -370,13 +399,21 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from qkv.checkpoint import load_model
+    from qkv.checkpoint import load_model, load_training_state, resolve
     from qkv.data import prepare_eval_data
 
     device = resolve_device(args.device)
     model, tokenizer = load_model(args.model, device)
     context = args.context or model.config.max_seq_len
-    data = prepare_eval_data(args.data, tokenizer, progress=lambda m: print(m, file=sys.stderr))
+    if context > model.config.max_seq_len:
+        raise QkvError(f"--context must be at most the model's {model.config.max_seq_len}")
+    training = None
+    if not args.data and (resolve(args.model) / "trainer_state.json").is_file():
+        run_config = load_training_state(resolve(args.model))[1]["train_config"]
+        training = (run_config["data"], run_config["val_fraction"])
+    data = prepare_eval_data(
+        args.data, tokenizer, training, progress=lambda m: print(m, file=sys.stderr)
+    )
     from tqdm import tqdm
 
     windows = (len(data.tokens) - 1) // context
@@ -404,14 +441,14 @@ def _quickstart(args: argparse.Namespace) -> None:
     print(_summary(run))
     _run_training(run, args.out)
     model, tokenizer = load_model(args.out)
-    result = run.trainer.evaluate()
+    final = [h for h in run.trainer.history if "val_loss" in h][-1]
     print(
-        f"\nvalidation: loss {result.loss:.4f}, perplexity {result.perplexity:.2f}, "
-        f"bits/byte {result.bits_per_byte:.3f} (a unigram model of this text: about 4.7)"
+        f"\nvalidation: loss {final['val_loss']:.4f}, perplexity {final['val_perplexity']:.2f}, "
+        f"bits/byte {final['val_bits_per_byte']:.3f}"
     )
     print("\nsamples (temperature 0.8, top-k 50):")
-    for prompt in QUICKSTART_PROMPTS:
-        print(f"--- {prompt}{sample(model, tokenizer, prompt, 60, seed=0)}")
+    for seed, prompt in enumerate(QUICKSTART_PROMPTS):
+        print(f"--- {prompt}{sample(model, tokenizer, prompt, 60, seed=seed)}")
     print(
         f"\ndone in {time.perf_counter() - started:.0f} s; everything is in {args.out}/ "
         f"(checkpoint: {args.out}/latest, metrics.jsonl, loss.png)"
@@ -434,7 +471,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         commands[args.command](args)
     except QkvError as err:
         print(f"qkv {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return getattr(err, "exit_code", 2)
+    except KeyboardInterrupt:
+        print(f"qkv {args.command}: interrupted; nothing was saved", file=sys.stderr)
+        return 130
     except BrokenPipeError:
         sys.stderr.close()
         return 0

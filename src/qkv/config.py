@@ -158,6 +158,8 @@ class ModelConfig:
             raise ConfigError(f"config file {path} does not exist; check the path") from None
         except UnicodeDecodeError:
             raise ConfigError(f"config file {path} is not UTF-8 text; save it as UTF-8") from None
+        except OSError as err:
+            raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
         return cls.from_json(text)
 
     @classmethod

@@ -251,7 +251,7 @@ class Batches:
     """Random (inputs, targets) windows of `context` tokens; targets are inputs shifted by one."""
 
     def __init__(self, data: TokenFile, batch_size: int, context: int, seed: int) -> None:
-        if len(data.tokens) <= context + 1:
+        if len(data.tokens) < context + 1:
             raise QkvError(
                 f"the split has {len(data.tokens)} tokens, fewer than one context window of "
                 f"{context + 1}; give more text or a smaller --context"
@@ -336,10 +336,13 @@ def prepare_corpus(
 def prepare_eval_data(
     specs: list[str] | None,
     tokenizer: Tokenizer,
+    training: tuple[list[str], float] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> TokenFile:
-    """All of the given corpus, or without specs the validation split of builtin:stdlib-docs."""
-    if not specs:
-        _, val = split_train_val(read_corpus(["builtin:stdlib-docs"], progress))
-        return tokenize_split(val, tokenizer, "val")
-    return tokenize_split(read_corpus(specs, progress), tokenizer, "all")
+    """All of the given corpus; without specs, the validation split of the model's own training
+    data (`training` = its data specs and val_fraction), else of builtin:stdlib-docs."""
+    if specs:
+        return tokenize_split(read_corpus(specs, progress), tokenizer, "all")
+    data, val_fraction = training or (["builtin:stdlib-docs"], 0.05)
+    _, val = split_train_val(read_corpus(data, progress), val_fraction)
+    return tokenize_split(val, tokenizer, "val")

@@ -27,6 +27,7 @@ from qkv.checkpoint import (
     load_training_state,
     load_weights,
     resolve,
+    run_directory,
     save_training_checkpoint,
 )
 from qkv.config import ModelConfig
@@ -40,8 +41,8 @@ from qkv.tokenizer import Tokenizer
 
 @dataclass
 class TrainConfig:
-    """Everything a run needs besides the model config; every field is a `qkv train` option,
-    and all of it is saved in checkpoints, so `--resume` continues the same run."""
+    """Everything a run needs besides the model config. It is saved in every checkpoint, so
+    `--resume` continues the same run; most fields are `qkv train` options."""
 
     data: list[str] = field(default_factory=lambda: ["builtin:stdlib-docs"])
     val_fraction: float = 0.05
@@ -72,8 +73,15 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise QkvError(f"--{name.replace('_', '-')} must be at least 1")
-        if not self.lr > 0:
-            raise QkvError(f"--lr must be positive, got {self.lr}")
+        if not 0 < self.lr < math.inf:
+            raise QkvError(f"--lr must be positive and finite, got {self.lr}")
+        if not 0 < self.grad_clip < math.inf:
+            raise QkvError(f"--grad-clip must be positive and finite, got {self.grad_clip}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise QkvError(f"--weight-decay must be 0 or more, got {self.weight_decay}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise QkvError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
         if self.warmup_steps < 0:
             raise QkvError("--warmup-steps must be 0 or more")
         if not 0 < self.val_fraction < 1:
@@ -89,7 +97,9 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise QkvError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise QkvError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise QkvError("--device cuda was asked for but no CUDA GPU is available; use cpu")
     return device
@@ -109,10 +119,12 @@ def resolve_dtype(name: str, device: torch.device, d_model: int) -> torch.dtype:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to lr over warmup_steps, then cosine decay to lr * min_lr_ratio at `steps`."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    """Linear warmup to lr over warmup_steps (at most a tenth of `steps`), then cosine decay to
+    lr * min_lr_ratio at `steps`."""
+    warmup = min(cfg.warmup_steps, cfg.steps // 10)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, cfg.steps - warmup)
     min_lr = cfg.lr * cfg.min_lr_ratio
     return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
@@ -218,7 +230,6 @@ class StepInfo:
     lr: float
     grad_norm: float
     tokens_per_second: float
-    elapsed: float
 
 
 @dataclass
@@ -266,6 +277,7 @@ class Trainer:
         self.flops_per_step = flops_per_token(self.model, self.cfg.context) * self.tokens_per_step
         self._stop_requested = False
         self._snapshot = self._rng_state()
+        self.saved_step: int | None = None
 
     def _rng_state(self) -> dict[str, Tensor]:
         return {
@@ -274,6 +286,8 @@ class Trainer:
         }
 
     def save(self) -> Path:
+        if self.saved_step == self.step:  # e.g. Ctrl-C right after a scheduled save
+            return self.run_dir / "checkpoints" / f"step-{self.step:08d}"
         tensors = dict(self._snapshot)
         optimizer_state = self.optimizer.state_dict()
         for index, state in optimizer_state["state"].items():
@@ -294,6 +308,7 @@ class Trainer:
             state,
             self.cfg.keep_checkpoints,
         )
+        self.saved_step = self.step
         self.on_save(path)
         return path
 
@@ -310,9 +325,15 @@ class Trainer:
             self.optimizer.load_state_dict(optimizer_state)
         except (ValueError, KeyError) as err:
             raise QkvError(f"optimizer state in {folder} does not fit this model ({err})") from None
+        decay, no_decay = self.optimizer.param_groups  # hyper-parameters given now win
+        decay["weight_decay"] = self.cfg.weight_decay
+        for group in (decay, no_decay):
+            group["betas"] = (self.cfg.beta1, self.cfg.beta2)
         torch.set_rng_state(tensors["rng.torch"])
         self.batches.generator.set_state(tensors["rng.batches"])
-        self.step = state["step"]
+        self.step = self.saved_step = state["step"]
+        if self.cfg.steps <= self.step:
+            raise QkvError(f"the run is already at step {self.step}; pass --steps larger than that")
         self.history = [h for h in state.get("history", []) if h["step"] <= self.step]
         self._snapshot = self._rng_state()
 
@@ -335,7 +356,6 @@ class Trainer:
         return self.history
 
     def _loop(self) -> None:
-        started, tokens_done = time.perf_counter(), 0
         while self.step < self.cfg.steps:
             if self._stop_requested:
                 self.save()
@@ -345,25 +365,24 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             loss = self._accumulate()
-            if not math.isfinite(loss):
-                raise NonFiniteLoss(
-                    f"the loss became {loss} at step {self.step + 1}; training stopped and the "
-                    "last good checkpoint is kept. Lower --lr, or raise --warmup-steps"
+            grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip))
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                kept = (
+                    "no checkpoint was saved yet"
+                    if self.saved_step is None
+                    else f"the last good checkpoint (step {self.saved_step}) is kept"
                 )
-            grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+                raise NonFiniteLoss(
+                    f"the loss became {loss} (gradient norm {grad_norm}) at step {self.step + 1};"
+                    f" training stopped and {kept}. Lower --lr, or raise --warmup-steps"
+                )
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             self._snapshot = self._rng_state()
-            tokens_done += self.tokens_per_step
             now = time.perf_counter()
             info = StepInfo(
-                self.step,
-                loss,
-                lr,
-                float(grad_norm),
-                self.tokens_per_step / (now - step_start),
-                now - started,
+                self.step, loss, lr, grad_norm, self.tokens_per_step / (now - step_start)
             )
             self.history.append(
                 {"step": self.step, "loss": loss, "lr": lr, "grad_norm": info.grad_norm}
@@ -457,11 +476,19 @@ def prepare_run(
     checkpoint (whose model config and tokenizer are then used). A new model's context
     (max_seq_len) is the training context: learned positions past it would stay untrained."""
     cfg.validate()
+    resolve_device(cfg.device)
+    if out.exists() and not out.is_dir():
+        raise QkvError(f"--out {out} is a file; give a directory for the run")
     folder = None
     if resume is not None:
         folder = resolve(resume)
         model_config = load_config(folder)
         tokenizer: Tokenizer | str = Tokenizer.load(folder)
+        if (out / LATEST).exists() and run_directory(folder).resolve() != out.resolve():
+            raise QkvError(
+                f"{out} holds another training run; resume into the checkpoint's own run "
+                f"({run_directory(folder)}) or give an --out without one"
+            )
     else:
         if (out / LATEST).exists():
             raise QkvError(
@@ -470,6 +497,12 @@ def prepare_run(
             )
         tokenizer = cfg.tokenizer
     corpus = prepare_corpus(cfg.data, tokenizer, cfg.vocab_size, cfg.val_fraction, progress)
+    if len(corpus.val.tokens) <= cfg.context:
+        raise QkvError(
+            f"the validation split has {len(corpus.val.tokens)} tokens, not enough for one "
+            f"window of --context {cfg.context}; give more text, a smaller --context or a "
+            "larger --val-fraction"
+        )
     if model_config is None:
         model_config = ModelConfig.preset("tiny")
     if resume is None:
@@ -485,8 +518,8 @@ def prepare_run(
         raise QkvError(
             "qkv train trains decoder models; use a decoder preset or --set arch=decoder"
         )
-    out.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(model, corpus.tokenizer, corpus.train, corpus.val, cfg, out)
     if folder is not None:
         trainer.resume(folder)
+    out.mkdir(parents=True, exist_ok=True)
     return Run(trainer, corpus, folder)
