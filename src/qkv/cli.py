@@ -203,8 +203,10 @@ def _add_eval_parser(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--model", type=Path, required=True, help="run or checkpoint directory")
     evaluate.add_argument("--data", nargs="+", metavar="PATH", help="files, folders, globs")
     evaluate.add_argument("--context", type=_positive, help="tokens per window (default: model's)")
-    evaluate.add_argument("--batch-size", type=_positive, default=16)
-    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument(
+        "--batch-size", type=_positive, default=16, help="windows per forward pass (default 16)"
+    )
+    evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -218,9 +220,19 @@ def _add_quickstart_parser(commands: argparse._SubParsersAction) -> None:
         epilog="examples:\n  qkv quickstart\n  qkv quickstart --out runs/qs2 --steps 300",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    quickstart.add_argument("--out", type=Path, default=Path("runs/quickstart"))
-    quickstart.add_argument("--steps", type=_positive, default=QUICKSTART.steps)
-    quickstart.add_argument("--device", default="auto")
+    quickstart.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/quickstart"),
+        help="run directory (default %(default)s)",
+    )
+    quickstart.add_argument(
+        "--steps",
+        type=_positive,
+        default=QUICKSTART.steps,
+        help="training steps (default %(default)s)",
+    )
+    quickstart.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
 
 def _explain(args: argparse.Namespace) -> None:
