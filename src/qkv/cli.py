@@ -444,6 +444,10 @@ def _quickstart(args: argparse.Namespace) -> None:
     from qkv.checkpoint import load_model
     from qkv.generate import sample
 
+    if (args.out / "latest").exists():
+        raise QkvError(
+            f"{args.out} already holds a quickstart run; delete it or pass another --out"
+        )
     cfg = dataclasses.replace(QUICKSTART, steps=args.steps, device=args.device)
     cfg.eval_every = min(cfg.eval_every, cfg.steps)
     started = time.perf_counter()
