@@ -30,17 +30,13 @@ def _block_mask(attention_mask: torch.Tensor, kind: str) -> torch.Tensor:
     return allowed if kind == "bool" else additive_mask(allowed, torch.float32)
 
 
+# PyTorch's layers with our blocks' settings: ReLU FFN of width D_FF, no dropout.
+TORCH_LAYER = dict(dim_feedforward=D_FF, dropout=0.0, activation="relu", batch_first=True)
+
+
 def _encoder_pair(norm_first: bool) -> tuple[nn.TransformerEncoderLayer, EncoderBlock]:
     torch.manual_seed(0)
-    reference = nn.TransformerEncoderLayer(
-        D_MODEL,
-        N_HEADS,
-        D_FF,
-        dropout=0.0,
-        activation="relu",
-        batch_first=True,
-        norm_first=norm_first,
-    )
+    reference = nn.TransformerEncoderLayer(D_MODEL, N_HEADS, norm_first=norm_first, **TORCH_LAYER)
     perturb(reference, seed=1)
     ours = EncoderBlock(block_config(norm_first))
     copy_encoder_layer(reference, ours)
@@ -49,15 +45,7 @@ def _encoder_pair(norm_first: bool) -> tuple[nn.TransformerEncoderLayer, Encoder
 
 def _decoder_pair(norm_first: bool) -> tuple[nn.TransformerDecoderLayer, DecoderBlock]:
     torch.manual_seed(0)
-    reference = nn.TransformerDecoderLayer(
-        D_MODEL,
-        N_HEADS,
-        D_FF,
-        dropout=0.0,
-        activation="relu",
-        batch_first=True,
-        norm_first=norm_first,
-    )
+    reference = nn.TransformerDecoderLayer(D_MODEL, N_HEADS, norm_first=norm_first, **TORCH_LAYER)
     perturb(reference, seed=2)
     ours = DecoderBlock(block_config(norm_first), cross_attention=True)
     copy_decoder_layer(reference, ours)
