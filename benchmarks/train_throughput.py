@@ -173,10 +173,14 @@ def random_batches(tokens: torch.Tensor, n: int, batch: int, context: int) -> li
 
 def throughput() -> None:
     torch.set_flush_denormal(True)
-    peaks = {torch.float32: matmul_peak(torch.float32), torch.bfloat16: matmul_peak(torch.bfloat16)}
+    dtypes = [torch.float32]
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        dtypes.append(torch.bfloat16)
+    peaks = {dtype: matmul_peak(dtype) for dtype in dtypes}
     print(
-        f"machine: {torch.get_num_threads()} threads; matmul peak fp32 "
-        f"{peaks[torch.float32] / 1e9:.0f} GFLOP/s, bf16 {peaks[torch.bfloat16] / 1e9:.0f} GFLOP/s"
+        f"machine: {torch.get_num_threads()} threads; matmul peak "
+        + ", ".join(f"{str(d)[6:]} {peak / 1e9:.0f} GFLOP/s" for d, peak in peaks.items())
+        + ("" if len(dtypes) > 1 else "; bf16 skipped: this CPU has no native bf16 matmul")
     )
     rows = []
     if SHAKESPEARE.is_file():
@@ -189,9 +193,7 @@ def throughput() -> None:
     config = ModelConfig.preset("gpt2-small", max_seq_len=256)
     tokens = torch.randint(0, config.vocab_size, (100_000,))
     batches = random_batches(tokens, 4, 4, 256)
-    rows += compare(
-        "(b) GPT-2 small", config, batches, [torch.float32, torch.bfloat16], peaks, 1, 1
-    )
+    rows += compare("(b) GPT-2 small", config, batches, dtypes, peaks, 1, 1)
     print_table(rows)
 
 

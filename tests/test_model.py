@@ -250,23 +250,7 @@ def test_fused_and_explicit_kernels_give_the_same_decoder_logits(
     assert max_abs_diff(actual, expected) <= TOLERANCE
 
 
-# --- incremental decoding through the KV-cache interface -------------------------------------
-
-
-class ConcatCache:
-    """The simplest KVCache: keep every key/value seen so far, concatenated along the sequence."""
-
-    def __init__(self) -> None:
-        self.keys: Tensor | None = None
-        self.values: Tensor | None = None
-
-    def update(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
-        if self.keys is None or self.values is None:
-            self.keys, self.values = key, value
-        else:
-            self.keys = torch.cat([self.keys, key], dim=-2)
-            self.values = torch.cat([self.values, value], dim=-2)
-        return self.keys, self.values
+# --- incremental decoding through the KV cache -------------------------------------
 
 
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left_padded"])
@@ -285,7 +269,7 @@ def test_kv_cache_decoding_matches_full_recomputation(
     # Left padding of 2 in row 1: present in the prompt, so in the cache for every later step.
     mask = left_padding_mask([total, total - 2], total) if padded else torch.ones_like(ids)
     positions = positions_of(mask)
-    caches = [ConcatCache() for _ in model.blocks]
+    caches = model.new_caches(BATCH, total)
     start = 0
     for end in [prompt, *range(prompt + 1, total + 1)]:
         step = model(
@@ -298,7 +282,7 @@ def test_kv_cache_decoding_matches_full_recomputation(
         real = mask[:, start:end].bool()
         assert max_abs_diff(step[real], full[:, start:end][real]) <= TOLERANCE
         start = end
-    assert all(cache.keys is not None and cache.keys.shape[-2] == total for cache in caches)
+    assert all(cache.length == total for cache in caches)
 
 
 # --- tied and untied output head -------------------------------------------------------------

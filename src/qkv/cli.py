@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--plot", metavar="FILE.png", help="also save heatmaps to this image file")
     _add_train_parser(commands)
     _add_eval_parser(commands)
+    _add_generate_parser(commands)
     _add_quickstart_parser(commands)
     return parser
 
@@ -208,6 +209,65 @@ def _add_eval_parser(commands: argparse._SubParsersAction) -> None:
     )
     evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+GENERATE_EXAMPLES = """examples:
+  qkv generate --model runs/quickstart "Return the"
+  qkv generate --model runs/quickstart "Return the" --temperature 0 --max-new-tokens 40
+  qkv generate --model runs/quickstart "If the file" --top-p 0.9 --stop "." --seed 3
+  qkv generate --model runs/quickstart --prompts prompts.txt --json > completions.jsonl
+"""
+
+
+def _add_generate_parser(commands: argparse._SubParsersAction) -> None:
+    generate = commands.add_parser(
+        "generate",
+        help="continue prompts with a trained decoder (streamed, KV-cached)",
+        description="Continue each prompt with a decoder checkpoint, token by token. Text is "
+        "streamed as it is produced; --json prints one object per prompt instead (text, "
+        "token_ids, ...), decoding --batch-size prompts at a time. Prompts longer than the "
+        "model's context are cut from the left (with a warning), and generation goes on past "
+        "the context by sliding the window.",
+        epilog=GENERATE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    generate.add_argument("prompt", nargs="*", help="text to continue (several are allowed)")
+    generate.add_argument("--model", type=Path, required=True, help="run or checkpoint directory")
+    generate.add_argument(
+        "--prompts",
+        metavar="FILE",
+        help='more prompts: one per line, or JSON Lines with a "prompt" field; - for stdin',
+    )
+    generate.add_argument(
+        "--max-new-tokens", type=_positive, default=128, help="tokens to add (default 128)"
+    )
+    generate.add_argument(
+        "--temperature", type=float, default=0.8, help="0 = greedy, higher = more random (0.8)"
+    )
+    generate.add_argument(
+        "--top-k", type=int, default=50, help="sample among the k likeliest; 0 = all (50)"
+    )
+    generate.add_argument(
+        "--top-p", type=float, default=1.0, help="nucleus: likeliest tokens up to this mass (1)"
+    )
+    generate.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="> 1 discourages tokens already in the text (default 1: off)",
+    )
+    generate.add_argument(
+        "--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)"
+    )
+    generate.add_argument("--seed", type=_seed, default=0, help="sampling seed (default 0)")
+    generate.add_argument(
+        "--no-cache", action="store_true", help="recompute every step instead of the KV cache"
+    )
+    generate.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    generate.add_argument(
+        "--batch-size", type=_positive, default=8, help="prompts decoded together with --json (8)"
+    )
+    generate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
 
 def _add_quickstart_parser(commands: argparse._SubParsersAction) -> None:
@@ -440,9 +500,57 @@ def _eval(args: argparse.Namespace) -> None:
         )
 
 
+def _generate(args: argparse.Namespace) -> None:
+    import warnings
+
+    from qkv.generate import GenerationConfig, Generator, read_prompts
+
+    prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])
+    if not prompts:
+        raise QkvError("give a prompt to continue, or --prompts FILE")
+    config = GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k or None,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        stop=tuple(args.stop),
+        seed=args.seed,
+        use_cache=not args.no_cache,
+    )
+    generator = Generator.load(args.model, resolve_device(args.device))
+    started, produced = time.perf_counter(), 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, *_: print(
+            f"qkv generate: warning: {message}", file=sys.stderr
+        )
+        if args.json:
+            for first in range(0, len(prompts), args.batch_size):
+                for completion in generator.generate(
+                    prompts[first : first + args.batch_size], config
+                ):
+                    produced += len(completion.token_ids)
+                    print(json.dumps(completion.to_dict()), flush=True)
+        else:
+            for number, prompt in enumerate(prompts):
+                print(("\n" if number else "") + prompt, end="", flush=True)
+                completion = generator.generate(
+                    prompt, config, on_text=lambda _, text: print(text, end="", flush=True)
+                )
+                produced += len(completion.token_ids)
+                print(flush=True)
+    seconds = time.perf_counter() - started
+    if not args.json:
+        print(
+            f"({produced} tokens in {seconds:.1f} s, {produced / seconds:.1f} tokens/s)",
+            file=sys.stderr,
+        )
+
+
 def _quickstart(args: argparse.Namespace) -> None:
     from qkv.checkpoint import load_model
-    from qkv.generate import sample
+    from qkv.generate import Generator
 
     if (args.out / "latest").exists():
         raise QkvError(
@@ -463,8 +571,10 @@ def _quickstart(args: argparse.Namespace) -> None:
         f"bits/byte {final['val_bits_per_byte']:.3f}"
     )
     print("\nsamples (temperature 0.8, top-k 50):")
+    generator = Generator(model, tokenizer)
     for seed, prompt in enumerate(QUICKSTART_PROMPTS):
-        print(f"--- {prompt}{sample(model, tokenizer, prompt, 60, seed=seed)}")
+        text = generator.generate(prompt, max_new_tokens=60, seed=seed).text
+        print(f"--- {prompt}{text}")
     print(
         f"\ndone in {time.perf_counter() - started:.0f} s; everything is in {args.out}/ "
         f"(checkpoint: {args.out}/latest, metrics.jsonl, loss.png)"
@@ -482,6 +592,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "explain": _explain,
             "train": _train,
             "eval": _eval,
+            "generate": _generate,
             "quickstart": _quickstart,
         }
         commands[args.command](args)

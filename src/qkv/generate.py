@@ -1,44 +1,355 @@
-"""Token selection: turning next-token probabilities into text.
+"""Generation: prompts in, continuations out, one token at a time (the notes' "Output").
 
-sample: x_{t+1} ~ softmax(logits_t / temperature), restricted to the top_k most likely tokens.
+prefill   run the prompt through the model once, filling every layer's KV cache; keep the logits
+          of its last token only.
+decode    feed just the newest token, at position t, attending to the cached keys/values of
+          0..t-1: O(t) work per token instead of recomputing all t tokens.
+batching  prompts of different lengths are left-padded; pad columns are masked out of attention
+          and positions count real tokens only, so each row computes what it would alone.
+window    a sequence that outgrows the context window (max_seq_len) keeps its newest half, which is
+          re-encoded at positions 0.. (a sliding window that moves in half-window jumps). Decoding
+          without the cache recomputes exactly that window every step, so both give the same logits.
+Token selection itself (greedy, temperature, top-k, top-p, repetition penalty) is in qkv.sampling.
 """
 
 from __future__ import annotations
 
-import torch
+import dataclasses
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import torch
+from torch import Tensor
+
+from qkv.errors import QkvError
 from qkv.model import DecoderLM
+from qkv.nn.kv_cache import KVCache
+from qkv.sampling import penalize_repetition, select
 from qkv.tokenizer import Tokenizer
 
 
-@torch.no_grad()
-def sample(
-    model: DecoderLM,
-    tokenizer: Tokenizer,
-    prompt: str,
-    max_new_tokens: int = 64,
-    temperature: float = 0.8,
-    top_k: int | None = 50,
-    seed: int = 0,
-) -> str:
-    """The continuation of `prompt` (stops at <|endoftext|>), decoding by full recomputation."""
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    ids = tokenizer.encode(prompt) or [tokenizer.end_of_text_id]
-    new: list[int] = []
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How to continue a prompt; temperature 0 is greedy decoding."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.8
+    top_k: int | None = 50
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int = 0
+    use_cache: bool = True
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("max_new_tokens", self.max_new_tokens >= 1, "must be at least 1"),
+            ("temperature", self.temperature >= 0, "must be >= 0 (0 is greedy decoding)"),
+            ("top_k", self.top_k is None or self.top_k >= 1, "must be at least 1"),
+            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1] (1 keeps every token)"),
+            ("repetition_penalty", self.repetition_penalty > 0, "must be > 0 (1 is none)"),
+            ("stop", all(self.stop), "strings must not be empty"),
+        ]
+        for name, ok, rule in checks:
+            if not ok:
+                value = getattr(self, name)
+                raise QkvError(f"{name.replace('_', '-')} {rule}; got {value!r}")
+
+
+@dataclass
+class Completion:
+    """One prompt's result: `text` is the continuation alone (without a stop string it hit)."""
+
+    prompt: str
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    stop_reason: str  # "eos" (end-of-text token), "stop" (a stop string) or "length"
+    truncated_tokens: int = 0  # prompt tokens cut from the left to fit the context window
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def positions_of(attention_mask: Tensor) -> Tensor:
+    """(batch, seq) 1/0 mask -> position of each real token among its row's real tokens."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Token lists -> ids (batch, longest), attention mask (1 real, 0 padding), padded on the left
+    so that every row's newest token is in the last column."""
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.inference_mode()
+def decode(
+    model: DecoderLM, prompts: list[list[int]], config: GenerationConfig, pad_id: int
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Yield (next token ids (batch,), the logits they were chosen from (batch, vocab_size))
+    step after step, without end.
+
+    Prompts must fit the context window; the caller stops iterating when it has enough.
+    """
     window = model.config.max_seq_len
-    for _ in range(max_new_tokens):
-        context = torch.tensor([(ids + new)[-window:]], device=device)
-        logits = model(context)[0, -1].float()
-        if temperature <= 0:
-            token = int(logits.argmax())
+    keep = max(1, window // 2)
+    device = model.head.matrix.device
+    ids, mask = left_pad(prompts, pad_id, device)
+    padded = bool((mask == 0).any())
+    generators = [torch.Generator(device).manual_seed(config.seed) for _ in prompts]
+    seen = None
+    if config.repetition_penalty != 1.0:
+        real_or_last = torch.where(mask.bool(), ids, ids[:, -1:])
+        seen = torch.zeros(len(prompts), model.config.vocab_size, dtype=torch.bool, device=device)
+        seen.scatter_(1, real_or_last, True)
+    caches = model.new_caches(len(prompts), window) if config.use_cache else None
+
+    def last_logits(
+        new_ids: Tensor, positions: Tensor, window_mask: Tensor, caches: list[KVCache] | None
+    ) -> Tensor:
+        hidden = model.hidden_states(new_ids, window_mask if padded else None, positions, caches)
+        return model.head(hidden[:, -1])
+
+    def encode_window(start: int) -> Tensor:
+        """The window ids[:, start:] from scratch (resetting the caches): its last logits."""
+        if caches is not None:
+            for cache in caches:
+                cache.reset()
+        window_mask = mask[:, start:]
+        return last_logits(ids[:, start:], positions_of(window_mask), window_mask, caches)
+
+    start = 0
+    logits = encode_window(start)
+    next_position = mask.sum(-1, keepdim=True)
+    while True:
+        scores = logits
+        if seen is not None:
+            scores = penalize_repetition(logits, seen, config.repetition_penalty)
+        token = select(scores, config.temperature, config.top_k, config.top_p, generators)
+        yield token, logits
+        if seen is not None:
+            seen.scatter_(1, token[:, None], True)
+        ids = torch.cat([ids, token[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(token)[:, None]], dim=1)
+        if ids.shape[1] - start > window:
+            start = ids.shape[1] - keep
+            logits = encode_window(start)
+            next_position = mask[:, start:].sum(-1, keepdim=True)
+        elif caches is not None:
+            logits = last_logits(token[:, None], next_position, mask[:, start:], caches)
+            next_position = next_position + 1
         else:
-            logits = logits / temperature
-            if top_k is not None and top_k < logits.numel():
-                cutoff = torch.topk(logits, top_k).values[-1]
-                logits = logits.masked_fill(logits < cutoff, float("-inf"))
-            token = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator))
+            logits = encode_window(start)
+
+
+@dataclass
+class _Row:
+    """One prompt's continuation as it grows: its text (append-only, so what was streamed never
+    changes), the part not shown yet, and why it ended."""
+
+    prompt: str
+    prompt_ids: list[int]
+    truncated: int
+    stop: tuple[str, ...]
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    text: str = ""
+    shown: int = 0
+    read_from: int = 0  # token_ids[read_from:read_to] were decoded last; decoding restarts there
+    read_to: int = 0
+    stop_reason: str | None = None
+
+    def add(self, token: int, tokenizer: Tokenizer) -> None:
         if token == tokenizer.end_of_text_id:
-            break
-        new.append(token)
-    return tokenizer.decode(new)
+            self.finish("eos", tokenizer)
+            return
+        self.token_ids.append(token)
+        self._read(tokenizer, final=False)
+
+    def finish(self, reason: str, tokenizer: Tokenizer) -> None:
+        self._read(tokenizer, final=True)
+        self.stop_reason = self.stop_reason or reason
+
+    def _read(self, tokenizer: Tokenizer, final: bool) -> None:
+        """Append the text of the tokens not yet read. A byte-level token can end inside a UTF-8
+        character, which decodes as U+FFFD until its last byte arrives: such text waits for the
+        next token (unless final), decoded together with the last tokens read for context."""
+        known = tokenizer.decode(self.token_ids[self.read_from : self.read_to])
+        text = tokenizer.decode(self.token_ids[self.read_from :])
+        if len(text) > len(known) and (final or not text.endswith("\ufffd")):
+            self.text += text[len(known) :]
+            self.read_from, self.read_to = self.read_to, len(self.token_ids)
+            hits = [i for i in (self.text.find(s) for s in self.stop) if i >= 0]
+            if hits:
+                self.text = self.text[: min(hits)]
+                self.stop_reason = "stop"
+
+    def new_text(self) -> str:
+        """Text not shown yet that can no longer change (all of it once the row has ended)."""
+        end = len(self.text) - (0 if self.stop_reason else self._held_back())
+        piece = self.text[self.shown : end]
+        self.shown = max(self.shown, end)
+        return piece
+
+    def _held_back(self) -> int:
+        """Characters at the end that may be the start of a stop string."""
+        for n in range(max(map(len, self.stop), default=1) - 1, 0, -1):
+            if any(s[:n] == self.text[-n:] for s in self.stop if len(s) > n):
+                return n
+        return 0
+
+    def completion(self) -> Completion:
+        return Completion(
+            self.prompt,
+            self.text,
+            self.token_ids,
+            len(self.prompt_ids),
+            self.stop_reason or "length",
+            self.truncated,
+        )
+
+
+class Generator:
+    """A decoder and its tokenizer, ready to continue text.
+
+    generator = Generator.load("runs/quickstart")
+    print(generator.generate("Return the", max_new_tokens=40).text)
+    for piece in generator.stream("Return the"):
+        print(piece, end="", flush=True)
+    """
+
+    def __init__(self, model: DecoderLM, tokenizer: Tokenizer) -> None:
+        if not isinstance(model, DecoderLM):
+            raise QkvError(
+                f"generation needs a decoder-only model, not {type(model).__name__} "
+                f"(arch={model.config.arch!r})"
+            )
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Generator:
+        """From a checkpoint or run directory."""
+        from qkv.checkpoint import load_model
+
+        model, tokenizer = load_model(path, device)
+        if not isinstance(model, DecoderLM):
+            raise QkvError(
+                f"{path} holds an {model.config.arch} model; generation needs a decoder "
+                "(arch=decoder), such as one trained by `qkv train`"
+            )
+        return cls(model, tokenizer)
+
+    def _rows(self, prompts: list[str], config: GenerationConfig) -> list[_Row]:
+        window = self.model.config.max_seq_len
+        rows = []
+        for number, (prompt, ids) in enumerate(
+            zip(prompts, self.tokenizer.encode_batch(prompts), strict=True), 1
+        ):
+            if not ids:
+                raise QkvError(f"prompt {number} is empty: give some text to continue")
+            cut = max(0, len(ids) - window)
+            if cut:
+                warnings.warn(
+                    f"prompt {number} has {len(ids)} tokens but the context window is {window}: "
+                    f"its first {cut} tokens are left out",
+                    stacklevel=3,
+                )
+            rows.append(_Row(prompt, ids[cut:], cut, config.stop))
+        return rows
+
+    def _run(self, prompts: list[str], config: GenerationConfig) -> Iterator[list[_Row]]:
+        """Decode the prompts as one batch; yield their rows after every step."""
+        rows = self._rows(prompts, config)
+        tokens = decode(self.model, [r.prompt_ids for r in rows], config, self.tokenizer.pad_id)
+        for _, (step, _) in zip(range(config.max_new_tokens), tokens, strict=False):
+            for row, token in zip(rows, step.tolist(), strict=True):
+                if row.stop_reason is None:
+                    row.add(token, self.tokenizer)
+            if all(row.stop_reason for row in rows):
+                break
+            yield rows
+        for row in rows:
+            if row.stop_reason is None:
+                row.finish("length", self.tokenizer)
+        yield rows
+
+    def stream(
+        self, prompt: str, config: GenerationConfig | None = None, **options: Any
+    ) -> Iterator[str]:
+        """Yield the continuation of one prompt piece by piece, as it is generated."""
+        for rows in self._run([prompt], _config(config, options)):
+            piece = rows[0].new_text()
+            if piece:
+                yield piece
+
+    def generate(
+        self,
+        prompts: str | list[str],
+        config: GenerationConfig | None = None,
+        on_text: Callable[[int, str], None] | None = None,
+        **options: Any,
+    ) -> Completion | list[Completion]:
+        """The Completion of a prompt, or a list of them for a list (decoded as one batch).
+
+        Options are GenerationConfig's fields (max_new_tokens, temperature, top_k, top_p,
+        repetition_penalty, stop, seed, use_cache); `on_text(prompt index, new text)` is called
+        as text is produced.
+        """
+        batch = [prompts] if isinstance(prompts, str) else list(prompts)
+        rows: list[_Row] = []
+        for rows in self._run(batch, _config(config, options)):
+            for i, row in enumerate(rows):
+                piece = row.new_text()
+                if piece and on_text is not None:
+                    on_text(i, piece)
+        completions = [row.completion() for row in rows]
+        return completions[0] if isinstance(prompts, str) else completions
+
+
+def _config(config: GenerationConfig | None, options: dict[str, Any]) -> GenerationConfig:
+    if isinstance(options.get("stop"), str):
+        options["stop"] = (options["stop"],)
+    elif "stop" in options:
+        options["stop"] = tuple(options["stop"])
+    return dataclasses.replace(config or GenerationConfig(), **options)
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a file ('-' is stdin): one per line, or JSON Lines of {"prompt": ...} when
+    the file ends in .jsonl or its first line starts with '{'. Blank lines are skipped."""
+    import json
+    import sys
+
+    name = "standard input" if str(path) == "-" else str(path)
+    try:
+        text = sys.stdin.read() if str(path) == "-" else Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise QkvError(f"prompts file {name} does not exist") from None
+    except UnicodeDecodeError as err:
+        raise QkvError(f"{name} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+    except OSError as err:
+        raise QkvError(f"cannot read prompts file {name}: {err.strerror}") from None
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not lines:
+        raise QkvError(f"{name} holds no prompts")
+    if not (str(path).endswith(".jsonl") or lines[0][1].lstrip().startswith("{")):
+        return [line for _, line in lines]
+    prompts = []
+    for number, line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise QkvError(f"{name}, line {number}: not valid JSON ({err.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise QkvError(f'{name}, line {number}: expected an object with a "prompt" string')
+        prompts.append(record["prompt"])
+    return prompts

@@ -16,9 +16,10 @@ from torch import Tensor, nn
 
 from qkv.config import ModelConfig
 from qkv.errors import QkvError
-from qkv.nn.attention import KVCache, additive_mask, causal_mask, padding_mask
+from qkv.nn.attention import additive_mask, causal_mask, padding_mask
 from qkv.nn.block import DecoderBlock, EncoderBlock
 from qkv.nn.embedding import TokenEmbedding
+from qkv.nn.kv_cache import KVCache
 from qkv.nn.norm import build_norm
 from qkv.nn.position import (
     LearnedPositionalEmbedding,
@@ -181,6 +182,21 @@ class DecoderLM(_Model):
     ) -> Tensor:
         """(batch, seq) -> next-token logits (batch, seq, vocab_size)."""
         return self.head(self.hidden_states(token_ids, attention_mask, positions, caches))
+
+    def new_caches(self, batch: int, capacity: int | None = None) -> list[KVCache]:
+        """One empty KVCache per block for `capacity` positions (default: max_seq_len)."""
+        config, weight = self.config, self.head.matrix
+        return [
+            KVCache(
+                batch,
+                config.n_kv_heads,
+                capacity or config.max_seq_len,
+                config.head_dim,
+                weight.dtype,
+                weight.device,
+            )
+            for _ in self.blocks
+        ]
 
 
 class Encoder(_Model):

@@ -1,7 +1,6 @@
 """The Transformer's building blocks, one concept per module; nothing here does I/O."""
 
 from qkv.nn.attention import (
-    KVCache,
     MultiHeadAttention,
     causal_mask,
     explicit_attention,
@@ -10,6 +9,7 @@ from qkv.nn.attention import (
 from qkv.nn.block import DecoderBlock, EncoderBlock
 from qkv.nn.embedding import TokenEmbedding
 from qkv.nn.feedforward import FeedForward, GatedFeedForward, build_feed_forward
+from qkv.nn.kv_cache import KVCache
 from qkv.nn.norm import LayerNorm, RMSNorm, build_norm
 from qkv.nn.position import (
     LearnedPositionalEmbedding,

@@ -11,12 +11,12 @@ fused kernel.
 from __future__ import annotations
 
 import math
-from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from qkv.nn.kv_cache import KVCache
 from qkv.nn.position import apply_rotary
 
 
@@ -91,23 +91,25 @@ def fused_attention(
     dropout_p: float = 0.0,
 ) -> Tensor:
     """The same softmax(Q K^T / sqrt(d_k) + mask) V through F.scaled_dot_product_attention."""
-    k, v = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1])
     q_len, k_len = q.shape[-2], k.shape[-2]
-    if is_causal and (mask is not None or q_len != k_len):
-        # SDPA's own causal flag aligns the mask top-left; decoding with a cache needs bottom-right.
-        mask, is_causal = _with_causal(mask, q_len, k_len, q.device), False
+    if is_causal and q_len == 1:
+        is_causal = False  # the newest token's query may see every key: nothing to mask
     if mask is not None and mask.dtype == torch.bool:
         # As in explicit_attention: a row with no allowed key averages V instead of giving 0.
         mask = additive_mask(mask, q.dtype)
+    batch, n_heads, _, d_k = q.shape
+    groups = n_heads // k.shape[1]
+    if q_len == 1 and groups > 1 and (mask is None or mask.dim() < 3 or mask.shape[-3] == 1):
+        # Decoding with grouped-query attention: a group's queries become rows against their
+        # shared key/value head, instead of copying K and V once per query head.
+        grouped = q.reshape(batch, k.shape[1], groups, d_k)
+        out = F.scaled_dot_product_attention(grouped, k, v, mask, dropout_p=dropout_p)
+        return out.reshape(batch, n_heads, 1, d_k)
+    k, v = _repeat_kv(k, n_heads), _repeat_kv(v, n_heads)
+    if is_causal and (mask is not None or q_len != k_len):
+        # SDPA's own causal flag aligns the mask top-left; decoding with a cache needs bottom-right.
+        mask, is_causal = _with_causal(mask, q_len, k_len, q.device), False
     return F.scaled_dot_product_attention(q, k, v, mask, dropout_p=dropout_p, is_causal=is_causal)
-
-
-class KVCache(Protocol):
-    """What attention needs of a key/value cache: append this step's keys/values, get all."""
-
-    def update(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
-        """key, value (batch, n_kv_heads, new, d_k) -> all keys, values (.., total, d_k)."""
-        ...
 
 
 class MultiHeadAttention(nn.Module):

@@ -11,8 +11,9 @@ from collections.abc import Callable
 from torch import Tensor, nn
 
 from qkv.config import ModelConfig
-from qkv.nn.attention import KVCache, MultiHeadAttention
+from qkv.nn.attention import MultiHeadAttention
 from qkv.nn.feedforward import build_feed_forward
+from qkv.nn.kv_cache import KVCache
 from qkv.nn.norm import build_norm
 
 

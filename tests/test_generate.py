@@ -1,0 +1,200 @@
+"""Generation: the KV cache against full recomputation, batching, the window, stops, seeds."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from qkv.config import ModelConfig
+from qkv.errors import QkvError
+from qkv.generate import GenerationConfig, Generator, _Row, decode
+from qkv.model import DecoderLM, Encoder
+from qkv.tokenizer import Tokenizer
+
+WINDOW = 16
+TOLERANCE = 1e-5
+TEXT = "the quick brown fox jumps over the lazy dog. pack my box with five dozen liquor jugs!"
+
+# Every decoder flavour the cache must serve: additive positions (learned, sinusoidal), rotary
+# positions, and grouped-query attention with an untied head.
+FLAVOURS = {
+    "learned": dict(position="learned"),
+    "sinusoidal": dict(position="sinusoidal", norm_first=False, feed_forward="relu"),
+    "rope": dict(position="rope", norm="rmsnorm", feed_forward="swiglu", bias=False),
+    "rope-gqa": dict(
+        position="rope", norm="rmsnorm", n_kv_heads=2, bias=False, tie_embeddings=False
+    ),
+}
+
+
+def make_decoder(flavour: str, vocab_size: int = 48, seed: int = 0, **changes) -> DecoderLM:
+    """PyTorch's default init (init_std=None): logits far enough apart for greedy to be stable."""
+    torch.manual_seed(seed)
+    config = ModelConfig(
+        vocab_size=vocab_size,
+        d_model=32,
+        n_heads=4,
+        n_layers=2,
+        max_seq_len=WINDOW,
+        init_std=None,
+        **{**FLAVOURS[flavour], **changes},
+    )
+    return DecoderLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return Tokenizer.train_char([TEXT])
+
+
+def make_generator(tokenizer: Tokenizer, flavour: str = "rope-gqa", seed: int = 0) -> Generator:
+    return Generator(make_decoder(flavour, tokenizer.vocab_size, seed), tokenizer)
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+@pytest.mark.parametrize("prompt_lengths", [[5], [5, 2, 9]], ids=["single", "mixed-batch"])
+@torch.no_grad()
+def test_cached_decoding_gives_the_logits_of_full_recomputation_at_every_step(
+    flavour: str, prompt_lengths: list[int]
+) -> None:
+    model = make_decoder(flavour)
+    ids = torch.randint(1, 48, (sum(prompt_lengths),), generator=torch.Generator().manual_seed(2))
+    prompts = [chunk.tolist() for chunk in ids.split(prompt_lengths)]
+    greedy = GenerationConfig(temperature=0)
+    cached = decode(model, prompts, greedy, pad_id=0)
+    recomputed = decode(model, prompts, GenerationConfig(temperature=0, use_cache=False), 0)
+    sequences = [list(p) for p in prompts]
+    for _ in range(3 * WINDOW):  # crosses the window, so the sliding re-encode is covered too
+        (token, logits), (token_full, logits_full) = next(cached), next(recomputed)
+        assert (logits - logits_full).abs().max() <= TOLERANCE
+        assert torch.equal(token, token_full)
+        within_window = max(map(len, sequences)) <= WINDOW  # the batch slides as one
+        for row, sequence in enumerate(sequences):
+            if within_window:  # the plainest reference: the model on the row alone
+                alone = model(torch.tensor([sequence]))[0, -1]
+                assert (logits[row] - alone).abs().max() <= TOLERANCE
+                assert token[row] == alone.argmax()
+            sequence.append(int(token[row]))
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_batched_prompts_of_mixed_lengths_generate_what_each_does_alone(
+    tokenizer: Tokenizer, flavour: str
+) -> None:
+    generator = make_generator(tokenizer, flavour)
+    prompts = ["the quick", "a", "pack my box with"]
+    options = dict(max_new_tokens=WINDOW - 8, temperature=0)
+    together = generator.generate(prompts, **options)
+    alone = [generator.generate(prompt, **options) for prompt in prompts]
+    assert [c.token_ids for c in together] == [c.token_ids for c in alone]
+    assert [c.text for c in together] == [c.text for c in alone]
+
+
+def test_temperature_zero_generation_is_a_plain_argmax_loop(tokenizer: Tokenizer) -> None:
+    generator = make_generator(tokenizer)
+    completion = generator.generate("the lazy", max_new_tokens=8, temperature=0)
+    ids = tokenizer.encode("the lazy")
+    with torch.no_grad():
+        for _ in range(len(completion.token_ids)):
+            ids.append(int(generator.model(torch.tensor([ids]))[0, -1].argmax()))
+    assert completion.token_ids == ids[len(tokenizer.encode("the lazy")) :]
+
+
+def test_repetition_penalty_decodes_as_hugging_face_penalises_the_whole_text(
+    tokenizer: Tokenizer,
+) -> None:
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    generator = make_generator(tokenizer)
+    options = dict(max_new_tokens=WINDOW - 8, temperature=0, repetition_penalty=1.8)
+    completion = generator.generate(["over the", "dog"], **options)[0]
+    penalty = RepetitionPenaltyLogitsProcessor(penalty=1.8)
+    ids = torch.tensor([tokenizer.encode("over the")])
+    with torch.no_grad():
+        for _ in range(len(completion.token_ids)):
+            scores = penalty(ids, generator.model(ids)[:, -1])
+            ids = torch.cat([ids, scores.argmax(-1, keepdim=True)], dim=1)
+    assert completion.token_ids == ids[0, len(tokenizer.encode("over the")) :].tolist()
+
+
+def test_a_seed_reproduces_a_sample_and_another_seed_changes_it(tokenizer: Tokenizer) -> None:
+    generator = make_generator(tokenizer)
+    options = dict(max_new_tokens=12, temperature=1.0, top_k=None, stop=())
+    first = generator.generate(["fox", "dog"], seed=5, **options)
+    again = generator.generate(["fox", "dog"], seed=5, **options)
+    other = generator.generate(["fox", "dog"], seed=6, **options)
+    assert [c.token_ids for c in first] == [c.token_ids for c in again]
+    assert [c.token_ids for c in first] != [c.token_ids for c in other]
+    # A prompt's sample does not depend on the batch it is in.
+    assert generator.generate("dog", seed=5, **options).token_ids == first[1].token_ids
+
+
+def test_streamed_pieces_add_up_to_the_completion(tokenizer: Tokenizer) -> None:
+    generator = make_generator(tokenizer, seed=3)
+    options = dict(max_new_tokens=20, temperature=1.0, seed=1, stop=("xx",))
+    pieces = list(generator.stream("jumps", **options))
+    assert "".join(pieces) == generator.generate("jumps", **options).text
+    assert len(pieces) > 1
+
+
+def test_a_stop_string_ends_the_text_before_it(tokenizer: Tokenizer) -> None:
+    generator = make_generator(tokenizer, seed=1)
+    free = generator.generate("over the", max_new_tokens=12, temperature=0)
+    assert len(free.text) >= 6, free
+    stop = free.text[3:5]
+    stopped = generator.generate("over the", max_new_tokens=12, temperature=0, stop=[stop])
+    assert stopped.text == free.text[: free.text.find(stop)]
+    assert stopped.stop_reason == "stop" and stop not in stopped.text
+
+
+def test_streaming_holds_back_an_incomplete_utf8_character() -> None:
+    # A byte-level BPE that never saw these characters spells each one with 3 byte tokens.
+    bpe = Tokenizer.train_bpe([TEXT], vocab_size=300)
+    row = _Row("", [], 0, ())
+    pieces = []
+    for token in bpe.encode("日本 ok"):
+        row.add(token, bpe)
+        pieces.append(row.new_text())
+    assert "".join(pieces) == "日本 ok"
+    assert not any("\ufffd" in piece for piece in pieces)
+
+
+def test_long_prompts_are_cut_from_the_left_with_a_warning_and_decoding_slides_past_the_window(
+    tokenizer: Tokenizer,
+) -> None:
+    generator = make_generator(tokenizer)
+    prompt = TEXT[:40]
+    with pytest.warns(UserWarning, match=f"context window is {WINDOW}"):
+        completion = generator.generate(prompt, max_new_tokens=5, temperature=0)
+    assert completion.truncated_tokens == 40 - WINDOW and completion.prompt_tokens == WINDOW
+    # The cut prompt continues as the last WINDOW tokens alone would.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tail = generator.generate(prompt[-WINDOW:], max_new_tokens=5, temperature=0)
+    assert completion.token_ids == tail.token_ids
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(top_p=0.0), "top-p must be in"),
+        (dict(temperature=-1.0), "temperature must be >= 0"),
+        (dict(top_k=0), "top-k must be at least 1"),
+        (dict(max_new_tokens=0), "max-new-tokens must be at least 1"),
+        (dict(repetition_penalty=0.0), "repetition-penalty must be > 0"),
+        (dict(stop=("",)), "stop strings must not be empty"),
+    ],
+)
+def test_absurd_options_are_refused(options: dict, message: str) -> None:
+    with pytest.raises(QkvError, match=message):
+        GenerationConfig(**options)
+
+
+def test_empty_prompts_and_encoders_are_refused(tokenizer: Tokenizer) -> None:
+    with pytest.raises(QkvError, match="prompt 2 is empty"):
+        make_generator(tokenizer).generate(["fox", ""])
+    encoder = Encoder(ModelConfig(arch="encoder", vocab_size=tokenizer.vocab_size, d_model=16))
+    with pytest.raises(QkvError, match="needs a decoder-only model"):
+        Generator(encoder, tokenizer)  # type: ignore[arg-type]

@@ -1,0 +1,94 @@
+"""Token selection: parity with Hugging Face's logits processors, allowed sets over many draws."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.generation.logits_process import (
+    RepetitionPenaltyLogitsProcessor,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from qkv.sampling import penalize_repetition, select, top_k_filter, top_p_filter
+
+VOCAB = 24
+DRAWS = 6000
+
+
+def random_logits(rows: int = 4, seed: int = 0) -> torch.Tensor:
+    return 2.0 * torch.randn(rows, VOCAB, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("k", [1, 3, 10, VOCAB])
+def test_top_k_filter_matches_hugging_face(k: int) -> None:
+    logits = random_logits()
+    expected = TopKLogitsWarper(top_k=k)(None, logits.clone())
+    torch.testing.assert_close(top_k_filter(logits, k), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5, 0.9, 0.999])
+def test_top_p_filter_matches_hugging_face(p: float) -> None:
+    logits = random_logits()
+    expected = TopPLogitsWarper(top_p=p)(None, logits.clone())
+    torch.testing.assert_close(top_p_filter(logits, p), expected, rtol=0, atol=0)
+
+
+def test_repetition_penalty_matches_hugging_face() -> None:
+    logits = random_logits()
+    history = torch.randint(0, VOCAB, (4, 7), generator=torch.Generator().manual_seed(1))
+    seen = torch.zeros(4, VOCAB, dtype=torch.bool).scatter(1, history, True)
+    expected = RepetitionPenaltyLogitsProcessor(penalty=1.3)(history, logits.clone())
+    torch.testing.assert_close(penalize_repetition(logits, seen, 1.3), expected)
+
+
+def nucleus(probs: torch.Tensor, p: float) -> set[int]:
+    """The smallest set of likeliest tokens whose probability reaches p, by a plain loop."""
+    chosen, mass = set(), 0.0
+    for token in probs.argsort(descending=True).tolist():
+        chosen.add(token)
+        mass += probs[token].item()
+        if mass >= p:
+            break
+    return chosen
+
+
+@pytest.mark.parametrize(
+    "top_k, top_p, temperature", [(5, 1.0, 1.0), (None, 0.7, 1.0), (8, 0.8, 0.7)]
+)
+def test_draws_stay_in_the_allowed_set_with_the_renormalised_frequencies(
+    top_k: int | None, top_p: float, temperature: float
+) -> None:
+    logits = random_logits(1)[0]
+    probs = torch.softmax(logits / temperature, -1)
+    allowed = set(probs.argsort(descending=True)[: top_k or VOCAB].tolist())
+    kept = torch.zeros(VOCAB).index_fill(0, torch.tensor(sorted(allowed)), 1.0) * probs
+    allowed &= nucleus(kept / kept.sum(), top_p)
+
+    torch.manual_seed(0)
+    draws = select(logits.expand(DRAWS, VOCAB), temperature, top_k, top_p)
+
+    assert set(draws.tolist()) <= allowed
+    target = torch.zeros(VOCAB)
+    index = torch.tensor(sorted(allowed))
+    target[index] = probs[index] / probs[index].sum()
+    frequency = torch.bincount(draws, minlength=VOCAB).float() / DRAWS
+    assert (frequency - target).abs().max() < 0.03  # ~5 standard errors at 6,000 draws
+
+
+def test_temperature_zero_is_greedy() -> None:
+    logits = random_logits(16)
+    assert torch.equal(select(logits, temperature=0, top_k=3, top_p=0.5), logits.argmax(-1))
+
+
+def test_each_row_draws_from_its_own_seeded_generator() -> None:
+    logits = random_logits(3)
+
+    def generators(*seeds: int) -> list[torch.Generator]:
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    together = select(logits, 1.0, None, 1.0, generators(7, 8, 9))
+    alone = select(logits[1:2], 1.0, None, 1.0, generators(8))
+    assert together[1] == alone[0]
+    runs = torch.stack([select(logits, 1.0, None, 1.0, generators(7, 8, 9)) for _ in range(2)])
+    assert torch.equal(runs[0], runs[1])
