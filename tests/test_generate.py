@@ -30,7 +30,8 @@ FLAVOURS = {
 
 
 def make_decoder(flavour: str, vocab_size: int = 48, seed: int = 0, **changes) -> DecoderLM:
-    """PyTorch's default init (init_std=None): logits far enough apart for greedy to be stable."""
+    """init_std 0.1: logits of a few units, far enough apart for greedy decoding to be stable
+    and small enough for fp32 to hold them to 1e-5 (PyTorch's default init gives ~40)."""
     torch.manual_seed(seed)
     config = ModelConfig(
         vocab_size=vocab_size,
@@ -38,7 +39,7 @@ def make_decoder(flavour: str, vocab_size: int = 48, seed: int = 0, **changes) -
         n_heads=4,
         n_layers=2,
         max_seq_len=WINDOW,
-        init_std=None,
+        init_std=0.1,
         **{**FLAVOURS[flavour], **changes},
     )
     return DecoderLM(config).eval()
@@ -84,7 +85,7 @@ def test_batched_prompts_of_mixed_lengths_generate_what_each_does_alone(
     tokenizer: Tokenizer, flavour: str
 ) -> None:
     generator = make_generator(tokenizer, flavour)
-    prompts = ["the quick", "a", "pack my box with"]
+    prompts = ["the qu", "a", "pack my"]  # + 8 new tokens: the batch stays within the window
     options = dict(max_new_tokens=WINDOW - 8, temperature=0)
     together = generator.generate(prompts, **options)
     alone = [generator.generate(prompt, **options) for prompt in prompts]
@@ -140,9 +141,12 @@ def test_streamed_pieces_add_up_to_the_completion(tokenizer: Tokenizer) -> None:
 
 
 def test_a_stop_string_ends_the_text_before_it(tokenizer: Tokenizer) -> None:
-    generator = make_generator(tokenizer, seed=1)
-    free = generator.generate("over the", max_new_tokens=12, temperature=0)
-    assert len(free.text) >= 6, free
+    # The first of a few random models whose greedy text runs 6 characters before <|endoftext|>.
+    for seed in range(10):
+        generator = make_generator(tokenizer, seed=seed)
+        free = generator.generate("over the", max_new_tokens=12, temperature=0)
+        if len(free.text) >= 6:
+            break
     stop = free.text[3:5]
     stopped = generator.generate("over the", max_new_tokens=12, temperature=0, stop=[stop])
     assert stopped.text == free.text[: free.text.find(stop)]

@@ -20,6 +20,7 @@ from qkv.nn.attention import additive_mask, causal_mask, padding_mask
 from qkv.nn.block import DecoderBlock, EncoderBlock
 from qkv.nn.embedding import TokenEmbedding
 from qkv.nn.kv_cache import KVCache
+from qkv.nn.linear import linear
 from qkv.nn.norm import build_norm
 from qkv.nn.position import (
     LearnedPositionalEmbedding,
@@ -50,7 +51,7 @@ class OutputHead(nn.Module):
         return self.tied_to[0].weight if self.tied_to else self.weight
 
     def forward(self, h: Tensor) -> Tensor:
-        return nn.functional.linear(h, self.matrix)
+        return linear(h, self.matrix)
 
 
 def probabilities(logits: Tensor) -> Tensor:

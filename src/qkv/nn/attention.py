@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from qkv.nn.kv_cache import KVCache
+from qkv.nn.linear import Linear
 from qkv.nn.position import apply_rotary
 
 
@@ -139,10 +140,10 @@ class MultiHeadAttention(nn.Module):
         self.head_dim = d_model // n_heads
         self.dropout = dropout
         self.implementation = implementation
-        self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
+        self.q_proj = Linear(d_model, n_heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(d_model, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = Linear(d_model, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = Linear(n_heads * self.head_dim, d_model, bias=bias)
 
     def split_heads(self, x: Tensor, n_heads: int) -> Tensor:
         """(batch, seq, n_heads * d_k) -> (batch, n_heads, seq, d_k)."""

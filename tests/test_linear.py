@@ -1,0 +1,35 @@
+"""The matrix-vector path of qkv.nn.linear equals torch.nn.functional.linear."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from qkv.nn.linear import FEW_ROWS, Linear, linear
+
+
+@pytest.mark.parametrize("rows", [1, 3, FEW_ROWS, FEW_ROWS + 1])
+@pytest.mark.parametrize("out_features", [64, 97])  # 97: rows of W that do not share out evenly
+@pytest.mark.parametrize("bias", [True, False])
+@torch.inference_mode()
+def test_linear_matches_torch_for_few_and_many_rows(rows: int, out_features: int, bias: bool):
+    generator = torch.Generator().manual_seed(rows)
+    x = torch.randn(1, rows, 48, generator=generator)
+    weight = torch.randn(out_features, 48, generator=generator)
+    b = torch.randn(out_features, generator=generator) if bias else None
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)  # the split path needs more than one thread
+        torch.testing.assert_close(linear(x, weight, b), F.linear(x, weight, b))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_linear_module_keeps_nn_linear_parameters_and_gradients() -> None:
+    layer = Linear(8, 6)
+    assert isinstance(layer, torch.nn.Linear)
+    assert set(layer.state_dict()) == {"weight", "bias"}
+    x = torch.randn(1, 8, requires_grad=True)
+    layer(x).sum().backward()
+    torch.testing.assert_close(x.grad, layer.weight.sum(0, keepdim=True))
