@@ -78,8 +78,8 @@ def measure(runs: dict, prompts: torch.Tensor, new: int, cache: bool, rounds: in
     the implementations taking turns `rounds` times (medians: this shared machine is noisy)."""
     samples: dict[str, list] = {name: [] for name in runs}
     tokens = {}
-    for run, model in runs.values():
-        run(model, prompts[:, :8], 2, cache)  # warm up
+    for run, model in runs.values():  # warm up: the first runs in a process are slower
+        run(model, prompts, min(new, 32), cache)
     for _ in range(rounds):
         for name, (run, model) in runs.items():
             ttft = _timed(lambda: run(model, prompts, 1, cache))  # noqa: B023

@@ -10,7 +10,7 @@ from qkv.nn.linear import FEW_ROWS, Linear, linear
 
 
 @pytest.mark.parametrize("rows", [1, 3, FEW_ROWS, FEW_ROWS + 1])
-@pytest.mark.parametrize("out_features", [64, 97])  # 97: rows of W that do not share out evenly
+@pytest.mark.parametrize("out_features", [64, 97, 2053])  # 97, 2053: blocks of W plus a rest
 @pytest.mark.parametrize("bias", [True, False])
 @torch.inference_mode()
 def test_linear_matches_torch_for_few_and_many_rows(rows: int, out_features: int, bias: bool):
