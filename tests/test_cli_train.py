@@ -154,6 +154,15 @@ def test_quickstart_runs_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "bits/byte" in result.stdout and "samples" in result.stdout
     assert (tmp_path / "qs" / "latest" / "tokenizer.json").is_file()
+    assert len([line for line in result.stdout.splitlines() if line.startswith("--- ")]) == 4
+
+
+def test_quickstart_fits_its_steps_to_the_time_given(tmp_path):
+    result = qkv("quickstart", "--minutes", "0.01", "--out", str(tmp_path / "qs"))
+    assert result.returncode == 0, result.stderr
+    assert "1 steps fit in 0.01 minutes" in result.stderr
+    state = json.loads((tmp_path / "qs" / "latest" / "trainer_state.json").read_text())
+    assert state["step"] == 1
 
 
 def test_eval_without_data_uses_the_models_own_validation_split(corpus_dir, tmp_path):

@@ -105,6 +105,15 @@ def test_resume_is_exact(corpus_dir, tmp_path):
     assert resumed_losses == losses
 
 
+def test_timing_a_step_leaves_the_run_as_it_was(corpus_dir, tmp_path):
+    plain = small_run(corpus_dir, tmp_path / "plain")
+    plain.run()
+    timed = small_run(corpus_dir, tmp_path / "timed")
+    assert timed.seconds_per_step(repeats=1, warmup=1) > 0
+    timed.run()
+    assert [h for h in timed.history if "loss" in h] == [h for h in plain.history if "loss" in h]
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(corpus_dir, tmp_path):
     trainer = small_run(corpus_dir, tmp_path / "run", steps=12, save_every=4, eval_every=100)
 

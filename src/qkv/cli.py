@@ -41,6 +41,8 @@ QUICKSTART = TrainConfig(
     eval_every=500,
 )
 QUICKSTART_MODEL = ModelConfig.preset("tiny")
+QUICKSTART_MINUTES = 4.0
+QUICKSTART_RESERVE_S = 20  # evaluations, the final save and the samples
 QUICKSTART_PROMPTS = ["Return the", "This module provides", "If the file", "Raise ValueError if"]
 
 EXPLAIN_EXAMPLES = """examples:
@@ -277,7 +279,8 @@ def _add_quickstart_parser(commands: argparse._SubParsersAction) -> None:
         description="The whole life of a language model on 2 CPU cores: build builtin:stdlib-docs "
         "from this Python's standard library, train a BPE tokenizer and a small decoder, report "
         "validation loss and bits per byte, and generate samples. Everything goes to OUT.",
-        epilog="examples:\n  qkv quickstart\n  qkv quickstart --out runs/qs2 --steps 300",
+        epilog="examples:\n  qkv quickstart\n  qkv quickstart --out runs/qs2 --steps 300\n"
+        "  qkv quickstart --minutes 10                 more steps on a slow machine",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     quickstart.add_argument(
@@ -289,8 +292,13 @@ def _add_quickstart_parser(commands: argparse._SubParsersAction) -> None:
     quickstart.add_argument(
         "--steps",
         type=_positive,
-        default=QUICKSTART.steps,
-        help="training steps (default %(default)s)",
+        help=f"training steps (default: as many as fit in --minutes, at most {QUICKSTART.steps})",
+    )
+    quickstart.add_argument(
+        "--minutes",
+        type=float,
+        default=QUICKSTART_MINUTES,
+        help="time for the whole job; sets the steps on a slow machine (default %(default)s)",
     )
     quickstart.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
@@ -556,12 +564,24 @@ def _quickstart(args: argparse.Namespace) -> None:
         raise QkvError(
             f"{args.out} already holds a quickstart run; delete it or pass another --out"
         )
-    cfg = dataclasses.replace(QUICKSTART, steps=args.steps, device=args.device)
-    cfg.eval_every = min(cfg.eval_every, cfg.steps)
+    if args.minutes <= 0:
+        raise QkvError("--minutes must be positive")
+    cfg = dataclasses.replace(QUICKSTART, steps=args.steps or QUICKSTART.steps, device=args.device)
     started = time.perf_counter()
     run = prepare_run(
         args.out, cfg, QUICKSTART_MODEL, progress=lambda message: print(message, file=sys.stderr)
     )
+    if args.steps is None:
+        per_step = run.trainer.seconds_per_step()
+        budget = 60 * args.minutes - (time.perf_counter() - started) - QUICKSTART_RESERVE_S
+        cfg.steps = max(1, min(QUICKSTART.steps, int(budget / per_step)))
+        if cfg.steps < QUICKSTART.steps:
+            print(
+                f"this machine takes {1000 * per_step:.0f} ms a step: {cfg.steps} steps fit in "
+                f"{args.minutes:g} minutes (--minutes, --steps)",
+                file=sys.stderr,
+            )
+    cfg.eval_every = min(cfg.eval_every, cfg.steps)
     print(_summary(run))
     _run_training(run, args.out)
     model, tokenizer = load_model(args.out)

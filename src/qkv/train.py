@@ -7,9 +7,11 @@ bits per byte = loss * tokens / (bytes * ln 2), comparable across tokenizers.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import signal
+import statistics
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -403,15 +405,39 @@ class Trainer:
         total = 0.0
         for _ in range(self.cfg.grad_accum):
             x, y = self.batches.next()
-            x, y = x.to(self.device), y.to(self.device)
-            with torch.autocast(
-                self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32
-            ):
-                logits = self.forward(x)
-            loss = next_token_loss(logits, y) / self.cfg.grad_accum
-            loss.backward()
-            total += loss.item()
+            total += self._forward_backward(self.forward, x, y)
         return total
+
+    def _forward_backward(self, forward: Callable[[Tensor], Tensor], x: Tensor, y: Tensor) -> float:
+        """One micro-batch: loss / grad_accum, its gradients accumulated."""
+        x, y = x.to(self.device), y.to(self.device)
+        with torch.autocast(
+            self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32
+        ):
+            logits = forward(x)
+        loss = next_token_loss(logits, y) / self.cfg.grad_accum
+        loss.backward()
+        return loss.item()
+
+    def seconds_per_step(self, repeats: int = 3, warmup: int = 2) -> float:
+        """Median time of one optimizer step at this run's shapes, timed on a copy of the model
+        with random tokens: the run's model, optimizer, batches and RNG are left as they were."""
+        model = copy.deepcopy(self.model)
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=0.0, fused=self.optimizer.defaults["fused"]
+        )
+        shape = (self.cfg.batch_size, self.cfg.context)
+        times = []
+        with torch.random.fork_rng(devices=[]):
+            for _ in range(warmup + repeats):
+                start = time.perf_counter()
+                for _ in range(self.cfg.grad_accum):
+                    x = torch.randint(0, model.config.vocab_size, shape)
+                    self._forward_backward(model, x, x)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                times.append(time.perf_counter() - start)
+        return statistics.median(times[warmup:])
 
     def evaluate(self) -> EvalResult:
         return evaluate(
