@@ -225,11 +225,11 @@ def _add_generate_parser(commands: argparse._SubParsersAction) -> None:
     generate = commands.add_parser(
         "generate",
         help="continue prompts with a trained decoder (streamed, KV-cached)",
-        description="Continue each prompt with a decoder checkpoint, token by token. Text is "
-        "streamed as it is produced; --json prints one object per prompt instead (text, "
-        "token_ids, ...), decoding --batch-size prompts at a time. Prompts longer than the "
-        "model's context are cut from the left (with a warning), and generation goes on past "
-        "the context by sliding the window.",
+        description="Continue each prompt with a decoder checkpoint, token by token, using a\n"
+        "key/value cache. Text is streamed as it is produced; --json prints one object per\n"
+        "prompt instead (text, token_ids, ...), decoding --batch-size prompts at a time.\n"
+        "Prompts longer than the model's context are cut from the left (with a warning),\n"
+        "and generation goes on past the context by sliding the window.",
         epilog=GENERATE_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
