@@ -33,3 +33,10 @@ def test_linear_module_keeps_nn_linear_parameters_and_gradients() -> None:
     x = torch.randn(1, 8, requires_grad=True)
     layer(x).sum().backward()
     torch.testing.assert_close(x.grad, layer.weight.sum(0, keepdim=True))
+
+
+@torch.inference_mode()
+def test_linear_takes_a_transposed_weight_as_it_is() -> None:
+    weight = torch.randn(48, 64).t()  # (64, 48), not contiguous
+    x = torch.randn(1, 48)
+    torch.testing.assert_close(linear(x, weight), F.linear(x, weight))

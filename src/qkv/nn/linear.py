@@ -25,7 +25,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     if rows > FEW_ROWS or torch.is_grad_enabled() or x.device.type != "cpu":
         return F.linear(x, weight, bias)
     threads = torch.get_num_threads()
-    if threads < 2 or out_features < 2 * threads:
+    if threads < 2 or out_features < 2 * threads or not weight.is_contiguous():
         return F.linear(x, weight, bias)
     blocks, bias_blocks, covered = _row_blocks(weight, bias, threads)
     parts = x.reshape(1, rows, in_features).expand(blocks.shape[0], rows, in_features)
