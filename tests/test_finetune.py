@@ -1,0 +1,118 @@
+"""Fine-tuning data: JSONL examples, the chat template, response-only loss, vocabulary growth."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from qkv.config import ModelConfig
+from qkv.errors import QkvError
+from qkv.finetune import (
+    ROLE_TOKENS,
+    Example,
+    add_chat_tokens,
+    encode_example,
+    grow_vocabulary,
+    read_examples,
+    response_loss,
+)
+from qkv.model import DecoderLM
+from qkv.tokenizer import Tokenizer
+
+TEXT = "What does json.dumps do? Serialize obj to a JSON formatted str. Hello there!"
+
+
+@pytest.fixture()
+def tokenizer() -> Tokenizer:
+    tokenizer = Tokenizer.train_char([TEXT])
+    add_chat_tokens(tokenizer)
+    return tokenizer
+
+
+def write_jsonl(path: Path, records: list[object]) -> Path:
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n", encoding="utf-8")
+    return path
+
+
+def test_both_formats_read_as_turns(tmp_path: Path) -> None:
+    path = write_jsonl(
+        tmp_path / "data.jsonl",
+        [
+            {"prompt": "What?", "response": "That."},
+            {"messages": [{"role": "system", "content": "Be brief."},
+                          {"role": "user", "content": "Hi"},
+                          {"role": "assistant", "content": "Hello"}]},
+        ],
+    )  # fmt: skip
+    assert read_examples(path) == [
+        Example((("user", "What?"), ("assistant", "That."))),
+        Example((("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello"))),
+    ]
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"prompt": "a", ', "line 2: Expecting"),
+        ('{"prompt": "a"}', "line 2: expected"),
+        ('{"prompt": 1, "response": "b"}', "line 2: \"prompt\" and \"response\" must be strings"),
+        ('{"messages": [{"role": "robot", "content": "x"}]}', "line 2: each message needs"),
+        ('{"messages": [{"role": "user", "content": "x"}]}', "line 2: the messages have no"),
+    ],
+)  # fmt: skip
+def test_malformed_lines_are_named_by_file_and_line(tmp_path: Path, line: str, message: str):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "ok", "response": "fine"}\n' + line + "\n", encoding="utf-8")
+    with pytest.raises(QkvError, match=message) as error:
+        read_examples(path)
+    assert str(path) in str(error.value)
+
+
+def test_template_marks_only_replies_and_their_end_as_targets(tokenizer: Tokenizer) -> None:
+    example = Example((("user", "What does json.dumps do?"), ("assistant", "Serialize obj.")))
+    ids, target = encode_example(example, tokenizer)
+    assert tokenizer.decode(ids) == (
+        f"{ROLE_TOKENS['user']}What does json.dumps do?{ROLE_TOKENS['assistant']}"
+        "Serialize obj.<|endoftext|>"
+    )
+    targets = [i for i, t in zip(ids, target, strict=True) if t]
+    assert tokenizer.decode(targets) == "Serialize obj.<|endoftext|>"
+
+
+def test_changing_prompt_labels_never_changes_the_loss_but_response_labels_do(
+    tokenizer: Tokenizer,
+) -> None:
+    torch.manual_seed(0)
+    model = DecoderLM(ModelConfig(vocab_size=tokenizer.vocab_size, d_model=32, n_heads=4))
+    example = Example((("user", "Hello there!"), ("assistant", "What does json.dumps do?")))
+    ids, target = (torch.tensor([v]) for v in encode_example(example, tokenizer))
+    logits = model(ids)
+    loss = response_loss(logits, ids, target)
+    generator = torch.Generator().manual_seed(1)
+    for position in range(1, ids.shape[1]):
+        labels = ids.clone()
+        labels[0, position] = (
+            labels[0, position] + 1 + torch.randint(0, 5, (), generator=generator)
+        ) % tokenizer.vocab_size
+        changed = response_loss(logits, labels, target)
+        if target[0, position]:
+            assert changed != loss
+        else:
+            assert changed == loss
+
+
+def test_growing_the_vocabulary_keeps_the_old_tokens_logits() -> None:
+    for tied in (True, False):
+        torch.manual_seed(0)
+        model = DecoderLM(ModelConfig(vocab_size=40, d_model=16, n_heads=2, tie_embeddings=tied))
+        ids = torch.randint(0, 40, (2, 9))
+        before = model(ids)
+        grow_vocabulary(model, 43)
+        after = model(ids)
+        assert model.config.vocab_size == 43 and after.shape[-1] == 43
+        torch.testing.assert_close(after[..., :40], before)
+        table = model.embedder.token_embedding.weight
+        torch.testing.assert_close(table[40:], table[:40].mean(0).expand(3, -1))
