@@ -116,3 +116,24 @@ def test_growing_the_vocabulary_keeps_the_old_tokens_logits() -> None:
         torch.testing.assert_close(after[..., :40], before)
         table = model.embedder.token_embedding.weight
         torch.testing.assert_close(table[40:], table[:40].mean(0).expand(3, -1))
+
+
+def test_stdlib_qa_answers_with_the_first_paragraph_and_splits_by_package() -> None:
+    import inspect
+    import json as json_module
+
+    from qkv.finetune import stdlib_qa
+
+    train, val = stdlib_qa()
+    assert len(train) > 3000 and len(val) > 50
+    answers = {ex.turns[0][1]: ex.turns[1][1] for ex in train + val}
+    first_paragraph = inspect.getdoc(json_module.dumps).split("\n\n")[0]
+    assert answers["What does json.dumps do?"] == " ".join(first_paragraph.split())
+
+    def packages(examples: list[Example]) -> set[str]:
+        questions = (
+            ex.turns[0][1].removeprefix("What does ").removesuffix(" do?") for ex in examples
+        )
+        return {question.split(".")[0] for question in questions}
+
+    assert not packages(train) & packages(val)

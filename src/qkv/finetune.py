@@ -9,7 +9,10 @@ answer, not to predict the prompts it is given.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +20,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from qkv.data import stdlib_docs
 from qkv.errors import QkvError
 from qkv.model import DecoderLM
 from qkv.tokenizer import Tokenizer
@@ -75,6 +79,29 @@ def read_examples(path: str | Path) -> list[Example]:
     if not examples:
         raise QkvError(f"{path} holds no examples")
     return examples
+
+
+def stdlib_qa(
+    val_fraction: float = 0.05, progress: Callable[[str], None] | None = None
+) -> tuple[list[Example], list[Example]]:
+    """builtin:stdlib-qa: "What does json.dumps do?" answered by the first paragraph of its
+    docstring, for the standard library's documented modules, classes and functions (from
+    builtin:stdlib-docs). Split by top-level package: the validation split holds every question
+    about the val_fraction of packages whose names hash lowest, so none of them is trained on."""
+    pairs = []
+    for document in stdlib_docs(progress):
+        answer = " ".join(re.split(r"\n\s*\n", document.text.strip())[0].split())
+        if len(answer) >= 20:
+            pairs.append((document.source, answer))
+    packages = sorted({source.split(".")[0] for source, _ in pairs})
+    ranked = sorted(packages, key=lambda name: hashlib.sha256(name.encode()).hexdigest())
+    held_out = set(ranked[: max(1, round(len(ranked) * val_fraction))])
+    train: list[Example] = []
+    val: list[Example] = []
+    for source, answer in pairs:
+        example = Example((("user", f"What does {source} do?"), ("assistant", answer)))
+        (val if source.split(".")[0] in held_out else train).append(example)
+    return train, val
 
 
 def add_chat_tokens(tokenizer: Tokenizer) -> int:
