@@ -92,6 +92,27 @@ def test_prompts_from_stdin_and_a_long_prompt_warns(decoder_dir: Path) -> None:
     assert json.loads(result.stdout)["truncated_tokens"] == 18
 
 
+def test_prompts_are_checked_before_any_output_and_numbered_over_all(
+    decoder_dir: Path, capsys
+) -> None:
+    code = main(["generate", "--model", str(decoder_dir), "ok", "", "--max-new-tokens", "2"])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    assert "prompt 2 is empty" in captured.err
+
+
+def test_non_utf8_stdin_is_one_clear_line(decoder_dir: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "qkv", "generate", "--model", str(decoder_dir), "--prompts", "-"],
+        input=b"caf\xe9\n",
+        capture_output=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert b"standard input is not UTF-8 text (byte 3)" in result.stderr
+    assert b"Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -93,6 +93,29 @@ def test_batched_prompts_of_mixed_lengths_generate_what_each_does_alone(
     assert [c.text for c in together] == [c.text for c in alone]
 
 
+@pytest.mark.parametrize("cache", [True, False], ids=["cached", "recomputed"])
+@torch.no_grad()
+def test_each_row_of_a_batch_slides_its_own_window_as_it_would_alone(cache: bool) -> None:
+    model = make_decoder("rope-gqa")
+    ids = torch.randint(1, 48, (21,), generator=torch.Generator().manual_seed(3))
+    prompts = [chunk.tolist() for chunk in ids.split([2, 7, 12])]
+    config = GenerationConfig(temperature=0, use_cache=cache)
+    together = decode(model, prompts, config, pad_id=0)
+    alone = [decode(model, [prompt], config, pad_id=0) for prompt in prompts]
+    for _ in range(3 * WINDOW):  # every row crosses the window, each at its own step
+        token, logits = next(together)
+        for row, single in enumerate(alone):
+            single_token, single_logits = next(single)
+            assert (logits[row] - single_logits[0]).abs().max() <= TOLERANCE
+            assert token[row] == single_token[0]
+
+
+def test_stop_may_be_one_string_and_top_k_zero_keeps_every_token() -> None:
+    config = GenerationConfig(stop="of the", top_k=0)
+    assert config.stop == ("of the",) and config.top_k is None
+    assert GenerationConfig(stop=None).stop == ()
+
+
 def test_temperature_zero_generation_is_a_plain_argmax_loop(tokenizer: Tokenizer) -> None:
     generator = make_generator(tokenizer)
     completion = generator.generate("the lazy", max_new_tokens=8, temperature=0)
@@ -185,7 +208,7 @@ def test_long_prompts_are_cut_from_the_left_with_a_warning_and_decoding_slides_p
     [
         (dict(top_p=0.0), "top-p must be in"),
         (dict(temperature=-1.0), "temperature must be >= 0"),
-        (dict(top_k=0), "top-k must be at least 1"),
+        (dict(top_k=-1), "top-k must be >= 0"),
         (dict(max_new_tokens=0), "max-new-tokens must be at least 1"),
         (dict(repetition_penalty=0.0), "repetition-penalty must be > 0"),
         (dict(stop=("",)), "stop strings must not be empty"),
@@ -196,9 +219,12 @@ def test_absurd_options_are_refused(options: dict, message: str) -> None:
         GenerationConfig(**options)
 
 
-def test_empty_prompts_and_encoders_are_refused(tokenizer: Tokenizer) -> None:
+def test_empty_or_invalid_prompts_and_encoders_are_refused(tokenizer: Tokenizer) -> None:
     with pytest.raises(QkvError, match="prompt 2 is empty"):
         make_generator(tokenizer).generate(["fox", ""])
+    with pytest.raises(QkvError, match="prompt 1 is not valid UTF-8"):
+        make_generator(tokenizer).generate("caf\udce9")  # a byte os.fsdecode could not decode
+    assert make_generator(tokenizer).generate([]) == []
     encoder = Encoder(ModelConfig(arch="encoder", vocab_size=tokenizer.vocab_size, d_model=16))
     with pytest.raises(QkvError, match="needs a decoder-only model"):
         Generator(encoder, tokenizer)  # type: ignore[arg-type]

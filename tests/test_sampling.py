@@ -92,3 +92,13 @@ def test_each_row_draws_from_its_own_seeded_generator() -> None:
     assert together[1] == alone[0]
     runs = torch.stack([select(logits, 1.0, None, 1.0, generators(7, 8, 9)) for _ in range(2)])
     assert torch.equal(runs[0], runs[1])
+
+
+def test_tiny_temperatures_and_penalties_still_pick_the_likeliest_token() -> None:
+    logits = random_logits(8)
+    greedy = logits.argmax(-1)
+    assert torch.equal(select(logits, temperature=1e-45), greedy)
+    seen = torch.ones_like(logits, dtype=torch.bool)
+    penalized = penalize_repetition(logits, seen, 1e-40)  # positive logits become inf
+    drawn = select(penalized, temperature=1.0)
+    assert bool(torch.isinf(penalized.gather(1, drawn[:, None])).all())  # one of the inf ones

@@ -527,12 +527,15 @@ def _generate(args: argparse.Namespace) -> None:
         use_cache=not args.no_cache,
     )
     generator = Generator.load(args.model, resolve_device(args.device))
-    started, produced = time.perf_counter(), 0
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.showwarning = lambda message, *_: print(
             f"qkv generate: warning: {message}", file=sys.stderr
         )
+        generator.check(prompts)  # every prompt's errors and warnings before any output
+    started, produced = time.perf_counter(), 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # reported above, numbered over all the prompts
         if args.json:
             for first in range(0, len(prompts), args.batch_size):
                 for completion in generator.generate(

@@ -7,8 +7,9 @@ decode    feed just the newest token, at position t, attending to the cached key
 batching  prompts of different lengths are left-padded; pad columns are masked out of attention
           and positions count real tokens only, so each row computes what it would alone.
 window    a sequence that outgrows the context window (max_seq_len) keeps its newest half, which is
-          re-encoded at positions 0.. (a sliding window that moves in half-window jumps). Decoding
-          without the cache recomputes exactly that window every step, so both give the same logits.
+          re-encoded at positions 0.. (a sliding window that moves in half-window jumps; each row of
+          a batch on its own). Decoding without the cache recomputes exactly those windows every
+          step, so both give the same logits.
 Token selection itself (greedy, temperature, top-k, top-p, repetition penalty) is in qkv.sampling.
 """
 
@@ -26,7 +27,6 @@ from torch import Tensor
 
 from qkv.errors import QkvError
 from qkv.model import DecoderLM
-from qkv.nn.kv_cache import KVCache
 from qkv.sampling import penalize_repetition, select
 from qkv.tokenizer import Tokenizer
 
@@ -45,10 +45,17 @@ class GenerationConfig:
     use_cache: bool = True
 
     def __post_init__(self) -> None:
+        stop = () if self.stop is None else self.stop
+        object.__setattr__(self, "stop", (stop,) if isinstance(stop, str) else tuple(stop))
+        if self.top_k == 0:
+            object.__setattr__(self, "top_k", None)  # 0: every token is a candidate
+        for name in ("max_new_tokens", "seed"):
+            if not isinstance(getattr(self, name), int):
+                raise QkvError(f"{name.replace('_', '-')} must be a whole number")
         checks = [
             ("max_new_tokens", self.max_new_tokens >= 1, "must be at least 1"),
             ("temperature", self.temperature >= 0, "must be >= 0 (0 is greedy decoding)"),
-            ("top_k", self.top_k is None or self.top_k >= 1, "must be at least 1"),
+            ("top_k", self.top_k is None or self.top_k >= 1, "must be >= 0 (0 keeps every token)"),
             ("top_p", 0 < self.top_p <= 1, "must be in (0, 1] (1 keeps every token)"),
             ("repetition_penalty", self.repetition_penalty > 0, "must be > 0 (1 is none)"),
             ("stop", all(self.stop), "strings must not be empty"),
@@ -98,38 +105,37 @@ def decode(
     """Yield (next token ids (batch,), the logits they were chosen from (batch, vocab_size))
     step after step, without end.
 
-    Prompts must fit the context window; the caller stops iterating when it has enough.
+    Prompts must be non-empty and fit the context window; the caller stops iterating when it
+    has enough. Each row keeps its own window (rows slide when they, not the batch, outgrow it),
+    so a row computes what it would alone.
     """
     window = model.config.max_seq_len
     keep = max(1, window // 2)
+    if any(not 0 < len(p) <= window for p in prompts):
+        raise ValueError(f"every prompt needs 1 to {window} (max_seq_len) token ids")
     device = model.head.matrix.device
-    ids, mask = left_pad(prompts, pad_id, device)
-    padded = bool((mask == 0).any())
+    rows = [list(p) for p in prompts]
+    starts = [0] * len(rows)  # row i's window is rows[i][starts[i]:]
     generators = [torch.Generator(device).manual_seed(config.seed) for _ in prompts]
     seen = None
     if config.repetition_penalty != 1.0:
-        real_or_last = torch.where(mask.bool(), ids, ids[:, -1:])
-        seen = torch.zeros(len(prompts), model.config.vocab_size, dtype=torch.bool, device=device)
-        seen.scatter_(1, real_or_last, True)
-    caches = model.new_caches(len(prompts), window) if config.use_cache else None
+        seen = torch.zeros(len(rows), model.config.vocab_size, dtype=torch.bool, device=device)
+        for i, row in enumerate(rows):
+            seen[i, row] = True
+    caches = model.new_caches(len(rows), window) if config.use_cache else None
 
-    def last_logits(
-        new_ids: Tensor, positions: Tensor, window_mask: Tensor, caches: list[KVCache] | None
-    ) -> Tensor:
-        hidden = model.hidden_states(new_ids, window_mask if padded else None, positions, caches)
-        return model.head(hidden[:, -1])
-
-    def encode_window(start: int) -> Tensor:
-        """The window ids[:, start:] from scratch (resetting the caches): its last logits."""
+    def encode_windows() -> tuple[Tensor, Tensor | None, Tensor]:
+        """Every row's window from scratch (resetting the caches): (last logits, attention mask
+        or None without padding, next positions)."""
         if caches is not None:
             for cache in caches:
                 cache.reset()
-        window_mask = mask[:, start:]
-        return last_logits(ids[:, start:], positions_of(window_mask), window_mask, caches)
+        ids, mask = left_pad([r[s:] for r, s in zip(rows, starts, strict=True)], pad_id, device)
+        attention_mask = mask if bool((mask == 0).any()) else None
+        hidden = model.hidden_states(ids, attention_mask, positions_of(mask), caches)
+        return model.head(hidden[:, -1]), attention_mask, mask.sum(-1, keepdim=True)
 
-    start = 0
-    logits = encode_window(start)
-    next_position = mask.sum(-1, keepdim=True)
+    logits, mask, next_position = encode_windows()
     while True:
         scores = logits
         if seen is not None:
@@ -138,17 +144,21 @@ def decode(
         yield token, logits
         if seen is not None:
             seen.scatter_(1, token[:, None], True)
-        ids = torch.cat([ids, token[:, None]], dim=1)
-        mask = torch.cat([mask, torch.ones_like(token)[:, None]], dim=1)
-        if ids.shape[1] - start > window:
-            start = ids.shape[1] - keep
-            logits = encode_window(start)
-            next_position = mask[:, start:].sum(-1, keepdim=True)
-        elif caches is not None:
-            logits = last_logits(token[:, None], next_position, mask[:, start:], caches)
-            next_position = next_position + 1
+        for row, new in zip(rows, token.tolist(), strict=True):
+            row.append(new)
+        outgrown = [len(r) - s > window for r, s in zip(rows, starts, strict=True)]
+        if any(outgrown) or caches is None:
+            starts = [
+                len(r) - keep if out else s
+                for r, s, out in zip(rows, starts, outgrown, strict=True)
+            ]
+            logits, mask, next_position = encode_windows()
         else:
-            logits = encode_window(start)
+            if mask is not None:
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            hidden = model.hidden_states(token[:, None], mask, next_position, caches)
+            logits = model.head(hidden[:, -1])
+            next_position = next_position + 1
 
 
 @dataclass
@@ -248,8 +258,18 @@ class Generator:
             )
         return cls(model, tokenizer)
 
+    def check(self, prompts: list[str]) -> None:
+        """Refuse empty or non-UTF-8 prompts and warn about those the context window cuts,
+        numbering them 1..n: what generate() would do batch by batch, done once up front."""
+        self._rows(prompts, GenerationConfig())
+
     def _rows(self, prompts: list[str], config: GenerationConfig) -> list[_Row]:
         window = self.model.config.max_seq_len
+        for number, prompt in enumerate(prompts, 1):
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError:
+                raise QkvError(f"prompt {number} is not valid UTF-8 text") from None
         rows = []
         for number, (prompt, ids) in enumerate(
             zip(prompts, self.tokenizer.encode_batch(prompts), strict=True), 1
@@ -261,7 +281,7 @@ class Generator:
                 warnings.warn(
                     f"prompt {number} has {len(ids)} tokens but the context window is {window}: "
                     f"its first {cut} tokens are left out",
-                    stacklevel=3,
+                    stacklevel=4,  # the caller of generate() / stream()
                 )
             rows.append(_Row(prompt, ids[cut:], cut, config.stop))
         return rows
@@ -305,6 +325,8 @@ class Generator:
         as text is produced.
         """
         batch = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not batch:
+            return []
         rows: list[_Row] = []
         for rows in self._run(batch, _config(config, options)):
             for i, row in enumerate(rows):
@@ -316,10 +338,6 @@ class Generator:
 
 
 def _config(config: GenerationConfig | None, options: dict[str, Any]) -> GenerationConfig:
-    if isinstance(options.get("stop"), str):
-        options["stop"] = (options["stop"],)
-    elif "stop" in options:
-        options["stop"] = tuple(options["stop"])
     return dataclasses.replace(config or GenerationConfig(), **options)
 
 
@@ -331,7 +349,8 @@ def read_prompts(path: str | Path) -> list[str]:
 
     name = "standard input" if str(path) == "-" else str(path)
     try:
-        text = sys.stdin.read() if str(path) == "-" else Path(path).read_text(encoding="utf-8")
+        data = sys.stdin.buffer.read() if str(path) == "-" else Path(path).read_bytes()
+        text = data.decode("utf-8-sig")
     except FileNotFoundError:
         raise QkvError(f"prompts file {name} does not exist") from None
     except UnicodeDecodeError as err:

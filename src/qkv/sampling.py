@@ -57,7 +57,11 @@ def select(
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
+    # Scaled from the row's maximum (softmax is unchanged by the shift), so that a tiny
+    # temperature gives -inf, not inf - inf; a +inf logit (from a tiny repetition penalty)
+    # counts as the largest float.
+    logits = logits.clamp(max=torch.finfo(logits.dtype).max)
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None:
         logits = top_k_filter(logits, top_k)
     logits = top_p_filter(logits, top_p)
