@@ -228,3 +228,14 @@ def test_empty_or_invalid_prompts_and_encoders_are_refused(tokenizer: Tokenizer)
     encoder = Encoder(ModelConfig(arch="encoder", vocab_size=tokenizer.vocab_size, d_model=16))
     with pytest.raises(QkvError, match="needs a decoder-only model"):
         Generator(encoder, tokenizer)  # type: ignore[arg-type]
+
+
+def test_prompt_files_are_lines_unless_json_objects(tmp_path) -> None:
+    from qkv.generate import read_prompts
+
+    code = tmp_path / "code.txt"
+    code.write_text("{x for x in y}\nreturn x\n\n", encoding="utf-8")
+    assert read_prompts(code) == ["{x for x in y}", "return x"]
+    records = tmp_path / "records.txt"
+    records.write_text('\ufeff{"prompt": "a"}\n{"prompt": "b"}\n', encoding="utf-8")  # with a BOM
+    assert read_prompts(records) == ["a", "b"]

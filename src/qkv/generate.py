@@ -343,7 +343,7 @@ def _config(config: GenerationConfig | None, options: dict[str, Any]) -> Generat
 
 def read_prompts(path: str | Path) -> list[str]:
     """Prompts from a file ('-' is stdin): one per line, or JSON Lines of {"prompt": ...} when
-    the file ends in .jsonl or its first line starts with '{'. Blank lines are skipped."""
+    the file ends in .jsonl or its first line is a JSON object. Blank lines are skipped."""
     import json
     import sys
 
@@ -360,7 +360,7 @@ def read_prompts(path: str | Path) -> list[str]:
     lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     if not lines:
         raise QkvError(f"{name} holds no prompts")
-    if not (str(path).endswith(".jsonl") or lines[0][1].lstrip().startswith("{")):
+    if not (str(path).endswith(".jsonl") or _is_json_object(lines[0][1])):
         return [line for _, line in lines]
     prompts = []
     for number, line in lines:
@@ -372,3 +372,12 @@ def read_prompts(path: str | Path) -> list[str]:
             raise QkvError(f'{name}, line {number}: expected an object with a "prompt" string')
         prompts.append(record["prompt"])
     return prompts
+
+
+def _is_json_object(line: str) -> bool:
+    import json
+
+    try:
+        return isinstance(json.loads(line), dict)
+    except json.JSONDecodeError:
+        return False

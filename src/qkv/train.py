@@ -103,7 +103,7 @@ def resolve_device(name: str) -> torch.device:
     if device is None or device.type not in ("cpu", "cuda"):
         raise QkvError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise QkvError("--device cuda was asked for but no CUDA GPU is available; use cpu")
+        raise QkvError(f"--device {name} was asked for but no CUDA GPU is available; use cpu")
     return device
 
 
