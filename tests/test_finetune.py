@@ -137,3 +137,70 @@ def test_stdlib_qa_answers_with_the_first_paragraph_and_splits_by_package() -> N
         return {question.split(".")[0] for question in questions}
 
     assert not packages(train) & packages(val)
+
+
+WORDS = ["alpha", "bravo", "delta", "echo", "golf", "hotel", "india", "kilo", "lima", "mike"]
+
+
+def reversal_examples() -> list[Example]:
+    """A task to learn: "reverse alpha" -> "ahpla"."""
+    return [Example((("user", f"reverse {w}"), ("assistant", w[::-1]))) for w in WORDS * 3]
+
+
+def finetune_run(tmp_path: Path, name: str, steps: int = 8, **changes):
+    from qkv.finetune import FinetuneTrainer, prepare_examples
+    from qkv.train import TrainConfig
+
+    tokenizer = Tokenizer.train_char(["reverse " + " ".join(WORDS + [w[::-1] for w in WORDS])])
+    add_chat_tokens(tokenizer)
+    torch.manual_seed(0)
+    model = DecoderLM(
+        ModelConfig(vocab_size=tokenizer.vocab_size, d_model=32, n_heads=4, n_layers=2,
+                    max_seq_len=32)
+    )  # fmt: skip
+    data = prepare_examples(reversal_examples(), tokenizer, context=32)
+    cfg = TrainConfig(
+        steps=steps, batch_size=8, context=32, lr=3e-3, warmup_steps=2, eval_every=steps,
+        save_every=4, seed=0, **changes,
+    )  # fmt: skip
+    return FinetuneTrainer(
+        model, tokenizer, None, None, cfg, tmp_path / name,
+        train_examples=data, val_examples=data,
+    )  # fmt: skip
+
+
+def test_collated_targets_are_the_next_response_tokens_only(tokenizer: Tokenizer) -> None:
+    from qkv.finetune import IGNORE, collate
+
+    ids, target = encode_example(Example((("user", "Hi"), ("assistant", "Hello"))), tokenizer)
+    x, y = collate([(ids, target), (ids[:4], target[:4])], tokenizer.pad_id)
+    assert x[0].tolist() == ids[:-1]
+    assert tokenizer.decode([t for t in y[0].tolist() if t != IGNORE]) == "Hello<|endoftext|>"
+    assert x[1, 3:].eq(tokenizer.pad_id).all() and y[1, 3:].eq(IGNORE).all()
+
+
+def test_finetuning_lowers_the_response_loss(tmp_path: Path) -> None:
+    trainer = finetune_run(tmp_path, "run", steps=60)
+    before = trainer.evaluate().loss
+    trainer.run()
+    after = [h["val_loss"] for h in trainer.history if "val_loss" in h][-1]
+    assert after < 0.7 * before
+
+
+def test_finetuning_resumes_exactly(tmp_path: Path) -> None:
+    straight = finetune_run(tmp_path, "straight")
+    straight.run()
+    first_half = finetune_run(tmp_path, "halves")
+
+    def stop_after_four(info) -> None:
+        if info.step == 4:
+            first_half._stop_requested = True
+
+    first_half.on_step = stop_after_four
+    with pytest.raises(KeyboardInterrupt):
+        first_half.run()
+    resumed = finetune_run(tmp_path, "halves")
+    resumed.resume(tmp_path / "halves" / "latest")
+    resumed.run()
+    losses = [h for h in straight.history if "loss" in h]
+    assert [h for h in resumed.history if "loss" in h] == losses

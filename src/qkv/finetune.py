@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,6 +25,9 @@ from qkv.data import stdlib_docs
 from qkv.errors import QkvError
 from qkv.model import DecoderLM
 from qkv.tokenizer import Tokenizer
+from qkv.train import EvalResult, Trainer, next_token_loss
+
+IGNORE = -100  # a target the loss skips (cross_entropy's ignore_index)
 
 ROLES = ("system", "user", "assistant")
 ROLE_TOKENS = {role: f"<|{role}|>" for role in ROLES}
@@ -154,3 +158,92 @@ def response_loss(logits: Tensor, ids: Tensor, target: Tensor) -> Tensor:
     )
     weights = target[:, 1:].reshape(-1).float()
     return (losses * weights).sum() / weights.sum().clamp(min=1)
+
+
+@dataclass
+class EncodedExamples:
+    """Examples as (token ids, target flags) that fit the context, the bytes of their targets'
+    text (for bits per byte), and how many longer ones were left out."""
+
+    rows: list[tuple[list[int], list[int]]]
+    target_bytes: int
+    skipped: int
+
+
+def prepare_examples(
+    examples: list[Example], tokenizer: Tokenizer, context: int
+) -> EncodedExamples:
+    """Encode with the chat template; an example longer than context + 1 tokens is skipped."""
+    rows, target_bytes, skipped = [], 0, 0
+    for example in examples:
+        ids, target = encode_example(example, tokenizer)
+        if len(ids) > context + 1:
+            skipped += 1
+            continue
+        rows.append((ids, target))
+        targets = [i for i, t in zip(ids, target, strict=True) if t]
+        target_bytes += len(tokenizer.decode(targets).encode("utf-8"))
+    return EncodedExamples(rows, target_bytes, skipped)
+
+
+def collate(rows: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Inputs (batch, longest - 1), right-padded (causal attention never looks right, so pads
+    need no mask), and targets: the next token where it is a target, else IGNORE."""
+    width = max(len(ids) for ids, _ in rows) - 1
+    x = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    y = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    for i, (ids, target) in enumerate(rows):
+        ids_t, target_t = torch.tensor(ids), torch.tensor(target, dtype=torch.bool)
+        x[i, : len(ids) - 1] = ids_t[:-1]
+        y[i, : len(ids) - 1] = torch.where(target_t[1:], ids_t[1:], IGNORE)
+    return x, y
+
+
+class ExampleBatches:
+    """Random batches of examples (drawn with `generator`, so a resumed run draws the same)."""
+
+    def __init__(self, rows: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int,
+                 seed: int) -> None:  # fmt: skip
+        if not rows:
+            raise QkvError("no fine-tuning example fits the context; raise --context")
+        self.rows, self.batch_size, self.pad_id = rows, batch_size, pad_id
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next(self) -> tuple[Tensor, Tensor]:
+        picks = torch.randint(0, len(self.rows), (self.batch_size,), generator=self.generator)
+        return collate([self.rows[i] for i in picks.tolist()], self.pad_id)
+
+
+@torch.no_grad()
+def evaluate_responses(
+    model: DecoderLM, data: EncodedExamples, pad_id: int, batch_size: int = 16
+) -> EvalResult:
+    """Mean -log p over every response token of `data`, in order."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for first in range(0, len(data.rows), batch_size):
+        x, y = collate(data.rows[first : first + batch_size], pad_id)
+        total += next_token_loss(model(x.to(device)), y.to(device), reduction="sum").item()
+        count += int((y != IGNORE).sum())
+    model.train(was_training)
+    loss = total / max(count, 1)
+    bits_per_byte = total / (math.log(2) * max(data.target_bytes, 1))
+    return EvalResult(loss, math.exp(min(loss, 80.0)), bits_per_byte, count)
+
+
+@dataclass
+class FinetuneTrainer(Trainer):
+    """The Trainer on prompt/response examples: batches of whole examples, loss and evaluation
+    on the response tokens only (train_data / val_data are unused)."""
+
+    train_examples: EncodedExamples = field(default_factory=lambda: EncodedExamples([], 0, 0))
+    val_examples: EncodedExamples = field(default_factory=lambda: EncodedExamples([], 0, 0))
+
+    def make_batches(self) -> ExampleBatches:  # type: ignore[override]
+        pad_id = self.tokenizer.pad_id
+        return ExampleBatches(self.train_examples.rows, self.cfg.batch_size, pad_id, self.cfg.seed)
+
+    def evaluate(self) -> EvalResult:
+        return evaluate_responses(self.model, self.val_examples, self.tokenizer.pad_id)

@@ -271,15 +271,17 @@ class Trainer:
             fused=self.device.type in ("cpu", "cuda"),  # one kernel for all parameters
         )
         self.forward = torch.compile(self.model) if self.cfg.compile else self.model
-        self.batches = Batches(
-            self.train_data, self.cfg.batch_size, self.cfg.context, self.cfg.seed
-        )
+        self.batches = self.make_batches()
         self.step = 0
         self.tokens_per_step = self.cfg.batch_size * self.cfg.context * self.cfg.grad_accum
         self.flops_per_step = flops_per_token(self.model, self.cfg.context) * self.tokens_per_step
         self._stop_requested = False
         self._snapshot = self._rng_state()
         self.saved_step: int | None = None
+
+    def make_batches(self) -> Batches:
+        """The training batch source: next() -> (inputs, targets); its `generator` is saved."""
+        return Batches(self.train_data, self.cfg.batch_size, self.cfg.context, self.cfg.seed)
 
     def _rng_state(self) -> dict[str, Tensor]:
         return {
