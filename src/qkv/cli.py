@@ -119,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parser(commands)
     _add_eval_parser(commands)
     _add_generate_parser(commands)
+    _add_finetune_parser(commands)
     _add_quickstart_parser(commands)
     return parser
 
@@ -270,6 +271,46 @@ def _add_generate_parser(commands: argparse._SubParsersAction) -> None:
         "--batch-size", type=_positive, default=8, help="prompts decoded together with --json (8)"
     )
     generate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+
+FINETUNE_EXAMPLES = """examples:
+  qkv finetune --model runs/quickstart --data builtin:stdlib-qa --out runs/qa
+  qkv finetune --model runs/notes --data pairs.jsonl --steps 500 --out runs/notes-chat
+  qkv generate --model runs/qa "<|user|>What does json.dumps do?<|assistant|>" --stop "<|"
+"""
+
+
+def _add_finetune_parser(commands: argparse._SubParsersAction) -> None:
+    finetune = commands.add_parser(
+        "finetune",
+        help="fine-tune a trained decoder on prompt/response pairs",
+        description="Fine-tune a decoder checkpoint on prompt/response examples: JSON Lines of\n"
+        '{"prompt": ..., "response": ...} or {"messages": [{"role": ..., "content": ...}]},\n'
+        "or builtin:stdlib-qa (questions about the standard library answered by its\n"
+        "docstrings). The chat tokens <|system|>, <|user|>, <|assistant|> are added to the\n"
+        "tokenizer and embedding; the loss counts response tokens only. Reports the held-out\n"
+        "response loss before and after, with sample answers.",
+        epilog=FINETUNE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    finetune.add_argument("--model", type=Path, required=True, help="run or checkpoint directory")
+    finetune.add_argument(
+        "--data", default="builtin:stdlib-qa", help="JSONL file or builtin:stdlib-qa (default)"
+    )
+    finetune.add_argument("--out", type=Path, required=True, help="run directory for the result")
+    options = [
+        ("--steps", _positive, "optimizer steps", 300),
+        ("--batch-size", _positive, "examples per step", 16),
+        ("--context", _positive, "longest example in tokens (default: the model's)", None),
+        ("--lr", float, "peak learning rate", 1e-3),
+        ("--eval-every", _positive, "evaluate every N steps", 100),
+        ("--save-every", _positive, "checkpoint every N steps", 100),
+        ("--seed", _seed, "random seed", 0),
+    ]
+    for flag, kind, text, default in options:
+        shown = "" if default is None else f" (default {default})"
+        finetune.add_argument(flag, type=kind, default=default, help=text + shown)
+    finetune.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
 
 def _add_quickstart_parser(commands: argparse._SubParsersAction) -> None:
@@ -559,6 +600,48 @@ def _generate(args: argparse.Namespace) -> None:
         )
 
 
+def _finetune(args: argparse.Namespace) -> None:
+    from qkv.finetune import chat_prompt, load_examples, prepare_finetune
+    from qkv.generate import Generator
+
+    cfg = TrainConfig(
+        data=[args.data],
+        steps=args.steps,
+        batch_size=args.batch_size,
+        context=args.context or 10**9,
+        lr=args.lr,
+        warmup_steps=min(100, args.steps // 10),
+        eval_every=args.eval_every,
+        save_every=args.save_every,
+        seed=args.seed,
+        device=args.device,
+    )
+    trainer = prepare_finetune(
+        args.model, args.data, cfg, args.out, progress=lambda m: print(m, file=sys.stderr)
+    )
+    train, val = trainer.train_examples, trainer.val_examples
+    print(
+        f"data: {len(train.rows):,} training and {len(val.rows):,} validation examples"
+        f" ({train.skipped + val.skipped:,} longer than the context of {cfg.context} tokens "
+        f"skipped); {trainer.model.num_parameters():,} parameters; {cfg.steps:,} steps x "
+        f"{cfg.batch_size} examples"
+    )
+    before = trainer.evaluate()
+    print(f"before: held-out response loss {before.loss:.4f}")
+    _run_training(Run(trainer, None, None), args.out)  # type: ignore[arg-type]
+    after = [h for h in trainer.history if "val_loss" in h][-1]["val_loss"]
+    print(
+        f"after: held-out response loss {after:.4f} ({1 - after / before.loss:.0%} lower); "
+        f"checkpoint {args.out / 'latest'}"
+    )
+    generator = Generator(trainer.model.eval(), trainer.tokenizer)
+    held_out = load_examples(args.data, cfg.val_fraction)[1]
+    questions = [e.turns[-2][1] for e in held_out if e.turns[-2:][0][0] == "user"][:3]
+    for question in questions:
+        answer = generator.generate(chat_prompt(question), max_new_tokens=48, temperature=0)
+        print(f"--- Q: {question}\n    A: {answer.text.strip()}")
+
+
 def _quickstart(args: argparse.Namespace) -> None:
     from qkv.checkpoint import load_model
     from qkv.generate import Generator
@@ -616,6 +699,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "train": _train,
             "eval": _eval,
             "generate": _generate,
+            "finetune": _finetune,
             "quickstart": _quickstart,
         }
         commands[args.command](args)

@@ -25,7 +25,7 @@ from qkv.data import stdlib_docs
 from qkv.errors import QkvError
 from qkv.model import DecoderLM
 from qkv.tokenizer import Tokenizer
-from qkv.train import EvalResult, Trainer, next_token_loss
+from qkv.train import EvalResult, TrainConfig, Trainer, next_token_loss
 
 IGNORE = -100  # a target the loss skips (cross_entropy's ignore_index)
 
@@ -247,3 +247,61 @@ class FinetuneTrainer(Trainer):
 
     def evaluate(self) -> EvalResult:
         return evaluate_responses(self.model, self.val_examples, self.tokenizer.pad_id)
+
+
+def chat_prompt(question: str) -> str:
+    """The text that asks the model to answer `question` in the chat template."""
+    return f"{ROLE_TOKENS['user']}{question}{ROLE_TOKENS['assistant']}"
+
+
+def load_examples(
+    spec: str, val_fraction: float = 0.05, progress: Callable[[str], None] | None = None
+) -> tuple[list[Example], list[Example]]:
+    """builtin:stdlib-qa, or a JSONL file split by example: validation = the val_fraction of
+    examples whose text hashes lowest (at least one), the same on every run."""
+    if spec == "builtin:stdlib-qa":
+        return stdlib_qa(val_fraction, progress)
+    if spec.startswith("builtin:"):
+        raise QkvError(f"unknown builtin data {spec!r}; available: builtin:stdlib-qa")
+    examples = read_examples(spec)
+    if len(examples) < 2:
+        raise QkvError(f"{spec} holds one example; a validation split needs at least two")
+    digests = [hashlib.sha256(repr(e.turns).encode()).hexdigest() + str(i)
+               for i, e in enumerate(examples)]  # fmt: skip
+    held_out = set(sorted(range(len(examples)), key=digests.__getitem__)[
+        : max(1, round(len(examples) * val_fraction))
+    ])  # fmt: skip
+    train = [e for i, e in enumerate(examples) if i not in held_out]
+    return train, [e for i, e in enumerate(examples) if i in held_out]
+
+
+def prepare_finetune(
+    model_dir: str | Path,
+    spec: str,
+    cfg: TrainConfig,
+    out: Path,
+    progress: Callable[[str], None] | None = None,
+) -> FinetuneTrainer:
+    """A trainer that fine-tunes the decoder in `model_dir` on `spec`: the chat tokens are added
+    to its tokenizer and embedding, and examples longer than the context are skipped."""
+    from qkv.checkpoint import LATEST, load_model
+
+    if (out / LATEST).exists():
+        raise QkvError(f"{out} already holds a run; choose another --out")
+    model, tokenizer = load_model(model_dir, "cpu")
+    if not isinstance(model, DecoderLM):
+        raise QkvError(
+            f"{model_dir} holds an {model.config.arch} model; fine-tuning needs a decoder"
+        )
+    grow_vocabulary(model, add_chat_tokens(tokenizer))
+    cfg.context = min(cfg.context, model.config.max_seq_len)
+    train, val = load_examples(spec, cfg.val_fraction, progress)
+    train_data = prepare_examples(train, tokenizer, cfg.context)
+    val_data = prepare_examples(val, tokenizer, cfg.context)
+    if not val_data.rows:
+        raise QkvError("no validation example fits the context; raise --context or add data")
+    torch.manual_seed(cfg.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    return FinetuneTrainer(
+        model, tokenizer, None, None, cfg, out, train_examples=train_data, val_examples=val_data
+    )
