@@ -302,7 +302,7 @@ def _add_finetune_parser(commands: argparse._SubParsersAction) -> None:
         ("--steps", _positive, "optimizer steps", 300),
         ("--batch-size", _positive, "examples per step", 16),
         ("--context", _positive, "longest example in tokens (default: the model's)", None),
-        ("--lr", float, "peak learning rate", 1e-3),
+        ("--lr", float, "peak learning rate", 3e-4),
         ("--eval-every", _positive, "evaluate every N steps", 100),
         ("--save-every", _positive, "checkpoint every N steps", 100),
         ("--seed", _seed, "random seed", 0),
