@@ -97,7 +97,13 @@ def test_each_row_draws_from_its_own_seeded_generator() -> None:
 def test_tiny_temperatures_and_penalties_still_pick_the_likeliest_token() -> None:
     logits = random_logits(8)
     greedy = logits.argmax(-1)
-    assert torch.equal(select(logits, temperature=1e-45), greedy)
+    try:
+        for flush_denormal in (False, True):  # the trainer turns flushing on process-wide
+            torch.set_flush_denormal(flush_denormal)
+            assert torch.equal(select(logits, temperature=1e-45), greedy)
+            assert torch.equal(select(logits, temperature=1e-30), greedy)
+    finally:
+        torch.set_flush_denormal(False)
     seen = torch.ones_like(logits, dtype=torch.bool)
     penalized = penalize_repetition(logits, seen, 1e-40)  # positive logits become inf
     drawn = select(penalized, temperature=1.0)

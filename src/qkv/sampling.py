@@ -14,6 +14,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+# Temperatures below this are greedy: the draw would be argmax anyway, and dividing by a
+# denormal temperature (flushed to zero when torch.set_flush_denormal is on) would give NaN.
+GREEDY_BELOW = 1e-4
+
 
 def penalize_repetition(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
     """logits (batch, V), seen (batch, V) bool -> logits with every seen token made less likely."""
@@ -51,11 +55,11 @@ def select(
     top_p: float = 1.0,
     generators: list[torch.Generator] | None = None,
 ) -> Tensor:
-    """logits (batch, V) -> token ids (batch,): argmax when temperature is 0, else one draw per row
-    from softmax(filtered logits / temperature), row i using generators[i] (so a row's draws do
-    not depend on what else is in the batch)."""
+    """logits (batch, V) -> token ids (batch,): argmax when temperature is below GREEDY_BELOW
+    (0 included), else one draw per row from softmax(filtered logits / temperature), row i using
+    generators[i] (so a row's draws do not depend on what else is in the batch)."""
     logits = logits.float()
-    if temperature == 0:
+    if temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1)
     # Scaled from the row's maximum (softmax is unchanged by the shift), so that a tiny
     # temperature gives -inf, not inf - inf; a +inf logit (from a tiny repetition penalty)
