@@ -601,7 +601,7 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _finetune(args: argparse.Namespace) -> None:
-    from qkv.finetune import chat_prompt, load_examples, prepare_finetune
+    from qkv.finetune import chat_prompt, prepare_finetune
     from qkv.generate import Generator
 
     cfg = TrainConfig(
@@ -616,7 +616,7 @@ def _finetune(args: argparse.Namespace) -> None:
         seed=args.seed,
         device=args.device,
     )
-    trainer = prepare_finetune(
+    trainer, held_out = prepare_finetune(
         args.model, args.data, cfg, args.out, progress=lambda m: print(m, file=sys.stderr)
     )
     train, val = trainer.train_examples, trainer.val_examples
@@ -635,9 +635,8 @@ def _finetune(args: argparse.Namespace) -> None:
         f"checkpoint {args.out / 'latest'}"
     )
     generator = Generator(trainer.model.eval(), trainer.tokenizer)
-    held_out = load_examples(args.data, cfg.val_fraction)[1]
-    questions = [e.turns[-2][1] for e in held_out if e.turns[-2:][0][0] == "user"][:3]
-    for question in questions:
+    questions = [e.turns[-2][1] for e in held_out if len(e.turns) > 1 and e.turns[-2][0] == "user"]
+    for question in questions[:3]:
         answer = generator.generate(chat_prompt(question), max_new_tokens=48, temperature=0)
         print(f"--- Q: {question}\n    A: {answer.text.strip()}")
 

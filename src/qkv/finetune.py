@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from qkv.data import stdlib_docs
+from qkv.data import read_text_file, stdlib_docs
 from qkv.errors import QkvError
 from qkv.model import DecoderLM
 from qkv.tokenizer import Tokenizer
@@ -65,12 +65,7 @@ def parse_example(record: object) -> Example:
 def read_examples(path: str | Path) -> list[Example]:
     """Examples from a JSON Lines file; a malformed line is an error naming the file and line."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise QkvError(f"fine-tuning data {path} does not exist") from None
-    except UnicodeDecodeError as err:
-        raise QkvError(f"{path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+    lines = read_text_file(path).removeprefix("\ufeff").splitlines()
     examples = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -281,9 +276,10 @@ def prepare_finetune(
     cfg: TrainConfig,
     out: Path,
     progress: Callable[[str], None] | None = None,
-) -> FinetuneTrainer:
-    """A trainer that fine-tunes the decoder in `model_dir` on `spec`: the chat tokens are added
-    to its tokenizer and embedding, and examples longer than the context are skipped."""
+) -> tuple[FinetuneTrainer, list[Example]]:
+    """A trainer that fine-tunes the decoder in `model_dir` on `spec` (the chat tokens added to
+    its tokenizer and embedding, examples longer than the context skipped), and the held-out
+    examples."""
     from qkv.checkpoint import LATEST, load_model
 
     if (out / LATEST).exists():
@@ -302,6 +298,7 @@ def prepare_finetune(
         raise QkvError("no validation example fits the context; raise --context or add data")
     torch.manual_seed(cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
-    return FinetuneTrainer(
+    trainer = FinetuneTrainer(
         model, tokenizer, None, None, cfg, out, train_examples=train_data, val_examples=val_data
     )
+    return trainer, val

@@ -16,6 +16,8 @@ Token selection itself (greedy, temperature, top-k, top-p, repetition penalty) i
 from __future__ import annotations
 
 import dataclasses
+import json
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from qkv.data import read_text_file
 from qkv.errors import QkvError
 from qkv.model import DecoderLM
 from qkv.sampling import penalize_repetition, select
@@ -344,20 +347,18 @@ def _config(config: GenerationConfig | None, options: dict[str, Any]) -> Generat
 def read_prompts(path: str | Path) -> list[str]:
     """Prompts from a file ('-' is stdin): one per line, or JSON Lines of {"prompt": ...} when
     the file ends in .jsonl or its first line is a JSON object. Blank lines are skipped."""
-    import json
-    import sys
-
-    name = "standard input" if str(path) == "-" else str(path)
-    try:
-        data = sys.stdin.buffer.read() if str(path) == "-" else Path(path).read_bytes()
-        text = data.decode("utf-8-sig")
-    except FileNotFoundError:
-        raise QkvError(f"prompts file {name} does not exist") from None
-    except UnicodeDecodeError as err:
-        raise QkvError(f"{name} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
-    except OSError as err:
-        raise QkvError(f"cannot read prompts file {name}: {err.strerror}") from None
-    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if str(path) == "-":
+        name = "standard input"
+        try:
+            text = sys.stdin.buffer.read().decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise QkvError(
+                f"{name} is not UTF-8 text (byte {err.start}); save it as UTF-8"
+            ) from None
+    else:
+        name, text = str(path), read_text_file(Path(path))
+    lines = [(n, line) for n, line in enumerate(text.removeprefix("\ufeff").splitlines(), 1)]
+    lines = [(n, line) for n, line in lines if line.strip()]
     if not lines:
         raise QkvError(f"{name} holds no prompts")
     if not (str(path).endswith(".jsonl") or _is_json_object(lines[0][1])):
@@ -375,8 +376,6 @@ def read_prompts(path: str | Path) -> list[str]:
 
 
 def _is_json_object(line: str) -> bool:
-    import json
-
     try:
         return isinstance(json.loads(line), dict)
     except json.JSONDecodeError:
