@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import tokenizers
 import torch
 
 from qkv.config import ModelConfig
@@ -105,17 +106,23 @@ def test_changing_prompt_labels_never_changes_the_loss_but_response_labels_do(
 
 
 def test_growing_the_vocabulary_keeps_the_old_tokens_logits() -> None:
+    tokenizer = Tokenizer.train_char(["the user asked, the assistant answered"])
+    old = tokenizer.vocab_size
     for tied in (True, False):
         torch.manual_seed(0)
-        model = DecoderLM(ModelConfig(vocab_size=40, d_model=16, n_heads=2, tie_embeddings=tied))
-        ids = torch.randint(0, 40, (2, 9))
+        model = DecoderLM(ModelConfig(vocab_size=old, d_model=16, n_heads=2, tie_embeddings=tied))
+        ids = torch.randint(0, old, (2, 9))
         before = model(ids)
-        grow_vocabulary(model, 43)
+        grown = Tokenizer(tokenizers.Tokenizer.from_str(tokenizer.to_str()))
+        add_chat_tokens(grown)
+        grow_vocabulary(model, grown)
         after = model(ids)
-        assert model.config.vocab_size == 43 and after.shape[-1] == 43
-        torch.testing.assert_close(after[..., :40], before)
+        assert model.config.vocab_size == old + 3 and after.shape[-1] == old + 3
+        torch.testing.assert_close(after[..., :old], before)
         table = model.embedder.token_embedding.weight
-        torch.testing.assert_close(table[40:], table[:40].mean(0).expand(3, -1))
+        for offset, word in enumerate(["system", "user", "assistant"]):
+            spelled = table[tokenizer.encode(word)].mean(0)
+            torch.testing.assert_close(table[old + offset], spelled)
 
 
 def test_stdlib_qa_answers_with_the_first_paragraph_and_splits_by_package() -> None:

@@ -2,14 +2,18 @@
 
 A checkpoint is a directory: `config.json` (ModelConfig), `model.safetensors`, `tokenizer.json`,
 and for training `optimizer.safetensors` (optimizer moments and RNG states) with
-`trainer_state.json` (step, hyper-parameters, optimizer groups). A training run keeps them in
-RUN/checkpoints/step-NNNNNNNN and points the symlink RUN/latest at the newest. Each is written
-in a hidden temporary directory and renamed into place, then `latest` is swapped atomically, so a
-crash or SIGKILL at any moment leaves the previous checkpoint whole and `latest` pointing at it.
+`trainer_state.json` (step, hyper-parameters, optimizer groups). A LoRA checkpoint holds only the
+adapter: `adapter_config.json` (the base checkpoint, its weights' SHA-256, rank, alpha, targets)
+and `adapter.safetensors` in place of `config.json` and `model.safetensors`. A training run keeps
+them in RUN/checkpoints/step-NNNNNNNN and points the symlink RUN/latest at the newest. Each is
+written in a hidden temporary directory and renamed into place, then `latest` is swapped
+atomically, so a crash or SIGKILL at any moment leaves the previous checkpoint whole and `latest`
+pointing at it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -23,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from qkv.config import ModelConfig
 from qkv.errors import QkvError
 from qkv.model import build_model
+from qkv.nn.lora import add_lora, lora_state_dict
 from qkv.tokenizer import Tokenizer
 
 CONFIG = "config.json"
@@ -30,6 +35,9 @@ WEIGHTS = "model.safetensors"
 TOKENIZER = "tokenizer.json"
 OPTIMIZER = "optimizer.safetensors"
 TRAINER_STATE = "trainer_state.json"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER = "adapter.safetensors"
+ADAPTER_FIELDS = ("base", "base_sha256", "rank", "alpha", "dropout", "targets")
 LATEST = "latest"
 
 
@@ -47,15 +55,22 @@ def write_checkpoint(
     tokenizer: Tokenizer,
     tensors: dict[str, torch.Tensor] | None = None,
     state: dict[str, Any] | None = None,
+    adapter: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a checkpoint directory at `folder` atomically (temp dir + rename); returns it."""
+    """Write a checkpoint directory at `folder` atomically (temp dir + rename); returns it.
+    With `adapter` (its adapter_config.json), only the model's LoRA tensors are written."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    (tmp / CONFIG).write_text(model.config.to_json(), encoding="utf-8")
-    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(weights, tmp / WEIGHTS, metadata={"format": "pt"})
+    if adapter is None:
+        (tmp / CONFIG).write_text(model.config.to_json(), encoding="utf-8")
+        weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(weights, tmp / WEIGHTS, metadata={"format": "pt"})
+    else:
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(adapter, indent=2), encoding="utf-8")
+        weights = {k: v.detach().contiguous().cpu() for k, v in lora_state_dict(model).items()}
+        save_file(weights, tmp / ADAPTER, metadata={"format": "pt"})
     tokenizer.save(tmp / TOKENIZER)
     if tensors is not None:
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp / OPTIMIZER)
@@ -80,6 +95,7 @@ def save_training_checkpoint(
     tensors: dict[str, torch.Tensor],
     state: dict[str, Any],
     keep: int = 2,
+    adapter: dict[str, Any] | None = None,
 ) -> Path:
     """RUN/checkpoints/step-NNNNNNNN, then RUN/latest -> it; older ones beyond `keep` removed."""
     folder = run_dir / "checkpoints" / f"step-{step:08d}"
@@ -87,7 +103,7 @@ def save_training_checkpoint(
         for stale in folder.parent.iterdir():
             if stale.name.startswith((".tmp-", ".old-")):
                 shutil.rmtree(stale, ignore_errors=True)
-    write_checkpoint(folder, model, tokenizer, tensors, state)
+    write_checkpoint(folder, model, tokenizer, tensors, state, adapter)
     link = run_dir / LATEST
     tmp_link = run_dir / f".{LATEST}-{os.getpid()}"
     if tmp_link.is_symlink() or tmp_link.exists():
@@ -109,7 +125,7 @@ def run_directory(checkpoint: Path) -> Path:
 def resolve(path: str | Path) -> Path:
     """A checkpoint directory, or a run directory (its `latest` checkpoint)."""
     path = Path(path)
-    if (path / CONFIG).is_file():
+    if (path / CONFIG).is_file() or (path / ADAPTER_CONFIG).is_file():
         return path
     if (path / LATEST).exists():
         return (path / LATEST).resolve()
@@ -126,8 +142,12 @@ def load_config(folder: Path) -> ModelConfig:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Any, Tokenizer]:
-    """(model in eval mode, tokenizer) from a checkpoint or run directory."""
+    """(model in eval mode, tokenizer) from a checkpoint or run directory; a LoRA checkpoint
+    gives its base model with the adapter applied (not merged)."""
     folder = resolve(path)
+    if (folder / ADAPTER_CONFIG).is_file():
+        model, tokenizer = load_adapter_model(folder)
+        return model.to(device).eval(), tokenizer
     config = load_config(folder)
     model = build_model(config)
     load_weights(model, folder / WEIGHTS)
@@ -163,6 +183,78 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
                 f"needs {list(expected[name].shape)}"
             )
     model.load_state_dict(weights)
+
+
+def weights_digest(folder: Path) -> str:
+    """SHA-256 of a checkpoint's model.safetensors: which base model an adapter belongs to."""
+    digest = hashlib.sha256()
+    with open(folder / WEIGHTS, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_adapter_config(folder: Path) -> dict[str, Any]:
+    """The adapter_config.json of a LoRA checkpoint, its fields checked."""
+    path = folder / ADAPTER_CONFIG
+    try:
+        adapter = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise QkvError(f"{path} is unreadable ({err})") from None
+    missing = [k for k in ADAPTER_FIELDS if not isinstance(adapter, dict) or k not in adapter]
+    if missing:
+        raise QkvError(f"{path} lacks the field(s) {', '.join(missing)}")
+    return adapter
+
+
+def load_adapter_model(folder: Path) -> tuple[Any, Tokenizer]:
+    """The base model named by the adapter's config (checked against its SHA-256), grown to the
+    adapter's vocabulary, with LoRA layers holding the adapter's tensors."""
+    from qkv.finetune import grow_vocabulary
+
+    adapter = read_adapter_config(folder)
+    base = Path(adapter["base"])
+    if not (base / WEIGHTS).is_file():
+        raise QkvError(
+            f"{folder} is a LoRA adapter for the base model {base}, which is missing: "
+            "restore it there, or merge the adapter (qkv merge) where it exists"
+        )
+    if weights_digest(base) != adapter["base_sha256"]:
+        raise QkvError(
+            f"the base model {base} changed since the adapter in {folder} was trained "
+            "(its weights' SHA-256 differs): the adapter only fits the weights it was trained on"
+        )
+    model, _ = load_model(base)
+    tokenizer = Tokenizer.load(folder / TOKENIZER)
+    grow_vocabulary(model, tokenizer)
+    targets = tuple(adapter["targets"])
+    add_lora(model, adapter["rank"], adapter["alpha"], adapter["dropout"], targets)
+    load_adapter_weights(model, folder / ADAPTER)
+    return model, tokenizer
+
+
+def load_adapter_weights(model: torch.nn.Module, path: Path) -> None:
+    """Load a LoRA adapter's tensors into a model that has its LoRA layers."""
+    try:
+        weights = load_file(path)
+    except FileNotFoundError:
+        raise QkvError(f"adapter weights {path} are missing") from None
+    except (SafetensorError, OSError, ValueError) as err:
+        raise QkvError(f"adapter weights {path} are corrupt or unreadable ({err})") from None
+    expected = lora_state_dict(model)
+    if set(weights) != set(expected):
+        raise QkvError(
+            f"adapter weights {path} do not fit the model: missing "
+            f"{sorted(set(expected) - set(weights))[:5]}, unexpected "
+            f"{sorted(set(weights) - set(expected))[:5]}"
+        )
+    for name, tensor in weights.items():
+        if tensor.shape != expected[name].shape:
+            raise QkvError(
+                f"adapter tensor {name} has shape {list(tensor.shape)} but the model needs "
+                f"{list(expected[name].shape)}"
+            )
+    model.load_state_dict(weights, strict=False)
 
 
 def load_training_state(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_parser(commands)
     _add_generate_parser(commands)
     _add_finetune_parser(commands)
+    _add_merge_parser(commands)
+    _add_chat_parser(commands)
     _add_quickstart_parser(commands)
     return parser
 
@@ -275,42 +279,115 @@ def _add_generate_parser(commands: argparse._SubParsersAction) -> None:
 
 FINETUNE_EXAMPLES = """examples:
   qkv finetune --model runs/quickstart --data builtin:stdlib-qa --out runs/qa
+  qkv finetune --model runs/quickstart --lora-rank 8 --out runs/qa-lora    adapter only
   qkv finetune --model runs/notes --data pairs.jsonl --steps 500 --out runs/notes-chat
-  qkv generate --model runs/qa "<|user|>What does json.dumps do?<|assistant|>" --stop "<|"
+  qkv finetune --resume runs/qa --steps 600                    continue a run (or after Ctrl-C)
+  qkv chat --model runs/qa
 """
+FINETUNE_DEFAULTS = {"steps": 300, "batch_size": 16, "eval_every": 100, "save_every": 100}
+FINETUNE_LR, LORA_LR = 3e-4, 1e-3
+# Options a resumed fine-tuning run may change; the rest come from its checkpoint.
+FINETUNE_OPTIONS = ("steps", "batch_size", "context", "lr", "eval_every", "save_every", "seed",
+                    "device")  # fmt: skip
 
 
 def _add_finetune_parser(commands: argparse._SubParsersAction) -> None:
     finetune = commands.add_parser(
         "finetune",
-        help="fine-tune a trained decoder on prompt/response pairs",
+        help="fine-tune a trained decoder on prompt/response pairs (fully or with LoRA)",
         description="Fine-tune a decoder checkpoint on prompt/response examples: JSON Lines of\n"
         '{"prompt": ..., "response": ...} or {"messages": [{"role": ..., "content": ...}]},\n'
         "or builtin:stdlib-qa (questions about the standard library answered by its\n"
         "docstrings). The chat tokens <|system|>, <|user|>, <|assistant|> are added to the\n"
-        "tokenizer and embedding; the loss counts response tokens only. Reports the held-out\n"
-        "response loss before and after, with sample answers.",
+        "tokenizer and embedding; the loss counts response tokens only. With --lora-rank\n"
+        "the base weights stay frozen and checkpoints hold only the adapter (see qkv merge).\n"
+        "Reports the held-out response loss before and after, with sample answers.",
         epilog=FINETUNE_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    finetune.add_argument("--model", type=Path, required=True, help="run or checkpoint directory")
+    finetune.add_argument("--model", type=Path, help="run or checkpoint directory to start from")
+    finetune.add_argument("--data", default=None, help="JSONL file or builtin:stdlib-qa (default)")
+    finetune.add_argument("--out", type=Path, help="run directory for the result")
     finetune.add_argument(
-        "--data", default="builtin:stdlib-qa", help="JSONL file or builtin:stdlib-qa (default)"
+        "--resume", type=Path, metavar="RUN", help="continue a fine-tuning run from its checkpoint"
     )
-    finetune.add_argument("--out", type=Path, required=True, help="run directory for the result")
     options = [
-        ("--steps", _positive, "optimizer steps", 300),
-        ("--batch-size", _positive, "examples per step", 16),
-        ("--context", _positive, "longest example in tokens (default: the model's)", None),
-        ("--lr", float, "peak learning rate", 3e-4),
-        ("--eval-every", _positive, "evaluate every N steps", 100),
-        ("--save-every", _positive, "checkpoint every N steps", 100),
-        ("--seed", _seed, "random seed", 0),
-    ]
+        ("--steps", _positive, "optimizer steps", "300"),
+        ("--batch-size", _positive, "examples per step", "16"),
+        ("--context", _positive, "longest example in tokens", "the model's"),
+        ("--lr", float, "peak learning rate", "3e-4; 1e-3 with LoRA"),
+        ("--eval-every", _positive, "evaluate every N steps", "100"),
+        ("--save-every", _positive, "checkpoint every N steps", "100"),
+        ("--seed", _seed, "random seed", "0"),
+        ("--lora-rank", _positive, "train a LoRA adapter of this rank, not all weights", None),
+        ("--lora-alpha", float, "LoRA scale alpha (the update is scaled by alpha / rank)",
+         "2 x rank"),
+        ("--lora-dropout", float, "dropout on the adapter's input", "0"),
+    ]  # fmt: skip
     for flag, kind, text, default in options:
         shown = "" if default is None else f" (default {default})"
-        finetune.add_argument(flag, type=kind, default=default, help=text + shown)
+        finetune.add_argument(flag, type=kind, default=None, help=text + shown)
+    finetune.add_argument(
+        "--lora-targets",
+        default="q_proj,v_proj",
+        help="comma-separated linear layers to adapt: q_proj, k_proj, v_proj, o_proj, w1, w2, "
+        "gate, up, down (default q_proj,v_proj)",
+    )
     finetune.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+
+MERGE_EXAMPLES = """examples:
+  qkv merge --model runs/qa-lora --out runs/qa-merged
+  qkv chat --model runs/qa-merged
+"""
+
+
+def _add_merge_parser(commands: argparse._SubParsersAction) -> None:
+    merge = commands.add_parser(
+        "merge",
+        help="fold a LoRA adapter into its base model's weights",
+        description="Fold a LoRA adapter (a checkpoint of `qkv finetune --lora-rank`) into its\n"
+        "base model: W' = W + (alpha / r) B A. The result is a plain checkpoint that computes\n"
+        "the same logits as base + adapter, at the base model's speed.",
+        epilog=MERGE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    merge.add_argument("--model", type=Path, required=True, help="the adapter's run or checkpoint")
+    merge.add_argument("--out", type=Path, required=True, help="directory for the merged model")
+
+
+CHAT_EXAMPLES = """examples:
+  qkv chat --model runs/qa                            interactive: /reset, /exit, Ctrl-D
+  qkv chat --model runs/qa -p "What does json.dumps do?"    one question, one answer
+  printf 'hello\\nwhat next?\\n' | qkv chat --model runs/qa   one reply per input line
+"""
+
+
+def _add_chat_parser(commands: argparse._SubParsersAction) -> None:
+    chat = commands.add_parser(
+        "chat",
+        help="chat with a fine-tuned model in the terminal",
+        description="Chat with a model fine-tuned by `qkv finetune`. Replies stream as they are\n"
+        "generated; the conversation so far is part of each prompt, the oldest exchanges\n"
+        "dropped when it outgrows the context window. /reset forgets the history, /exit or\n"
+        "Ctrl-D ends, Ctrl-C stops a reply. With piped input every line is a message.",
+        epilog=CHAT_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    chat.add_argument("--model", type=Path, required=True, help="run or checkpoint directory")
+    chat.add_argument("-p", "--prompt", help="answer this one message and exit")
+    chat.add_argument("--system", help="a system message kept at the start of the conversation")
+    chat.add_argument(
+        "--max-new-tokens", type=_positive, default=200, help="longest reply in tokens (200)"
+    )
+    chat.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
+    chat.add_argument("--top-k", type=int, default=50, help="sample from the k likeliest (50)")
+    chat.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0: off)")
+    chat.add_argument(
+        "--repetition-penalty", type=float, default=1.1, help="CTRL's penalty (default 1.1)"
+    )
+    chat.add_argument("--seed", type=_seed, default=0, help="random seed (default 0)")
+    chat.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
 
 def _add_quickstart_parser(commands: argparse._SubParsersAction) -> None:
@@ -417,7 +494,7 @@ class Interrupted(QkvError):
     exit_code = 130
 
 
-def _run_training(run: Run, out: Path) -> None:
+def _run_training(run: Run, out: Path, command: str = "train") -> None:
     """Train with a progress bar; metrics.jsonl and loss.png follow every evaluation and save."""
     trainer = run.trainer
     progress = _Progress(trainer.cfg.steps, trainer.step)
@@ -446,7 +523,7 @@ def _run_training(run: Run, out: Path) -> None:
         )
         raise Interrupted(
             f"interrupted at step {trainer.step}; {saved_at}. Continue with: "
-            f"qkv train --resume {out}"
+            f"qkv {command} --resume {out}"
         ) from None
     finally:
         progress.bar.close()
@@ -549,9 +626,18 @@ def _eval(args: argparse.Namespace) -> None:
         )
 
 
-def _generate(args: argparse.Namespace) -> None:
-    import warnings
+@contextlib.contextmanager
+def _warnings_to_stderr(command: str) -> Iterator[None]:
+    """Python warnings inside the block as one line each: 'qkv COMMAND: warning: ...'."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, *_: print(
+            f"qkv {command}: warning: {message}", file=sys.stderr
+        )
+        yield
 
+
+def _generate(args: argparse.Namespace) -> None:
     from qkv.generate import GenerationConfig, Generator, read_prompts
 
     prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])
@@ -568,11 +654,7 @@ def _generate(args: argparse.Namespace) -> None:
         use_cache=not args.no_cache,
     )
     generator = Generator.load(args.model, resolve_device(args.device))
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        warnings.showwarning = lambda message, *_: print(
-            f"qkv generate: warning: {message}", file=sys.stderr
-        )
+    with _warnings_to_stderr("generate"):
         generator.check(prompts)  # every prompt's errors and warnings before any output
     started, produced = time.perf_counter(), 0
     with warnings.catch_warnings():
@@ -601,44 +683,192 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _finetune(args: argparse.Namespace) -> None:
-    from qkv.finetune import chat_prompt, prepare_finetune
+    from qkv.chat import answer_prompt
+    from qkv.checkpoint import ADAPTER, load_training_state, resolve, run_directory
+    from qkv.finetune import LoRASettings, prepare_finetune
     from qkv.generate import Generator
 
-    cfg = TrainConfig(
-        data=[args.data],
-        steps=args.steps,
-        batch_size=args.batch_size,
-        context=args.context or 10**9,
-        lr=args.lr,
-        warmup_steps=min(100, args.steps // 10),
-        eval_every=args.eval_every,
-        save_every=args.save_every,
-        seed=args.seed,
-        device=args.device,
-    )
-    trainer, held_out = prepare_finetune(
-        args.model, args.data, cfg, args.out, progress=lambda m: print(m, file=sys.stderr)
-    )
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    lora = None
+    if args.resume is not None:
+        if args.model or args.data or args.lora_rank:
+            raise QkvError(
+                "--resume continues a run with its own model and data: drop "
+                "--model/--data/--lora-rank"
+            )
+        folder = resolve(args.resume)
+        base = TrainConfig(**load_training_state(folder)[1]["train_config"])
+        out, spec = args.out or run_directory(folder), base.data[0]
+    else:
+        if args.model is None or args.out is None:
+            raise QkvError("give --model (the checkpoint to start from) and --out, or --resume RUN")
+        out, spec = args.out, args.data or "builtin:stdlib-qa"
+        if args.lora_rank is not None:
+            targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+            alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank
+            dropout = args.lora_dropout or 0.0
+            if not 0.0 <= dropout < 1.0:
+                raise QkvError(f"--lora-dropout must be in [0, 1); got {dropout}")
+            lora = LoRASettings(args.lora_rank, alpha, dropout, targets)
+        lr = LORA_LR if lora else FINETUNE_LR
+        base = TrainConfig(data=[spec], context=10**9, lr=lr, **FINETUNE_DEFAULTS)
+    cfg = dataclasses.replace(base, **{k: given[k] for k in FINETUNE_OPTIONS if k in given})
+    if args.resume is None:
+        cfg.warmup_steps = min(100, cfg.steps // 10)
+    try:
+        trainer, held_out = prepare_finetune(
+            args.model, spec, cfg, out, lambda m: print(m, file=sys.stderr), lora, args.resume
+        )
+    except ValueError as err:  # add_lora: no layer of that name
+        raise QkvError(f"--lora-targets: {err}") from None
     train, val = trainer.train_examples, trainer.val_examples
+    model = trainer.model
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(
         f"data: {len(train.rows):,} training and {len(val.rows):,} validation examples"
         f" ({train.skipped + val.skipped:,} longer than the context of {cfg.context} tokens "
-        f"skipped); {trainer.model.num_parameters():,} parameters; {cfg.steps:,} steps x "
-        f"{cfg.batch_size} examples"
+        f"skipped); {model.num_parameters():,} parameters, {trainable:,} trained; "
+        f"{cfg.steps:,} steps x {cfg.batch_size} examples"
+        + (f"; resuming at step {trainer.step}" if args.resume else "")
     )
+    if trainer.adapter is not None:
+        a = trainer.adapter
+        print(
+            f"LoRA: rank {a['rank']}, alpha {a['alpha']:g}, dropout {a['dropout']:g} on "
+            f"{', '.join(a['targets'])}; base model {a['base']} stays frozen"
+        )
     before = trainer.evaluate()
-    print(f"before: held-out response loss {before.loss:.4f}")
-    _run_training(Run(trainer, None, None), args.out)  # type: ignore[arg-type]
+    print(f"{'now' if args.resume else 'before'}: held-out response loss {before.loss:.4f}")
+    _run_training(Run(trainer, None, None), out, "finetune")  # type: ignore[arg-type]
     after = [h for h in trainer.history if "val_loss" in h][-1]["val_loss"]
     print(
         f"after: held-out response loss {after:.4f} ({1 - after / before.loss:.0%} lower); "
-        f"checkpoint {args.out / 'latest'}"
+        f"checkpoint {out / 'latest'}"
     )
-    generator = Generator(trainer.model.eval(), trainer.tokenizer)
+    if trainer.adapter is not None:
+        size = (out / "latest" / ADAPTER).stat().st_size
+        print(
+            f"adapter: {out / 'latest' / ADAPTER}, {size / 1024:,.0f} KiB ({trainable:,} "
+            f"parameters); fold it into the base with: qkv merge --model {out} --out DIR"
+        )
+    generator = Generator(model.eval(), trainer.tokenizer)
+    end_of_text = trainer.tokenizer.backend.id_to_token(trainer.tokenizer.end_of_text_id)
     questions = [e.turns[-2][1] for e in held_out if len(e.turns) > 1 and e.turns[-2][0] == "user"]
     for question in questions[:3]:
-        answer = generator.generate(chat_prompt(question), max_new_tokens=48, temperature=0)
+        prompt = answer_prompt([("user", question)], end_of_text)
+        answer = generator.generate(prompt, max_new_tokens=48, temperature=0)
         print(f"--- Q: {question}\n    A: {answer.text.strip()}")
+
+
+def _merge(args: argparse.Namespace) -> None:
+    import torch
+
+    from qkv.checkpoint import ADAPTER_CONFIG, load_model, resolve, write_checkpoint
+    from qkv.nn.lora import merge_lora
+
+    folder = resolve(args.model)
+    if not (folder / ADAPTER_CONFIG).is_file():
+        raise QkvError(
+            f"{folder} is not a LoRA adapter (it has no {ADAPTER_CONFIG}): nothing to merge"
+        )
+    if args.out.exists() and any(args.out.iterdir()):
+        raise QkvError(f"{args.out} already exists and is not empty; choose another --out")
+    model, tokenizer = load_model(folder)
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.randint(
+        0, model.config.vocab_size, (2, min(16, model.config.max_seq_len)), generator=generator
+    )
+    with torch.no_grad():
+        before = model(probe)
+        layers = merge_lora(model)
+        difference = float((model(probe) - before).abs().max())
+    write_checkpoint(args.out, model, tokenizer)
+    print(
+        f"merged {layers} LoRA layers into the base model: {args.out} "
+        f"({model.num_parameters():,} parameters); logits on a random probe differ from base + "
+        f"adapter by at most {difference:.1e}"
+    )
+
+
+def _chat(args: argparse.Namespace) -> None:
+    from qkv.chat import Conversation
+    from qkv.finetune import ROLE_TOKENS
+    from qkv.generate import GenerationConfig, Generator
+
+    generator = Generator.load(args.model, resolve_device(args.device))
+    window = generator.model.config.max_seq_len
+    reserve = min(args.max_new_tokens, window // 2)
+    conversation = Conversation(generator.tokenizer, window, reserve, args.system)
+    config = GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k or None,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        stop=tuple(ROLE_TOKENS.values()),
+        seed=args.seed,
+    )
+    interactive = sys.stdin.isatty() and args.prompt is None
+
+    def reply(message: str) -> None:
+        prompt, dropped = conversation.prompt(message)
+        if dropped:
+            print(
+                f"(the {dropped} oldest exchange(s) no longer fit the context window of "
+                f"{window} tokens and were left out)",
+                file=sys.stderr,
+            )
+        if interactive:
+            print("assistant> ", end="", flush=True)
+        turn = dataclasses.replace(config, seed=config.seed + len(conversation.exchanges))
+        with _warnings_to_stderr("chat"):
+            completion = generator.generate(
+                prompt, turn, on_text=lambda _, text: print(text, end="", flush=True)
+            )
+        print(flush=True)
+        conversation.add(message, completion.text)
+
+    if args.prompt is not None:
+        if not args.prompt.strip():
+            raise QkvError("the message (-p) is empty")
+        reply(args.prompt)
+        return
+    if interactive:
+        print(
+            f"chatting with {args.model} ({window}-token context). /reset forgets the "
+            "conversation, /exit or Ctrl-D ends, Ctrl-C stops a reply.",
+            file=sys.stderr,
+        )
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            if interactive:
+                print(file=sys.stderr)
+            return
+        except KeyboardInterrupt:  # at the prompt: a fresh line, as in a shell
+            print(file=sys.stderr)
+            continue
+        except UnicodeDecodeError as err:
+            raise QkvError(f"standard input is not UTF-8 text (byte {err.start})") from None
+        message = line.strip()
+        if not message:
+            continue
+        if message in ("/exit", "/quit"):
+            return
+        if message == "/reset":
+            conversation.reset()
+            print("(the conversation is forgotten)", file=sys.stderr)
+        elif message.startswith("/"):
+            print(
+                f"unknown command {message}: /reset forgets the conversation, /exit ends",
+                file=sys.stderr,
+            )
+        else:
+            try:
+                reply(message)
+            except KeyboardInterrupt:
+                print("\n(reply stopped)", file=sys.stderr)
 
 
 def _quickstart(args: argparse.Namespace) -> None:
@@ -699,6 +929,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "eval": _eval,
             "generate": _generate,
             "finetune": _finetune,
+            "merge": _merge,
+            "chat": _chat,
             "quickstart": _quickstart,
         }
         commands[args.command](args)

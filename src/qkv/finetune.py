@@ -14,16 +14,17 @@ import json
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn import functional as F
 
 from qkv.data import read_text_file, stdlib_docs
 from qkv.errors import QkvError
 from qkv.model import DecoderLM
+from qkv.nn.lora import DEFAULT_TARGETS, add_lora
 from qkv.tokenizer import Tokenizer
 from qkv.train import EvalResult, TrainConfig, Trainer, next_token_loss
 
@@ -126,21 +127,29 @@ def encode_example(example: Example, tokenizer: Tokenizer) -> tuple[list[int], l
     return ids, target
 
 
-def grow_vocabulary(model: DecoderLM, vocab_size: int) -> None:
-    """Add rows to the token embedding (and an untied head) for new tokens, each the mean of the
-    existing rows, so new tokens start as an average token; the config follows."""
-    old = model.config.vocab_size
-    if vocab_size <= old:
+def grow_vocabulary(model: DecoderLM, tokenizer: Tokenizer) -> None:
+    """Add embedding rows (and rows of an untied head) for the tokenizer's new tokens; the
+    config follows. A new token <|word|> starts as the mean of the rows of the tokens spelling
+    "word" (so <|user|> and <|assistant|> differ even where they stay frozen, as under LoRA);
+    any other as the mean of all rows."""
+    old, new = model.config.vocab_size, tokenizer.vocab_size
+    if new <= old:
         return
-    embedding = model.embedder.token_embedding
+    spellings = []
+    for token_id in range(old, new):
+        word = (tokenizer.backend.id_to_token(token_id) or "").strip("<|>")
+        spellings.append([i for i in tokenizer.encode(word) if i < old] if word else [])
+
+    def grown(table: Tensor) -> nn.Parameter:
+        rows = [table[ids].mean(0) if ids else table.mean(0) for ids in spellings]
+        return nn.Parameter(torch.cat([table, torch.stack(rows)]))
+
     with torch.no_grad():
-        grown = torch.cat([embedding.weight, embedding.weight.mean(0).expand(vocab_size - old, -1)])
-        embedding.weight = torch.nn.Parameter(grown)
+        embedding = model.embedder.token_embedding
+        embedding.weight = grown(embedding.weight)
         if model.head.weight is not None:
-            head = model.head.weight
-            rows = head.mean(0).expand(vocab_size - old, -1)
-            model.head.weight = torch.nn.Parameter(torch.cat([head, rows]))
-    model.config = model.config.replace(vocab_size=vocab_size)
+            model.head.weight = grown(model.head.weight)
+    model.config = model.config.replace(vocab_size=new)
 
 
 def response_loss(logits: Tensor, ids: Tensor, target: Tensor) -> Tensor:
@@ -244,11 +253,6 @@ class FinetuneTrainer(Trainer):
         return evaluate_responses(self.model, self.val_examples, self.tokenizer.pad_id)
 
 
-def chat_prompt(question: str) -> str:
-    """The text that asks the model to answer `question` in the chat template."""
-    return f"{ROLE_TOKENS['user']}{question}{ROLE_TOKENS['assistant']}"
-
-
 def load_examples(
     spec: str, val_fraction: float = 0.05, progress: Callable[[str], None] | None = None
 ) -> tuple[list[Example], list[Example]]:
@@ -270,26 +274,73 @@ def load_examples(
     return train, [e for i, e in enumerate(examples) if i in held_out]
 
 
+@dataclass(frozen=True)
+class LoRASettings:
+    """What `qkv finetune --lora-rank` adapts: rank r, alpha (scale alpha / r), dropout, and the
+    linear layers by name (q_proj, k_proj, v_proj, o_proj, w1, w2, gate, up, down)."""
+
+    rank: int
+    alpha: float
+    dropout: float = 0.0
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+
+
 def prepare_finetune(
-    model_dir: str | Path,
+    model_dir: str | Path | None,
     spec: str,
     cfg: TrainConfig,
     out: Path,
     progress: Callable[[str], None] | None = None,
+    lora: LoRASettings | None = None,
+    resume: Path | None = None,
 ) -> tuple[FinetuneTrainer, list[Example]]:
     """A trainer that fine-tunes the decoder in `model_dir` on `spec` (the chat tokens added to
-    its tokenizer and embedding, examples longer than the context skipped), and the held-out
-    examples."""
-    from qkv.checkpoint import LATEST, load_model
+    its tokenizer and embedding, examples longer than the context skipped), fully or through a
+    LoRA adapter, or one that continues the fine-tuning run checkpointed at `resume`; and the
+    held-out examples."""
+    from qkv.checkpoint import (
+        ADAPTER_CONFIG,
+        LATEST,
+        WEIGHTS,
+        load_adapter_model,
+        load_model,
+        read_adapter_config,
+        resolve,
+        weights_digest,
+    )
 
-    if (out / LATEST).exists():
-        raise QkvError(f"{out} already holds a run; choose another --out")
-    model, tokenizer = load_model(model_dir, "cpu")
+    adapter = None
+    if resume is not None:
+        folder = resolve(resume)
+        if (folder / ADAPTER_CONFIG).is_file():
+            adapter = read_adapter_config(folder)
+            model, tokenizer = load_adapter_model(folder)
+        else:
+            model, tokenizer = load_model(folder)
+    else:
+        if (out / LATEST).exists():
+            raise QkvError(
+                f"{out} already holds a run; continue it with --resume {out}, or choose "
+                "another --out"
+            )
+        base = resolve(model_dir)
+        if lora is not None and not (base / WEIGHTS).is_file():
+            raise QkvError(f"{base} is itself a LoRA adapter: merge it first (qkv merge)")
+        model, tokenizer = load_model(base, "cpu")
+        if lora is not None:
+            adapter = {
+                "base": str(base.resolve()),
+                "base_sha256": weights_digest(base),
+                **asdict(lora),
+            }
     if not isinstance(model, DecoderLM):
         raise QkvError(
             f"{model_dir} holds an {model.config.arch} model; fine-tuning needs a decoder"
         )
-    grow_vocabulary(model, add_chat_tokens(tokenizer))
+    add_chat_tokens(tokenizer)
+    grow_vocabulary(model, tokenizer)
+    if lora is not None and resume is None:
+        add_lora(model, lora.rank, lora.alpha, lora.dropout, lora.targets)
     cfg.context = min(cfg.context, model.config.max_seq_len)
     train, val = load_examples(spec, cfg.val_fraction, progress)
     train_data = prepare_examples(train, tokenizer, cfg.context)
@@ -297,8 +348,18 @@ def prepare_finetune(
     if not val_data.rows:
         raise QkvError("no validation example fits the context; raise --context or add data")
     torch.manual_seed(cfg.seed)
-    out.mkdir(parents=True, exist_ok=True)
     trainer = FinetuneTrainer(
-        model, tokenizer, None, None, cfg, out, train_examples=train_data, val_examples=val_data
+        model,
+        tokenizer,
+        None,
+        None,
+        cfg,
+        out,
+        adapter=adapter,
+        train_examples=train_data,
+        val_examples=val_data,
     )
+    if resume is not None:
+        trainer.resume(folder)
+    out.mkdir(parents=True, exist_ok=True)
     return trainer, val

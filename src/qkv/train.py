@@ -23,8 +23,10 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from qkv.checkpoint import (
+    ADAPTER,
     LATEST,
     WEIGHTS,
+    load_adapter_weights,
     load_config,
     load_training_state,
     load_weights,
@@ -252,6 +254,7 @@ class Trainer:
     on_eval: Callable[[int, EvalResult], None] = lambda step, result: None
     on_save: Callable[[Path], None] = lambda path: None
     history: list[dict[str, Any]] = field(default_factory=list)
+    adapter: dict[str, Any] | None = None  # LoRA: checkpoints hold only the adapter (its config)
 
     def __post_init__(self) -> None:
         self.cfg.validate()
@@ -311,14 +314,18 @@ class Trainer:
             tensors,
             state,
             self.cfg.keep_checkpoints,
+            self.adapter,
         )
         self.saved_step = self.step
         self.on_save(path)
         return path
 
     def resume(self, folder: Path) -> None:
-        """Restore model, optimizer, RNG states and step from a training checkpoint."""
-        load_weights(self.model, folder / WEIGHTS)
+        """Restore model (or adapter), optimizer, RNG states and step from a training checkpoint."""
+        if self.adapter is None:
+            load_weights(self.model, folder / WEIGHTS)
+        else:
+            load_adapter_weights(self.model, folder / ADAPTER)
         tensors, state = load_training_state(folder)
         optimizer_state: dict[str, Any] = {"state": {}, "param_groups": state["param_groups"]}
         for key, value in tensors.items():
