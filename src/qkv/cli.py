@@ -43,6 +43,8 @@ QUICKSTART = TrainConfig(
     eval_every=500,
 )
 QUICKSTART_MODEL = ModelConfig.preset("tiny")
+# Encoder-decoder runs (steps and batch size per task: seq2seq.SCHEDULES).
+SEQ2SEQ = TrainConfig(lr=2e-3, warmup_steps=100, eval_every=500, save_every=500, dtype="float32")
 QUICKSTART_MINUTES = 4.0
 QUICKSTART_RESERVE_S = 20  # evaluations, the final save and the samples
 QUICKSTART_PROMPTS = ["Return the", "This module provides", "If the file", "Raise ValueError if"]
@@ -163,6 +165,25 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="override a model config field, e.g. --set n_layers=6 (repeatable)",
+    )
+    train.add_argument(
+        "--arch",
+        choices=["decoder", "encoder-decoder"],
+        default="decoder",
+        help="decoder: a language model on text (default); encoder-decoder: source -> target "
+        "pairs from --task or a --data JSONL file",
+    )
+    train.add_argument(
+        "--task",
+        choices=["reverse", "sort", "add"],
+        help="train an encoder-decoder on a built-in task: reverse or sort 1-16 digits, add "
+        "two numbers up to 9999",
+    )
+    train.add_argument(
+        "--beam",
+        type=_positive,
+        default=4,
+        help="encoder-decoder: beams in the final beam-search evaluation (default 4; 1: none)",
     )
     train.add_argument("--tokenizer", choices=KINDS, help="bpe (default) or char")
     train.add_argument("--vocab-size", type=_positive, help="BPE vocabulary size (default 4096)")
@@ -482,9 +503,14 @@ class _Progress:
         )
 
     def eval(self, step: int, result: EvalResult) -> None:
+        exact = getattr(result, "exact_match", None)
         self.write(
             f"step {step}: val loss {result.loss:.4f}, perplexity {result.perplexity:.2f}, "
-            f"bits/byte {result.bits_per_byte:.3f}"
+            + (
+                f"bits/byte {result.bits_per_byte:.3f}"
+                if exact is None
+                else f"exact match {exact:.1%}"
+            )
         )
 
 
@@ -553,16 +579,18 @@ def _summary(run: Run) -> str:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from qkv.checkpoint import load_training_state, resolve, run_directory
+    from qkv.checkpoint import load_config, load_training_state, resolve, run_directory
+    from qkv.seq2seq import seq2seq_model_config
 
     model_config = None
     base = TrainConfig()
     out = args.out
+    seq2seq = args.task is not None or args.arch == "encoder-decoder"
     if args.resume is not None:
-        if args.preset or args.config or args.set or args.tokenizer or args.vocab_size:
+        if args.preset or args.config or args.set or args.tokenizer or args.vocab_size or args.task:
             raise QkvError(
-                "--resume continues a run with its own model and tokenizer: drop "
-                "--preset/--config/--set/--tokenizer/--vocab-size"
+                "--resume continues a run with its own model, tokenizer and data: drop "
+                "--preset/--config/--set/--tokenizer/--vocab-size/--task"
             )
         folder = resolve(args.resume)
         try:
@@ -571,18 +599,26 @@ def _train(args: argparse.Namespace) -> None:
             raise QkvError(
                 f"{folder}/trainer_state.json was not written by this version of qkv train"
             ) from None
+        seq2seq = load_config(folder).arch == "encoder-decoder"
         if out is None:
             out = run_directory(folder)
     else:
         if args.config is not None:
             model_config = ModelConfig.load(args.config)
-        else:
+        elif args.preset or not seq2seq:
             model_config = ModelConfig.preset(args.preset or "tiny")
         if args.set:
+            if model_config is None:  # vocabulary and length are set from the data later
+                model_config = seq2seq_model_config(vocab_size=16, longest=17)
             model_config = model_config.replace(**_parse_overrides(args.set))
+        if seq2seq:
+            base = SEQ2SEQ
     out = out or Path("runs/train")
     if args.data:  # absolute, so a resumed run finds its files from any directory
         args.data = [d if d.startswith("builtin:") else os.path.abspath(d) for d in args.data]
+    if seq2seq:
+        _train_seq2seq(args, _train_config(args, base), model_config, out)
+        return
     cfg = _train_config(args, base)
     run = prepare_run(
         out, cfg, model_config, args.resume, lambda message: print(message, file=sys.stderr)
@@ -594,6 +630,52 @@ def _train(args: argparse.Namespace) -> None:
         f"done: validation loss {last['val_loss']:.4f}, bits/byte {last['val_bits_per_byte']:.3f};"
         f" checkpoint {out / 'latest'}, metrics {out / 'metrics.jsonl'}, plot {out / 'loss.png'}"
     )
+
+
+def _train_seq2seq(
+    args: argparse.Namespace, cfg: TrainConfig, model_config: ModelConfig | None, out: Path
+) -> None:
+    """qkv train --task NAME | --arch encoder-decoder --data PAIRS.jsonl."""
+    from qkv.seq2seq import SCHEDULES, evaluate_pairs, prepare_seq2seq_run
+
+    if args.resume is None:
+        if args.task is not None and args.data:
+            raise QkvError("give --task (a built-in task) or --data (a JSONL file), not both")
+        if args.task is None and (not args.data or len(args.data) != 1):
+            raise QkvError(
+                "an encoder-decoder trains on --task reverse|sort|add or on one --data file of "
+                '{"source": ..., "target": ...} lines'
+            )
+        cfg.data = [f"task:{args.task}"] if args.task else args.data
+        steps, batch_size = SCHEDULES[args.task or "file"]
+        cfg.steps = args.steps or steps
+        cfg.batch_size = args.batch_size or batch_size
+    if model_config is not None and model_config.arch != "encoder-decoder":
+        raise QkvError("--task trains an encoder-decoder: drop --preset/--set arch=... or use "
+                       "an encoder-decoder preset such as transformer-base")  # fmt: skip
+    started = time.perf_counter()
+    trainer = prepare_seq2seq_run(out, cfg, model_config, args.resume)
+    config, source = trainer.model.config, trainer.source
+    print(
+        f"model: {trainer.model.num_parameters():,} parameters; encoder-decoder "
+        f"d_model={config.d_model}, heads={config.n_heads}, layers={config.n_layers}+"
+        f"{config.n_layers}, {config.position} positions, "
+        f"{'pre' if config.norm_first else 'post'}-norm, {config.feed_forward}\n"
+        f"data: {cfg.data[0]}; {len(source.held_out):,} held-out pairs never trained on; "
+        f"{cfg.steps:,} steps x {cfg.batch_size} pairs on {trainer.device}"
+        + (f"; resuming at step {trainer.step}" if args.resume else "")
+    )
+    _run_training(Run(trainer, None, None), out)  # type: ignore[arg-type]
+    greedy, predictions = evaluate_pairs(trainer.model, source.held_out, trainer.tokenizer)
+    line = f"held-out exact match: greedy {greedy.exact_match:.1%}"
+    if args.beam > 1:
+        beam = evaluate_pairs(trainer.model, source.held_out, trainer.tokenizer, args.beam)[0]
+        line += f", beam search ({args.beam} beams) {beam.exact_match:.1%}"
+    print(f"{line} ({len(source.held_out):,} pairs)")
+    for (src, target), predicted in list(zip(source.held_out, predictions, strict=True))[:5]:
+        mark = "ok" if predicted == target else f"wrong, expected {target}"
+        print(f"  {src} -> {predicted}  ({mark})")
+    print(f"done in {time.perf_counter() - started:.0f} s; checkpoint {out / 'latest'}")
 
 
 def _eval(args: argparse.Namespace) -> None:

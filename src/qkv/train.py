@@ -417,13 +417,17 @@ class Trainer:
             total += self._forward_backward(self.forward, x, y)
         return total
 
-    def _forward_backward(self, forward: Callable[[Tensor], Tensor], x: Tensor, y: Tensor) -> float:
-        """One micro-batch: loss / grad_accum, its gradients accumulated."""
-        x, y = x.to(self.device), y.to(self.device)
+    def _forward_backward(
+        self, forward: Callable[..., Tensor], x: Tensor | tuple[Tensor, ...], y: Tensor
+    ) -> float:
+        """One micro-batch: loss / grad_accum, its gradients accumulated. `x` is the model's
+        input, or a tuple of its inputs (an encoder-decoder's source, target and mask)."""
+        inputs = tuple(t.to(self.device) for t in (x if isinstance(x, tuple) else (x,)))
+        y = y.to(self.device)
         with torch.autocast(
             self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32
         ):
-            logits = forward(x)
+            logits = forward(*inputs)
         loss = next_token_loss(logits, y) / self.cfg.grad_accum
         loss.backward()
         return loss.item()

@@ -1,0 +1,357 @@
+"""Sequence to sequence: an encoder-decoder trained on source -> target pairs.
+
+Built-in tasks, made on the fly from a seeded generator (digits):
+    reverse   "40213"      -> "31204"   (lengths 1-16)
+    sort      "40213"      -> "01234"   (lengths 1-16)
+    add       "123+4567"   -> "4690"    (operands 0-9999)
+or a JSON Lines file of {"source": ..., "target": ...}. The decoder reads [E] + target and learns
+to predict target + [E], where E is <|endoftext|>: the same token starts and ends every target.
+Decoding is greedy or a beam search; exact match = the decoded target equals the reference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from qkv.config import ModelConfig
+from qkv.data import read_text_file
+from qkv.errors import QkvError
+from qkv.model import EncoderDecoder, build_model
+from qkv.tokenizer import Tokenizer
+from qkv.train import EvalResult, TrainConfig, Trainer, next_token_loss
+
+IGNORE = -100
+TASK_LENGTH = 16  # reverse / sort: sequences of 1..16 digits
+ADD_DIGITS = 4  # add: operands 0..9999
+
+
+def reverse_pair(rng: random.Random) -> tuple[str, str]:
+    digits = "".join(rng.choices("0123456789", k=rng.randint(1, TASK_LENGTH)))
+    return digits, digits[::-1]
+
+
+def sort_pair(rng: random.Random) -> tuple[str, str]:
+    digits = "".join(rng.choices("0123456789", k=rng.randint(1, TASK_LENGTH)))
+    return digits, "".join(sorted(digits))
+
+
+def add_pair(rng: random.Random) -> tuple[str, str]:
+    """Operands with a uniformly drawn number of digits (so short sums are not rare)."""
+    a, b = (rng.randint(0, 10 ** rng.randint(1, ADD_DIGITS) - 1) for _ in range(2))
+    return f"{a}+{b}", str(a + b)
+
+
+TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
+    "reverse": reverse_pair,
+    "sort": sort_pair,
+    "add": add_pair,
+}
+# Default (steps, batch size) per task at lr 2e-3, measured on 2 CPU cores: reverse 99.9% held-out
+# exact match in 230 s; add 96% in 260 s. A JSONL file gets the "file" entry.
+SCHEDULES = {"reverse": (1500, 128), "sort": (1500, 128), "add": (4000, 64), "file": (2000, 64)}
+
+
+def task_tokenizer() -> Tokenizer:
+    """Characters: the digits and '+', plus qkv's special tokens."""
+    return Tokenizer.train_char(["0123456789+"])
+
+
+def read_pairs(path: str | Path) -> list[tuple[str, str]]:
+    """{"source": ..., "target": ...} per line; a malformed line is named by file and line."""
+    pairs = []
+    for number, line in enumerate(
+        read_text_file(Path(path)).removeprefix("\ufeff").splitlines(), 1
+    ):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise QkvError(f"{path}, line {number}: {err.msg}") from None
+        if not (isinstance(record, dict) and isinstance(record.get("source"), str)
+                and isinstance(record.get("target"), str)):  # fmt: skip
+            raise QkvError(f'{path}, line {number}: expected {{"source": "...", "target": "..."}}')
+        pairs.append((record["source"], record["target"]))
+    if len(pairs) < 2:
+        raise QkvError(
+            f"{path} holds {len(pairs)} pair(s); training and validation need at least 2"
+        )
+    return pairs
+
+
+@dataclass
+class PairSource:
+    """Where training pairs come from, and the held-out pairs they never include."""
+
+    held_out: list[tuple[str, str]]
+    task: str | None = None
+    pairs: list[tuple[str, str]] = field(default_factory=list)  # a file's training pairs
+
+
+def task_source(task: str, held_out: int = 1000, seed: int = 0) -> PairSource:
+    """`held_out` distinct pairs of a built-in task, drawn from their own seeded generator."""
+    if task not in TASKS:
+        raise QkvError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    rng, seen, pairs = random.Random(f"held-out-{seed}"), set(), []
+    while len(pairs) < held_out:
+        pair = TASKS[task](rng)
+        if pair[0] not in seen:
+            seen.add(pair[0])
+            pairs.append(pair)
+    return PairSource(pairs, task=task)
+
+
+def file_source(path: str | Path, val_fraction: float = 0.05) -> PairSource:
+    """A file's pairs split by hash of the source: the same split on every run."""
+    pairs = read_pairs(path)
+    digests = [hashlib.sha256(f"{s}\0{i}".encode()).hexdigest() for i, (s, _) in enumerate(pairs)]
+    ranked = sorted(range(len(pairs)), key=digests.__getitem__)
+    held = set(ranked[: max(1, round(len(pairs) * val_fraction))])
+    return PairSource(
+        [p for i, p in enumerate(pairs) if i in held],
+        pairs=[p for i, p in enumerate(pairs) if i not in held],
+    )
+
+
+def encode_pairs(
+    pairs: list[tuple[str, str]], tokenizer: Tokenizer
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(source ids, source mask, decoder input, labels), right-padded; labels IGNORE on pads."""
+    end, pad = tokenizer.end_of_text_id, tokenizer.pad_id
+    sources = [tokenizer.encode(s) for s, _ in pairs]
+    targets = [[*tokenizer.encode(t), end] for _, t in pairs]
+    batch, src_len, tgt_len = len(pairs), max(map(len, sources)), max(map(len, targets))
+    src = torch.full((batch, src_len), pad)
+    mask = torch.zeros(batch, src_len, dtype=torch.long)
+    decoder_in = torch.full((batch, tgt_len), pad)
+    labels = torch.full((batch, tgt_len), IGNORE)
+    for i, (s, t) in enumerate(zip(sources, targets, strict=True)):
+        src[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+        decoder_in[i, : len(t)] = torch.tensor([end, *t[:-1]])
+        labels[i, : len(t)] = torch.tensor(t)
+    return src, mask, decoder_in, labels
+
+
+class PairBatches:
+    """Random training batches: fresh task pairs (never a held-out source) or a file's pairs."""
+
+    def __init__(
+        self, source: PairSource, tokenizer: Tokenizer, batch_size: int, seed: int
+    ) -> None:
+        self.source, self.tokenizer, self.batch_size = source, tokenizer, batch_size
+        self.held_out = {s for s, _ in source.held_out}
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next(self) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor]:
+        if self.source.task is None:
+            picks = torch.randint(0, len(self.source.pairs), (self.batch_size,),
+                                  generator=self.generator)  # fmt: skip
+            pairs = [self.source.pairs[i] for i in picks.tolist()]
+        else:
+            seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+            rng, make, pairs = random.Random(seed), TASKS[self.source.task], []
+            while len(pairs) < self.batch_size:
+                pair = make(rng)
+                if pair[0] not in self.held_out:
+                    pairs.append(pair)
+        src, mask, decoder_in, labels = encode_pairs(pairs, self.tokenizer)
+        return (src, decoder_in, mask), labels
+
+
+@torch.no_grad()
+def greedy_decode(
+    model: EncoderDecoder, src: Tensor, mask: Tensor, end_id: int, max_len: int
+) -> list[list[int]]:
+    """Each source's target, one argmax token at a time, until E (or max_len tokens)."""
+    memory = model.encode(src, mask)
+    out = torch.full((len(src), 1), end_id, device=src.device)
+    done = torch.zeros(len(src), dtype=torch.bool, device=src.device)
+    for _ in range(max_len):
+        logits = model.head(model.decode_hidden_states(out, memory, mask)[:, -1])
+        token = logits.argmax(-1).masked_fill(done, end_id)
+        out = torch.cat([out, token[:, None]], dim=1)
+        done |= token == end_id
+        if done.all():
+            break
+    return [_until_end(row[1:].tolist(), end_id) for row in out]
+
+
+@torch.no_grad()
+def beam_decode(
+    model: EncoderDecoder, src: Tensor, mask: Tensor, end_id: int, max_len: int, beams: int
+) -> list[list[int]]:
+    """Beam search: keep the `beams` likeliest partial targets (sum of log p) per source; a
+    beam that wrote E is finished and keeps its score. Returns each source's best target."""
+    batch = len(src)
+    memory = model.encode(src, mask).repeat_interleave(beams, dim=0)
+    mask = mask.repeat_interleave(beams, dim=0)
+    out = torch.full((batch * beams, 1), end_id, device=src.device)
+    scores = torch.full((batch, beams), -math.inf, device=src.device)
+    scores[:, 0] = 0.0  # all beams start equal: keep one so the first step has distinct beams
+    done = torch.zeros(batch * beams, dtype=torch.bool, device=src.device)
+    for _ in range(max_len):
+        logits = model.head(model.decode_hidden_states(out, memory, mask)[:, -1])
+        log_p = F.log_softmax(logits.float(), dim=-1)
+        # A finished beam extends only with E, at no cost.
+        log_p[done] = -math.inf
+        log_p[done, end_id] = 0.0
+        vocab = log_p.shape[-1]
+        total = (scores.reshape(-1, 1) + log_p).reshape(batch, beams * vocab)
+        scores, index = total.topk(beams, dim=-1)
+        origin = (index // vocab + torch.arange(batch, device=src.device)[:, None] * beams).reshape(
+            -1
+        )
+        token = (index % vocab).reshape(-1)
+        out = torch.cat([out[origin], token[:, None]], dim=1)
+        done = done[origin] | (token == end_id)
+        if done.all():
+            break
+    best = out.reshape(batch, beams, -1)[:, 0]  # topk sorts: beam 0 is the likeliest
+    return [_until_end(row[1:].tolist(), end_id) for row in best]
+
+
+def _until_end(ids: list[int], end_id: int) -> list[int]:
+    return ids[: ids.index(end_id)] if end_id in ids else ids
+
+
+@dataclass
+class Seq2SeqEval(EvalResult):
+    """Teacher-forced loss on the held-out targets, and exact match of decoded ones."""
+
+    exact_match: float = 0.0
+
+    def to_dict(self) -> dict[str, float]:
+        return {**super().to_dict(), "exact_match": self.exact_match}
+
+
+def evaluate_pairs(
+    model: EncoderDecoder,
+    pairs: list[tuple[str, str]],
+    tokenizer: Tokenizer,
+    beams: int = 1,
+    batch_size: int = 250,
+) -> tuple[Seq2SeqEval, list[str]]:
+    """Loss and exact match over `pairs`, and the decoded targets."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count, predictions = 0.0, 0, []
+    for first in range(0, len(pairs), batch_size):
+        chunk = pairs[first : first + batch_size]
+        src, mask, decoder_in, labels = (t.to(device) for t in encode_pairs(chunk, tokenizer))
+        with torch.no_grad():
+            total += next_token_loss(model(src, decoder_in, mask), labels, "sum").item()
+        count += int((labels != IGNORE).sum())
+        max_len = min(labels.shape[1] + 8, model.config.max_seq_len)  # tokens after the first
+        if beams > 1:
+            decoded = beam_decode(model, src, mask, tokenizer.end_of_text_id, max_len, beams)
+        else:
+            decoded = greedy_decode(model, src, mask, tokenizer.end_of_text_id, max_len)
+        predictions += [tokenizer.decode(ids) for ids in decoded]
+    model.train(was_training)
+    loss = total / max(count, 1)
+    target_bytes = sum(len(t.encode("utf-8")) + 1 for _, t in pairs)
+    exact = sum(p == t for p, (_, t) in zip(predictions, pairs, strict=True)) / len(pairs)
+    result = Seq2SeqEval(loss, math.exp(min(loss, 80.0)), total / (math.log(2) * target_bytes),
+                         count, exact)  # fmt: skip
+    return result, predictions
+
+
+@dataclass
+class Seq2SeqTrainer(Trainer):
+    """The Trainer on source -> target pairs: batches of (source, decoder input, source mask),
+    evaluation by teacher-forced loss and exact match (greedy, or beam search with beams > 1)."""
+
+    source: PairSource = field(default_factory=lambda: PairSource([]))
+    beams: int = 1
+
+    def make_batches(self) -> PairBatches:  # type: ignore[override]
+        return PairBatches(self.source, self.tokenizer, self.cfg.batch_size, self.cfg.seed)
+
+    def evaluate(self) -> Seq2SeqEval:
+        return evaluate_pairs(self.model, self.source.held_out, self.tokenizer, self.beams)[0]
+
+
+def seq2seq_model_config(vocab_size: int, longest: int) -> ModelConfig:
+    """The original paper's design (post-norm, sinusoids, ReLU, scaled embeddings), small."""
+    return ModelConfig(
+        arch="encoder-decoder",
+        vocab_size=vocab_size,
+        d_model=128,
+        n_heads=4,
+        n_layers=2,
+        d_ff=512,
+        max_seq_len=longest,
+        position="sinusoidal",
+        norm_first=False,
+        feed_forward="relu",
+        scale_embeddings=True,
+    )
+
+
+def longest_sequence(source: PairSource, tokenizer: Tokenizer) -> int:
+    """Tokens in the longest source, or target + E: the model's max_seq_len."""
+    if source.task == "add":
+        return 2 * ADD_DIGITS + 1
+    if source.task is not None:
+        return TASK_LENGTH + 1
+    pairs = source.pairs + source.held_out
+    return max(max(len(tokenizer.encode(s)), len(tokenizer.encode(t)) + 1) for s, t in pairs)
+
+
+def pair_source(spec: str, val_fraction: float) -> PairSource:
+    """task:NAME (a built-in task) or a JSONL file of source/target pairs."""
+    if spec.startswith("task:"):
+        return task_source(spec.removeprefix("task:"))
+    return file_source(spec, val_fraction)
+
+
+def prepare_seq2seq_run(
+    out: Path,
+    cfg: TrainConfig,
+    model_config: ModelConfig | None = None,
+    resume: Path | None = None,
+    beams: int = 1,
+) -> Seq2SeqTrainer:
+    """An encoder-decoder and its trainer on cfg.data[0] (task:NAME or a JSONL file), new in
+    `out` or resumed from a checkpoint (whose model and tokenizer are then used)."""
+    from qkv.checkpoint import LATEST, load_config, resolve
+
+    cfg.validate()
+    source = pair_source(cfg.data[0], cfg.val_fraction)
+    if resume is not None:
+        folder = resolve(resume)
+        model_config, tokenizer = load_config(folder), Tokenizer.load(folder)
+    else:
+        if (out / LATEST).exists():
+            raise QkvError(
+                f"{out} already holds a training run; pass --resume {out} to continue it, "
+                "or choose another --out"
+            )
+        if source.task is not None:
+            tokenizer = task_tokenizer()
+        else:
+            tokenizer = Tokenizer.train_char([s + t for s, t in source.pairs + source.held_out])
+        longest = longest_sequence(source, tokenizer)
+        model_config = (
+            model_config or seq2seq_model_config(tokenizer.vocab_size, longest)
+        ).replace(arch="encoder-decoder", vocab_size=tokenizer.vocab_size, max_seq_len=longest)
+    cfg.context = model_config.max_seq_len
+    torch.manual_seed(cfg.seed)
+    model = build_model(model_config)
+    trainer = Seq2SeqTrainer(model, tokenizer, None, None, cfg, out, source=source, beams=beams)
+    if resume is not None:
+        trainer.resume(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    return trainer
