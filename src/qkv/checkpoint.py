@@ -142,11 +142,17 @@ def load_config(folder: Path) -> ModelConfig:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Any, Tokenizer]:
-    """(model in eval mode, tokenizer) from a checkpoint or run directory; a LoRA checkpoint
-    gives its base model with the adapter applied (not merged)."""
+    """(model in eval mode, tokenizer) from a checkpoint or run directory, or a Hugging Face
+    model directory (GPT-2, Llama); a LoRA checkpoint gives its base model with the adapter
+    applied (not merged)."""
+    from qkv.hf import is_hf_directory, load_hf_directory
+
     folder = resolve(path)
     if (folder / ADAPTER_CONFIG).is_file():
         model, tokenizer = load_adapter_model(folder)
+        return model.to(device).eval(), tokenizer
+    if is_hf_directory(folder):
+        model, tokenizer = load_hf_directory(folder)
         return model.to(device).eval(), tokenizer
     config = load_config(folder)
     model = build_model(config)

@@ -1,19 +1,32 @@
-"""Hugging Face interop: their model configs and tensors as qkv's, by name.
+"""Hugging Face interop: their model directories, configs and tensors as qkv's, by name.
 
 GPT-2: learned positions, pre-norm LayerNorm, tanh GELU, biases, head tied to the token embedding.
 Its Conv1D layers store weights as (in, out), the transpose of nn.Linear's (out, in), and c_attn
 packs W_Q, W_K, W_V side by side.
+Llama (also TinyLlama, SmolLM, ...): RoPE (rope_theta, "rotate half" pairs), pre-norm RMSNorm,
+SwiGLU, grouped-query attention, no biases, tied or untied head; nn.Linear layouts throughout.
+A directory holds config.json (with "model_type"), model.safetensors (or shards listed in
+model.safetensors.index.json, or pytorch_model.bin read with torch.load(weights_only=True), which
+refuses pickled objects other than tensors) and tokenizer.json.
 """
 
 from __future__ import annotations
 
+import json
+import pickle
+from pathlib import Path
 from typing import Any
 
+import tokenizers
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import Tensor
 
 from qkv.config import ModelConfig
 from qkv.errors import QkvError
+from qkv.model import DecoderLM
+from qkv.tokenizer import Tokenizer
 
 
 def gpt2_config(hf: dict[str, Any]) -> ModelConfig:
@@ -77,9 +90,187 @@ def gpt2_state_dict(hf: dict[str, Tensor], config: ModelConfig) -> dict[str, Ten
 
 def from_gpt2(model: torch.nn.Module) -> torch.nn.Module:
     """A transformers GPT2LMHeadModel -> a qkv DecoderLM with the same weights (eval mode)."""
-    from qkv.model import DecoderLM
-
     config = gpt2_config(model.config.to_dict())
     ours = DecoderLM(config)
     ours.load_state_dict(gpt2_state_dict(model.state_dict(), config))
     return ours.eval()
+
+
+def llama_config(hf: dict[str, Any]) -> ModelConfig:
+    """A Llama-family config.json (as a dict) -> the ModelConfig computing the same function."""
+    if hf.get("hidden_act", "silu") != "silu":
+        raise QkvError(f"Llama hidden_act {hf['hidden_act']!r} is not supported (only silu)")
+    # transformers 5 writes rope_parameters {rope_theta, rope_type}; earlier versions
+    # rope_theta and rope_scaling (null, or {rope_type, factor, ...}).
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise QkvError(f"Llama RoPE scaling {rope} is not supported (only plain RoPE)")
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise QkvError("Llama attention_bias / mlp_bias is not supported (only no biases)")
+    heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    if head_dim * heads != hf["hidden_size"]:
+        raise QkvError(
+            f"Llama head_dim {head_dim} x {heads} heads != hidden_size {hf['hidden_size']}: "
+            "not supported"
+        )
+    return ModelConfig(
+        vocab_size=hf["vocab_size"],
+        d_model=hf["hidden_size"],
+        n_heads=heads,
+        n_kv_heads=hf.get("num_key_value_heads") or heads,
+        n_layers=hf["num_hidden_layers"],
+        d_ff=hf["intermediate_size"],
+        max_seq_len=hf.get("max_position_embeddings", 2048),
+        position="rope",
+        rope_base=float(theta),
+        norm="rmsnorm",
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        feed_forward="swiglu",
+        bias=False,
+        tie_embeddings=hf.get("tie_word_embeddings", False),
+    )
+
+
+def llama_state_dict(hf: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
+    """LlamaForCausalLM tensors -> DecoderLM tensors (the same layouts, other names)."""
+
+    def take(name: str) -> Tensor:
+        if name not in hf:
+            raise QkvError(f"the Llama checkpoint has no tensor {name!r}")
+        return hf[name]
+
+    out = {
+        "embedder.token_embedding.weight": take("model.embed_tokens.weight"),
+        "final_norm.weight": take("model.norm.weight"),
+    }
+    if not config.tie_embeddings:
+        out["head.weight"] = take("lm_head.weight")
+    for i in range(config.n_layers):
+        src, dst = f"model.layers.{i}.", f"blocks.{i}."
+        names = {
+            "input_layernorm": "attention_norm",
+            "post_attention_layernorm": "feed_forward_norm",
+            **{f"self_attn.{n}": f"self_attention.{n}" for n in ("q_proj", "k_proj", "v_proj",
+                                                                  "o_proj")},
+            "mlp.gate_proj": "feed_forward.gate",
+            "mlp.up_proj": "feed_forward.up",
+            "mlp.down_proj": "feed_forward.down",
+        }  # fmt: skip
+        for theirs, ours in names.items():
+            out[f"{dst}{ours}.weight"] = take(f"{src}{theirs}.weight")
+    return out
+
+
+FAMILIES = {"gpt2": (gpt2_config, gpt2_state_dict), "llama": (llama_config, llama_state_dict)}
+
+
+def is_hf_directory(folder: Path) -> bool:
+    """A Hugging Face model directory: its config.json names a model_type."""
+    try:
+        return "model_type" in json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def read_hf_config(folder: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise QkvError(f"{folder}/config.json is unreadable ({err})") from None
+    if config.get("model_type") not in FAMILIES:
+        raise QkvError(
+            f"{folder}: model_type {config.get('model_type')!r} is not supported; qkv imports "
+            f"{', '.join(FAMILIES)}"
+        )
+    return config
+
+
+def read_hf_weights(folder: Path) -> dict[str, Tensor]:
+    """Every tensor of a model directory: model.safetensors, its shards, or pytorch_model.bin."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(
+                set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+            )
+        except (OSError, ValueError, KeyError, AttributeError) as err:
+            raise QkvError(f"{index} is unreadable ({err})") from None
+        tensors: dict[str, Tensor] = {}
+        for shard in shards:
+            tensors.update(_read_safetensors(folder / shard))
+        return tensors
+    if (folder / "model.safetensors").is_file():
+        return _read_safetensors(folder / "model.safetensors")
+    if (folder / "pytorch_model.bin").is_file():
+        return _read_pickled_tensors(folder / "pytorch_model.bin")
+    raise QkvError(
+        f"{folder} has no weights: looked for model.safetensors, model.safetensors.index.json "
+        "and pytorch_model.bin"
+    )
+
+
+def _read_safetensors(path: Path) -> dict[str, Tensor]:
+    try:
+        return load_file(path)
+    except FileNotFoundError:
+        raise QkvError(f"weight file {path} is missing") from None
+    except (SafetensorError, OSError, ValueError) as err:
+        raise QkvError(f"weight file {path} is corrupt or unreadable ({err})") from None
+
+
+def _read_pickled_tensors(path: Path) -> dict[str, Tensor]:
+    """torch.load(weights_only=True): tensors and plain containers only, never arbitrary code."""
+    try:
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else "unknown object"
+        raise QkvError(
+            f"{path} holds pickled objects other than tensors, which could run code when "
+            f"loaded; refusing it ({first}). Convert it to safetensors where you trust it"
+        ) from None
+    except (OSError, RuntimeError, EOFError, ValueError) as err:
+        raise QkvError(f"weight file {path} is corrupt or unreadable ({err})") from None
+    if not isinstance(tensors, dict) or not all(isinstance(t, Tensor) for t in tensors.values()):
+        raise QkvError(f"{path} does not hold a dictionary of tensors")
+    return tensors
+
+
+def load_hf_tokenizer(folder: Path, config: dict[str, Any]) -> Tokenizer:
+    """The directory's tokenizer.json, its end-of-text token from config.json's eos_token_id."""
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        raise QkvError(f"{folder} has no tokenizer.json")
+    try:
+        backend = tokenizers.Tokenizer.from_file(str(path))
+    except Exception as err:
+        raise QkvError(f"{path} is not a valid tokenizer.json ({err})") from None
+    eos = config.get("eos_token_id")
+    eos = eos[0] if isinstance(eos, list) else eos
+    end_of_text = backend.id_to_token(eos) if eos is not None else None
+    if end_of_text is None:
+        raise QkvError(f"{folder}/config.json names no eos_token_id the tokenizer knows")
+    pad = config.get("pad_token_id")
+    return Tokenizer(backend, end_of_text, backend.id_to_token(pad) if pad is not None else None)
+
+
+def load_hf_directory(folder: Path) -> tuple[DecoderLM, Tokenizer]:
+    """(qkv model in eval mode, tokenizer) from a Hugging Face model directory."""
+    hf = read_hf_config(folder)
+    make_config, convert = FAMILIES[hf["model_type"]]
+    try:
+        config = make_config(hf)
+    except KeyError as err:
+        raise QkvError(f"{folder}/config.json lacks the field {err}") from None
+    model = DecoderLM(config)
+    tensors = convert(read_hf_weights(folder), config)
+    expected = model.state_dict()
+    for name, tensor in tensors.items():
+        if tensor.shape != expected[name].shape:
+            raise QkvError(
+                f"{folder}: tensor for {name} has shape {list(tensor.shape)} but config.json "
+                f"needs {list(expected[name].shape)}"
+            )
+    model.load_state_dict({k: v.float().contiguous() for k, v in tensors.items()})
+    return model.eval(), load_hf_tokenizer(folder, hf)

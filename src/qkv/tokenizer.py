@@ -26,9 +26,17 @@ KINDS = ("bpe", "char")
 class Tokenizer:
     """A `tokenizers.Tokenizer` with qkv's specials: <|endoftext|> between documents, <|pad|>."""
 
-    def __init__(self, backend: tokenizers.Tokenizer) -> None:
+    def __init__(
+        self, backend: tokenizers.Tokenizer, end_of_text: str | None = None, pad: str | None = None
+    ) -> None:
+        """qkv's own tokenizers get <|endoftext|> and <|pad|> (kept where already present); a
+        model's own tokenizer (Hugging Face) names its end-of-text token and its padding (default:
+        the end-of-text token) and gets nothing added."""
         self.backend = backend
-        backend.add_special_tokens(SPECIAL_TOKENS)  # keeps the ids of those already in the vocab
+        if end_of_text is None:
+            backend.add_special_tokens(SPECIAL_TOKENS)  # keeps the ids of those already there
+            end_of_text, pad = END_OF_TEXT, PAD
+        self.end_of_text, self.pad = end_of_text, pad or end_of_text
 
     @classmethod
     def train(cls, kind: str, texts: Iterable[str], vocab_size: int = 4096) -> Tokenizer:
@@ -97,11 +105,11 @@ class Tokenizer:
 
     @property
     def end_of_text_id(self) -> int:
-        return self.backend.token_to_id(END_OF_TEXT)
+        return self.backend.token_to_id(self.end_of_text)
 
     @property
     def pad_id(self) -> int:
-        return self.backend.token_to_id(PAD)
+        return self.backend.token_to_id(self.pad)
 
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids
