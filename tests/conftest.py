@@ -10,8 +10,11 @@ STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
 @pytest.fixture(autouse=True)
 def private_cache(tmp_path_factory, monkeypatch):
-    """Every test gets qkv's cache in a temp dir shared by the session (never ~/.cache)."""
+    """Every test gets qkv's cache in a temp dir shared by the session (never ~/.cache), and
+    Hugging Face libraries work offline: tests build or ship every model they load."""
     monkeypatch.setenv("QKV_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "qkv-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session")

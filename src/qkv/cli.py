@@ -55,6 +55,7 @@ EXPLAIN_EXAMPLES = """examples:
   qkv explain "Attention is all you need" --d-model 8 --layers 2 --seed 3
   qkv explain --json | python -m json.tool      every stage as one JSON object
   qkv explain --plot attention.png              heatmaps of attention weights and positions
+  qkv explain --model runs/quickstart "Return the value"   a trained model's real attention
 """
 
 # Config fields as the explain command's options call them, for error messages.
@@ -120,12 +121,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print one JSON object instead of tables"
     )
     explain.add_argument("--plot", metavar="FILE.png", help="also save heatmaps to this image file")
+    explain.add_argument(
+        "--model",
+        type=Path,
+        help="a trained or Hugging Face model: show its real attention for the text instead",
+    )
+    explain.add_argument(
+        "--head", type=int, help="with --model: show this head (default: the mean over heads)"
+    )
     _add_train_parser(commands)
     _add_eval_parser(commands)
     _add_generate_parser(commands)
     _add_finetune_parser(commands)
     _add_merge_parser(commands)
     _add_chat_parser(commands)
+    _add_embed_parser(commands)
     _add_quickstart_parser(commands)
     return parser
 
@@ -411,6 +421,32 @@ def _add_chat_parser(commands: argparse._SubParsersAction) -> None:
     chat.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
 
+EMBED_EXAMPLES = """examples:
+  qkv embed --model ~/models/all-MiniLM-L6-v2 "A man is eating food." "Someone eats."
+  qkv embed --model ~/models/all-MiniLM-L6-v2 --file sentences.txt --json > vectors.json
+"""
+
+
+def _add_embed_parser(commands: argparse._SubParsersAction) -> None:
+    embed = commands.add_parser(
+        "embed",
+        help="sentence embeddings from an encoder (mean pooling + L2 normalisation)",
+        description="Sentence embeddings from an encoder such as a BERT / sentence-transformers\n"
+        "directory: the mean of the final hidden states over each text's tokens, scaled to\n"
+        "length 1. Prints each vector's start and the texts' cosine similarities, or --json.",
+        epilog=EMBED_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    embed.add_argument("text", nargs="*", help="texts to embed")
+    embed.add_argument("--model", type=Path, required=True, help="encoder directory")
+    embed.add_argument("--file", help="also embed every line of this file ('-': standard input)")
+    embed.add_argument(
+        "--max-tokens", type=_positive, help="truncate longer texts (default: the model's context)"
+    )
+    embed.add_argument("--json", action="store_true", help="print a JSON list of vectors")
+    embed.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+
 def _add_quickstart_parser(commands: argparse._SubParsersAction) -> None:
     quickstart = commands.add_parser(
         "quickstart",
@@ -445,6 +481,9 @@ def _add_quickstart_parser(commands: argparse._SubParsersAction) -> None:
 def _explain(args: argparse.Namespace) -> None:
     from qkv import explain
 
+    if args.model is not None:
+        _explain_model(args)
+        return
     if args.d_model > 256 or args.layers > 12:
         raise QkvError("explain prints every number: keep --d-model <= 256 and --layers <= 12")
     text = " ".join(args.text) if args.text else explain.NOTES_SENTENCE
@@ -462,6 +501,24 @@ def _explain(args: argparse.Namespace) -> None:
         print(explain.render_text(walkthrough))
         if plotted is not None:
             print(f"\nplot saved to {plotted}")
+
+
+def _explain_model(args: argparse.Namespace) -> None:
+    from qkv.checkpoint import load_model
+    from qkv.explain import attention_maps, render_attention
+
+    if args.plot is not None:
+        raise QkvError("--plot draws the worked example; with --model, use --json for the weights")
+    if not args.text:
+        raise QkvError("give the text to explain, e.g. qkv explain --model DIR 'The fox'")
+    model, tokenizer = load_model(args.model)
+    if args.head is not None and not 0 <= args.head < model.config.n_heads:
+        raise QkvError(f"--head must be in 0..{model.config.n_heads - 1}; got {args.head}")
+    maps = attention_maps(model, tokenizer, " ".join(args.text))
+    if args.json:
+        print(json.dumps(maps.to_json()))
+    else:
+        print(render_attention(maps, args.head))
 
 
 def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -953,6 +1010,33 @@ def _chat(args: argparse.Namespace) -> None:
                 print("\n(reply stopped)", file=sys.stderr)
 
 
+def _embed(args: argparse.Namespace) -> None:
+    from qkv.checkpoint import load_model
+    from qkv.embed import embed
+    from qkv.generate import read_prompts
+
+    texts = list(args.text) + (read_prompts(args.file) if args.file else [])
+    if not texts:
+        raise QkvError("give texts to embed, or --file FILE")
+    for number, text in enumerate(texts, 1):
+        if not text.strip():
+            raise QkvError(f"text {number} is empty")
+    model, tokenizer = load_model(args.model, resolve_device(args.device))
+    vectors = embed(model, tokenizer, texts, args.max_tokens)
+    if args.json:
+        print(json.dumps([[round(x, 7) for x in v] for v in vectors.tolist()]))
+        return
+    for number, (text, vector) in enumerate(zip(texts, vectors.tolist(), strict=True), 1):
+        start = ", ".join(f"{x:+.4f}" for x in vector[:6])
+        print(f"{number}: [{start}, ...] ({len(vector)} dims)  {text[:60]}")
+    if len(texts) > 1:
+        similarity = vectors @ vectors.T
+        print("cosine similarity:")
+        print("     " + "".join(f"{j:>7}" for j in range(1, len(texts) + 1)))
+        for i, row in enumerate(similarity.tolist(), 1):
+            print(f"{i:>4} " + "".join(f"{x:7.3f}" for x in row))
+
+
 def _quickstart(args: argparse.Namespace) -> None:
     from qkv.checkpoint import load_model
     from qkv.generate import Generator
@@ -1013,6 +1097,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "finetune": _finetune,
             "merge": _merge,
             "chat": _chat,
+            "embed": _embed,
             "quickstart": _quickstart,
         }
         commands[args.command](args)

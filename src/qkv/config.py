@@ -46,6 +46,8 @@ class ModelConfig:
     bias: bool = True
     tie_embeddings: bool = True
     scale_embeddings: bool = False
+    type_vocab_size: int = 0  # BERT's segment (token type) embeddings; 0 = none
+    embedding_norm: bool = False  # BERT: a norm over the summed embeddings
     kernels: str = "fused"
     init_std: float | None = 0.02
 
@@ -96,6 +98,11 @@ class ModelConfig:
                 f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}; "
                 "each key/value head must serve a whole group of query heads",
             )
+        _require(
+            self.type_vocab_size >= 0,
+            "type_vocab_size",
+            f"must be 0 (none) or more, got {self.type_vocab_size}",
+        )
         _require(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
         _require(self.norm_eps > 0, "norm_eps", f"must be positive, got {self.norm_eps}")
         _require(self.rope_base > 1, "rope_base", f"must be greater than 1, got {self.rope_base}")

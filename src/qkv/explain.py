@@ -506,3 +506,79 @@ def _missing_glyphs_quiet() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Glyph .* missing from")
         yield
+
+
+@dataclass
+class AttentionMaps:
+    """A real model's self-attention on one text: weights[layer] is (heads, tokens, tokens),
+    row i = how much token i attends to each token j (each row sums to 1)."""
+
+    tokens: list[str]
+    token_ids: list[int]
+    config: ModelConfig
+    weights: list[Tensor]
+    next_tokens: list[tuple[str, float]]  # a decoder's likeliest next tokens, with p
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "tokens": self.tokens,
+            "token_ids": self.token_ids,
+            "config": self.config.to_dict(),
+            "attention": [w.tolist() for w in self.weights],
+            "next_tokens": self.next_tokens,
+        }
+
+
+@torch.no_grad()
+def attention_maps(model: nn.Module, tokenizer: Any, text: str) -> AttentionMaps:
+    """Run a decoder or encoder on `text` (its tokenizer's model input) and keep every layer's
+    attention weights, computed by the explicit formula softmax(Q K^T / sqrt(d_k) + mask)."""
+    if model.config.arch == "encoder-decoder":
+        raise QkvError("explain --model shows decoder or encoder attention, not encoder-decoder")
+    ids = tokenizer.encode_inputs([text])[0]
+    if not text.strip() or not ids:
+        raise QkvError("the text to explain is empty")
+    if len(ids) > min(MAX_WORDS, model.config.max_seq_len):
+        raise QkvError(
+            f"the text has {len(ids)} tokens; explain shows at most "
+            f"{min(MAX_WORDS, model.config.max_seq_len)}"
+        )
+    layers = [block.self_attention for block in model.blocks]
+    for attention in layers:
+        attention.recorded = []
+    try:
+        logits = model(torch.tensor([ids], device=next(model.parameters()).device))
+        weights = [attention.recorded[0][0].float().cpu() for attention in layers]
+    finally:
+        for attention in layers:
+            attention.recorded = None
+    next_tokens = []
+    if isinstance(model, DecoderLM):
+        top = torch.topk(probabilities(logits[0, -1]), 5)
+        next_tokens = [(tokenizer.decode([i]), p) for p, i in
+                       zip(top.values.tolist(), top.indices.tolist(), strict=True)]  # fmt: skip
+    tokens = [tokenizer.decode([i]) for i in ids]
+    return AttentionMaps(tokens, ids, model.config, weights, next_tokens)
+
+
+def render_attention(maps: AttentionMaps, head: int | None = None, max_columns: int = 16) -> str:
+    """Per layer, the attention table (rows: tokens attending; columns: tokens attended to) of
+    one head, or the mean over heads."""
+    config = maps.config
+    shown = [repr(t)[1:-1] or "·" for t in maps.tokens]
+    lines = [
+        f"qkv explain: {len(maps.tokens)} tokens: {' | '.join(shown)}",
+        f"model: {config.arch}, d_model={config.d_model}, heads={config.n_heads}, "
+        f"layers={config.n_layers}",
+        "attention weights A = softmax(Q K^T / sqrt(d_k) + mask): row i sums to 1 over the "
+        "tokens it attends to" + (" (j <= i: causal)" if config.arch == "decoder" else ""),
+    ]
+    for layer, weights in enumerate(maps.weights):
+        which = "mean over heads" if head is None else f"head {head}"
+        matrix = weights.mean(0) if head is None else weights[head]
+        lines += ["", f"layer {layer} ({which}):"]
+        lines += _table(matrix, shown, shown, max_columns)
+    if maps.next_tokens:
+        best = ", ".join(f"{t!r} {p:.3f}" for t, p in maps.next_tokens)
+        lines += ["", f"next token after the text: {best}"]
+    return "\n".join(lines)

@@ -275,9 +275,9 @@ class Generator:
                 raise QkvError(f"prompt {number} is not valid UTF-8 text") from None
         rows = []
         for number, (prompt, ids) in enumerate(
-            zip(prompts, self.tokenizer.encode_batch(prompts), strict=True), 1
+            zip(prompts, self.tokenizer.encode_inputs(prompts), strict=True), 1
         ):
-            if not ids:
+            if not prompt or not ids:
                 raise QkvError(f"prompt {number} is empty: give some text to continue")
             cut = max(0, len(ids) - window)
             if cut:

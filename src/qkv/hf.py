@@ -5,6 +5,8 @@ Its Conv1D layers store weights as (in, out), the transpose of nn.Linear's (out,
 packs W_Q, W_K, W_V side by side.
 Llama (also TinyLlama, SmolLM, ...): RoPE (rope_theta, "rotate half" pairs), pre-norm RMSNorm,
 SwiGLU, grouped-query attention, no biases, tied or untied head; nn.Linear layouts throughout.
+BERT (encoders such as all-MiniLM-L6-v2): post-norm LayerNorm, exact GELU, learned absolute
+positions, token-type embeddings and a LayerNorm over the summed embeddings; the pooler is unused.
 A directory holds config.json (with "model_type"), model.safetensors (or shards listed in
 model.safetensors.index.json, or pytorch_model.bin read with torch.load(weights_only=True), which
 refuses pickled objects other than tensors) and tokenizer.json.
@@ -25,7 +27,7 @@ from torch import Tensor
 
 from qkv.config import ModelConfig
 from qkv.errors import QkvError
-from qkv.model import DecoderLM
+from qkv.model import DecoderLM, Encoder, build_model
 from qkv.tokenizer import Tokenizer
 
 
@@ -163,7 +165,72 @@ def llama_state_dict(hf: dict[str, Tensor], config: ModelConfig) -> dict[str, Te
     return out
 
 
-FAMILIES = {"gpt2": (gpt2_config, gpt2_state_dict), "llama": (llama_config, llama_state_dict)}
+def bert_config(hf: dict[str, Any]) -> ModelConfig:
+    """A BERT config.json (as a dict) -> the encoder ModelConfig computing the same function."""
+    if hf.get("hidden_act", "gelu") != "gelu":
+        raise QkvError(f"BERT hidden_act {hf['hidden_act']!r} is not supported (only gelu)")
+    if hf.get("position_embedding_type", "absolute") != "absolute":
+        raise QkvError(
+            f"BERT position_embedding_type {hf['position_embedding_type']!r} is not supported"
+        )
+    return ModelConfig(
+        arch="encoder",
+        vocab_size=hf["vocab_size"],
+        d_model=hf["hidden_size"],
+        n_heads=hf["num_attention_heads"],
+        n_layers=hf["num_hidden_layers"],
+        d_ff=hf["intermediate_size"],
+        max_seq_len=hf.get("max_position_embeddings", 512),
+        position="learned",
+        norm="layernorm",
+        norm_eps=hf.get("layer_norm_eps", 1e-12),
+        norm_first=False,
+        final_norm=False,
+        feed_forward="gelu",
+        type_vocab_size=hf.get("type_vocab_size", 2),
+        embedding_norm=True,
+    )
+
+
+def bert_state_dict(hf: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
+    """BertModel (or BertFor*'s "bert." part) tensors -> Encoder tensors."""
+    hf = {name.removeprefix("bert."): tensor for name, tensor in hf.items()}
+
+    def take(name: str) -> Tensor:
+        if name not in hf:
+            raise QkvError(f"the BERT checkpoint has no tensor {name!r}")
+        return hf[name]
+
+    out = {
+        "embedder.token_embedding.weight": take("embeddings.word_embeddings.weight"),
+        "embedder.position.weight": take("embeddings.position_embeddings.weight"),
+        "embedder.token_type.weight": take("embeddings.token_type_embeddings.weight"),
+        "embedder.norm.weight": take("embeddings.LayerNorm.weight"),
+        "embedder.norm.bias": take("embeddings.LayerNorm.bias"),
+    }
+    for i in range(config.n_layers):
+        src, dst = f"encoder.layer.{i}.", f"blocks.{i}."
+        names = {
+            "attention.self.query": "self_attention.q_proj",
+            "attention.self.key": "self_attention.k_proj",
+            "attention.self.value": "self_attention.v_proj",
+            "attention.output.dense": "self_attention.o_proj",
+            "attention.output.LayerNorm": "attention_norm",
+            "intermediate.dense": "feed_forward.w1",
+            "output.dense": "feed_forward.w2",
+            "output.LayerNorm": "feed_forward_norm",
+        }
+        for theirs, ours in names.items():
+            for part in ("weight", "bias"):
+                out[f"{dst}{ours}.{part}"] = take(f"{src}{theirs}.{part}")
+    return out
+
+
+FAMILIES = {
+    "gpt2": (gpt2_config, gpt2_state_dict),
+    "llama": (llama_config, llama_state_dict),
+    "bert": (bert_config, bert_state_dict),
+}
 
 
 def is_hf_directory(folder: Path) -> bool:
@@ -237,25 +304,72 @@ def _read_pickled_tensors(path: Path) -> dict[str, Tensor]:
     return tensors
 
 
-def load_hf_tokenizer(folder: Path, config: dict[str, Any]) -> Tokenizer:
-    """The directory's tokenizer.json, its end-of-text token from config.json's eos_token_id."""
-    path = folder / "tokenizer.json"
-    if not path.is_file():
-        raise QkvError(f"{folder} has no tokenizer.json")
+def _special(folder: Path, config: dict[str, Any], backend: tokenizers.Tokenizer,
+             id_field: str, names: tuple[str, ...]) -> str | None:  # fmt: skip
+    """A special token by config.json's id field, else by tokenizer_config.json's names."""
+    token_id = config.get(id_field)
+    token_id = token_id[0] if isinstance(token_id, list) else token_id
+    if token_id is not None and backend.id_to_token(token_id) is not None:
+        return backend.id_to_token(token_id)
     try:
-        backend = tokenizers.Tokenizer.from_file(str(path))
-    except Exception as err:
-        raise QkvError(f"{path} is not a valid tokenizer.json ({err})") from None
-    eos = config.get("eos_token_id")
-    eos = eos[0] if isinstance(eos, list) else eos
-    end_of_text = backend.id_to_token(eos) if eos is not None else None
+        extra = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        extra = {}
+    for name in names:
+        token = extra.get(name)
+        token = token.get("content") if isinstance(token, dict) else token
+        if isinstance(token, str) and backend.token_to_id(token) is not None:
+            return token
+    return None
+
+
+def _wordpiece(folder: Path) -> tokenizers.Tokenizer:
+    """BERT's vocab.txt as a WordPiece tokenizer: lower-cased unless tokenizer_config.json
+    says otherwise, [CLS] text [SEP] around every input."""
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
+
+    try:
+        extra = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        extra = {}
+    backend = tokenizers.Tokenizer(
+        models.WordPiece.from_file(str(folder / "vocab.txt"), unk_token="[UNK]")
+    )
+    backend.normalizer = normalizers.BertNormalizer(lowercase=extra.get("do_lower_case", True))
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.decoder = decoders.WordPiece()
+    cls, sep = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
+    if cls is None or sep is None:
+        raise QkvError(f"{folder}/vocab.txt has no [CLS] or [SEP] token")
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
+    )  # fmt: skip
+    return backend
+
+
+def load_hf_tokenizer(folder: Path, config: dict[str, Any]) -> Tokenizer:
+    """The directory's tokenizer.json (or BERT's vocab.txt); its end-of-text token is
+    config.json's eos_token_id (or the tokenizer config's eos / sep token)."""
+    path = folder / "tokenizer.json"
+    if path.is_file():
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as err:
+            raise QkvError(f"{path} is not a valid tokenizer.json ({err})") from None
+    elif (folder / "vocab.txt").is_file():
+        backend = _wordpiece(folder)
+    else:
+        raise QkvError(f"{folder} has no tokenizer.json or vocab.txt")
+    end_of_text = _special(folder, config, backend, "eos_token_id", ("eos_token", "sep_token"))
     if end_of_text is None:
-        raise QkvError(f"{folder}/config.json names no eos_token_id the tokenizer knows")
-    pad = config.get("pad_token_id")
-    return Tokenizer(backend, end_of_text, backend.id_to_token(pad) if pad is not None else None)
+        raise QkvError(f"{folder}: neither config.json nor tokenizer_config.json names an "
+                       "end-of-text token (eos_token_id) the tokenizer knows")  # fmt: skip
+    pad = _special(folder, config, backend, "pad_token_id", ("pad_token",))
+    return Tokenizer(backend, end_of_text, pad)
 
 
-def load_hf_directory(folder: Path) -> tuple[DecoderLM, Tokenizer]:
+def load_hf_directory(folder: Path) -> tuple[DecoderLM | Encoder, Tokenizer]:
     """(qkv model in eval mode, tokenizer) from a Hugging Face model directory."""
     hf = read_hf_config(folder)
     make_config, convert = FAMILIES[hf["model_type"]]
@@ -263,7 +377,7 @@ def load_hf_directory(folder: Path) -> tuple[DecoderLM, Tokenizer]:
         config = make_config(hf)
     except KeyError as err:
         raise QkvError(f"{folder}/config.json lacks the field {err}") from None
-    model = DecoderLM(config)
+    model = build_model(config)
     tensors = convert(read_hf_weights(folder), config)
     expected = model.state_dict()
     for name, tensor in tensors.items():

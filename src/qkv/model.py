@@ -60,7 +60,9 @@ def probabilities(logits: Tensor) -> Tensor:
 
 
 class Embedder(nn.Module):
-    """x = dropout(E[ids] + PE[positions]) for additive positions; RoPE angles for rotary ones."""
+    """x = dropout(Norm(E[ids] + PE[positions] + T[types])) for additive positions (T: BERT's
+    token types, Norm: BERT's embedding norm, each only if configured); RoPE angles for rotary
+    positions."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -75,15 +77,22 @@ class Embedder(nn.Module):
             self.position = LearnedPositionalEmbedding(config.max_seq_len, config.d_model)
         elif config.position == "rope":
             self.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_base)
+        self.token_type = (
+            TokenEmbedding(config.type_vocab_size, config.d_model)
+            if config.type_vocab_size
+            else None
+        )
+        self.norm = build_norm(config) if config.embedding_norm else None
         self.dropout = nn.Dropout(config.dropout)
         self.max_seq_len = config.max_seq_len
 
     def forward(
-        self, token_ids: Tensor, positions: Tensor | None = None
+        self, token_ids: Tensor, positions: Tensor | None = None, token_types: Tensor | None = None
     ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
         """ids (batch, seq) -> (x (batch, seq, d_model), rotary (cos, sin) or None).
 
         `positions` (batch or 1, seq) defaults to 0..seq-1; given ones must be < max_seq_len.
+        `token_types` (batch, seq) default to 0.
         """
         if positions is None:
             if token_ids.shape[-1] > self.max_seq_len:
@@ -95,6 +104,11 @@ class Embedder(nn.Module):
         x = self.token_embedding(token_ids)
         if self.position is not None:
             x = x + self.position(positions)
+        if self.token_type is not None:
+            types = torch.zeros_like(token_ids) if token_types is None else token_types
+            x = x + self.token_type(types)
+        if self.norm is not None:
+            x = self.norm(x)
         rotary = self.rotary(positions) if self.rotary is not None else None
         return self.dropout(x), rotary
 
@@ -211,9 +225,14 @@ class Encoder(_Model):
         self.head = self.make_head(self.embedder)
         self.init_weights()
 
-    def hidden_states(self, token_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    def hidden_states(
+        self,
+        token_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_types: Tensor | None = None,
+    ) -> Tensor:
         """(batch, seq) -> contextual vectors (batch, seq, d_model)."""
-        x, rotary = self.embedder(token_ids)
+        x, rotary = self.embedder(token_ids, token_types=token_types)
         mask = _self_attention_mask(attention_mask, token_ids.shape[-1], False, x.dtype)
         for block in self.blocks:
             x = block(x, mask=mask, rotary=rotary)

@@ -31,11 +31,15 @@ class Tokenizer:
     ) -> None:
         """qkv's own tokenizers get <|endoftext|> and <|pad|> (kept where already present); a
         model's own tokenizer (Hugging Face) names its end-of-text token and its padding (default:
-        the end-of-text token) and gets nothing added."""
+        the end-of-text token), gets nothing added, and wraps model inputs in the special tokens
+        its template adds (BERT's [CLS] ... [SEP], Llama's <s>)."""
         self.backend = backend
+        self.model_template = end_of_text is not None
         if end_of_text is None:
             backend.add_special_tokens(SPECIAL_TOKENS)  # keeps the ids of those already there
             end_of_text, pad = END_OF_TEXT, PAD
+        backend.no_padding()  # batches are padded by the code that makes them
+        backend.no_truncation()
         self.end_of_text, self.pad = end_of_text, pad or end_of_text
 
     @classmethod
@@ -116,6 +120,12 @@ class Tokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         encodings = self.backend.encode_batch(texts, add_special_tokens=False)
+        return [e.ids for e in encodings]
+
+    def encode_inputs(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of whole model inputs: with the template's special tokens for a model's
+        own tokenizer, plain encode_batch for qkv's."""
+        encodings = self.backend.encode_batch(texts, add_special_tokens=self.model_template)
         return [e.ids for e in encodings]
 
     def decode(self, ids: Iterable[int]) -> str:

@@ -140,6 +140,7 @@ class MultiHeadAttention(nn.Module):
         self.head_dim = d_model // n_heads
         self.dropout = dropout
         self.implementation = implementation
+        self.recorded: list[Tensor] | None = None  # a list: each call appends its weights
         self.q_proj = Linear(d_model, n_heads * self.head_dim, bias=bias)
         self.k_proj = Linear(d_model, self.n_kv_heads * self.head_dim, bias=bias)
         self.v_proj = Linear(d_model, self.n_kv_heads * self.head_dim, bias=bias)
@@ -163,7 +164,8 @@ class MultiHeadAttention(nn.Module):
         """x (batch, q_len, d_model) -> (out (batch, q_len, d_model), weights if need_weights).
 
         `rotary` is RotaryEmbedding's (cos, sin) for x's positions; `cache` receives this call's
-        keys and values and returns all of them, for incremental decoding.
+        keys and values and returns all of them, for incremental decoding. While `recorded` is a
+        list, every call appends its attention weights (batch, n_heads, q_len, k_len) to it.
         """
         source = x if memory is None else memory
         q = self.split_heads(self.q_proj(x), self.n_heads)
@@ -175,8 +177,10 @@ class MultiHeadAttention(nn.Module):
             k, v = cache.update(k, v)
         dropout_p = self.dropout if self.training else 0.0
         weights = None
-        if need_weights or self.implementation == "explicit":
+        if need_weights or self.implementation == "explicit" or self.recorded is not None:
             out, weights = explicit_attention(q, k, v, mask, is_causal, dropout_p)
+            if self.recorded is not None:
+                self.recorded.append(weights.detach())
         else:
             out = fused_attention(q, k, v, mask, is_causal, dropout_p)
         return self.o_proj(out.transpose(1, 2).flatten(-2)), weights if need_weights else None

@@ -1,0 +1,55 @@
+"""Sentence embeddings from an encoder, as sentence-transformers computes them:
+
+    e = normalize( sum_t m_t h_t / sum_t m_t ),   normalize(v) = v / ||v||_2
+
+h_t are the encoder's final hidden states, m_t is 1 for real tokens (the tokenizer's [CLS] and
+[SEP] included) and 0 for padding. Similar texts get a cosine similarity e_a . e_b near 1.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from qkv.errors import QkvError
+from qkv.model import Encoder
+from qkv.tokenizer import Tokenizer
+
+
+def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
+    """(batch, seq, d) states, (batch, seq) 1/0 mask -> (batch, d) mean over real tokens."""
+    weights = attention_mask.to(hidden.dtype)[..., None]
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+
+
+@torch.no_grad()
+def embed(
+    model: Encoder,
+    tokenizer: Tokenizer,
+    texts: list[str],
+    max_tokens: int | None = None,
+    batch_size: int = 32,
+) -> Tensor:
+    """(len(texts), d_model) unit vectors; inputs longer than max_tokens (default: the model's
+    context) keep their first max_tokens - 1 tokens and the last one (BERT's [SEP])."""
+    if not isinstance(model, Encoder):
+        raise QkvError(
+            f"sentence embeddings need an encoder model (such as BERT), not {model.config.arch}"
+        )
+    limit = min(max_tokens or model.config.max_seq_len, model.config.max_seq_len)
+    device = next(model.parameters()).device
+    vectors = []
+    for first in range(0, len(texts), batch_size):
+        rows = tokenizer.encode_inputs(texts[first : first + batch_size])
+        rows = [ids if len(ids) <= limit else [*ids[: limit - 1], ids[-1]] for ids in rows]
+        width = max(len(ids) for ids in rows)
+        ids = torch.full((len(rows), width), tokenizer.pad_id)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        hidden = model.hidden_states(ids, mask)
+        vectors.append(F.normalize(mean_pool(hidden, mask), p=2, dim=-1).cpu())
+    return torch.cat(vectors) if vectors else torch.empty(0, model.config.d_model)
