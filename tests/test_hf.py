@@ -193,3 +193,58 @@ def test_a_broken_directory_gets_one_clear_message(llama, tmp_path: Path, change
     result = qkv("generate", "--model", str(folder), "w1")
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"position": "learned", "feed_forward": "gelu"},  # the quickstart's shape: GPT-2
+        {"position": "learned", "feed_forward": "gelu_tanh", "tie_embeddings": False},
+        {
+            "position": "rope",
+            "norm": "rmsnorm",
+            "feed_forward": "swiglu",
+            "bias": False,
+            "n_kv_heads": 2,
+            "tie_embeddings": False,
+            "rope_base": 500.0,
+        },  # Llama, GQA
+    ],
+    ids=["gpt2", "gpt2-untied", "llama-gqa"],
+)
+@torch.no_grad()
+def test_exported_models_load_in_transformers_with_the_same_logits(tmp_path: Path, changes) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from qkv.checkpoint import write_checkpoint
+    from qkv.config import ModelConfig
+    from qkv.model import DecoderLM
+    from qkv.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.train_char(["the quick brown fox jumps over the lazy dog"])
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, d_model=32, n_heads=4, n_layers=2,
+                         max_seq_len=48, **changes)  # fmt: skip
+    model = DecoderLM(config).eval()
+    for parameter in model.parameters():  # away from init, so biases and norms count
+        parameter.add_(0.05 * torch.randn_like(parameter))
+    write_checkpoint(tmp_path / "ours", model, tokenizer)
+    result = qkv("export", "--model", str(tmp_path / "ours"), "--out", str(tmp_path / "hf"))
+    assert result.returncode == 0, result.stderr
+    theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    ids = torch.randint(
+        0, tokenizer.vocab_size, (2, 40), generator=torch.Generator().manual_seed(3)
+    )
+    expected = model(ids)
+    assert (theirs(ids).logits - expected).abs().max() <= 1e-5
+    back, _ = load_model(tmp_path / "hf")
+    assert (back(ids) - expected).abs().max() <= 1e-5
+
+
+def test_export_names_what_fits_no_family(tmp_path: Path) -> None:
+    from test_cli_generate import checkpoint
+
+    folder = checkpoint(tmp_path / "rope-layernorm", "decoder")  # RoPE with LayerNorm and GELU
+    result = qkv("export", "--model", str(folder), "--out", str(tmp_path / "hf"))
+    assert result.returncode == 2 and "fits no Hugging Face family" in result.stderr
+    assert "position='rope' (needs learned)" in result.stderr and not (tmp_path / "hf").exists()

@@ -136,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_merge_parser(commands)
     _add_chat_parser(commands)
     _add_embed_parser(commands)
+    _add_export_parser(commands)
     _add_quickstart_parser(commands)
     return parser
 
@@ -445,6 +446,28 @@ def _add_embed_parser(commands: argparse._SubParsersAction) -> None:
     )
     embed.add_argument("--json", action="store_true", help="print a JSON list of vectors")
     embed.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+
+EXPORT_EXAMPLES = """examples:
+  qkv export --model runs/quickstart --out exported/quickstart
+  then in Python: AutoModelForCausalLM.from_pretrained("exported/quickstart")
+"""
+
+
+def _add_export_parser(commands: argparse._SubParsersAction) -> None:
+    export = commands.add_parser(
+        "export",
+        help="write a trained decoder as a Hugging Face model directory",
+        description="Write a qkv decoder as a Hugging Face directory (config.json,\n"
+        "model.safetensors, tokenizer.json) that transformers loads as GPT2LMHeadModel\n"
+        "(learned positions, LayerNorm, GELU, biases) or LlamaForCausalLM (RoPE, RMSNorm,\n"
+        "SwiGLU, no biases), computing the same logits. A LoRA adapter is merged first.",
+        epilog=EXPORT_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    export.add_argument("--model", type=Path, required=True, help="run or checkpoint directory")
+    export.add_argument("--out", type=Path, required=True, help="directory to write")
+    export.add_argument("--format", choices=["hf"], default="hf", help="hf (the default)")
 
 
 def _add_quickstart_parser(commands: argparse._SubParsersAction) -> None:
@@ -1037,6 +1060,25 @@ def _embed(args: argparse.Namespace) -> None:
             print(f"{i:>4} " + "".join(f"{x:7.3f}" for x in row))
 
 
+def _export(args: argparse.Namespace) -> None:
+    from qkv.checkpoint import load_model
+    from qkv.hf import hf_family, save_hf_directory
+    from qkv.model import DecoderLM
+    from qkv.nn.lora import merge_lora
+
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        raise QkvError(f"{args.out} already exists and is not empty; choose another --out")
+    model, tokenizer = load_model(args.model)
+    if not isinstance(model, DecoderLM):
+        raise QkvError(f"{args.model} holds an {model.config.arch} model; export writes decoders")
+    merge_lora(model)
+    family = hf_family(model.config)
+    save_hf_directory(model, tokenizer, args.out)
+    kind = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}[family]
+    print(f"wrote {args.out} as {kind} ({model.num_parameters():,} parameters): config.json, "
+          "model.safetensors, tokenizer.json")  # fmt: skip
+
+
 def _quickstart(args: argparse.Namespace) -> None:
     from qkv.checkpoint import load_model
     from qkv.generate import Generator
@@ -1098,6 +1140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "merge": _merge,
             "chat": _chat,
             "embed": _embed,
+            "export": _export,
             "quickstart": _quickstart,
         }
         commands[args.command](args)

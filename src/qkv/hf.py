@@ -54,39 +54,23 @@ def gpt2_config(hf: dict[str, Any]) -> ModelConfig:
 
 def gpt2_state_dict(hf: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
     """GPT2Model / GPT2LMHeadModel tensors -> DecoderLM tensors (Conv1D weights transposed)."""
-    hf = {name.removeprefix("transformer."): tensor for name, tensor in hf.items()}
+    hf = {k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}": v
+          for k, v in hf.items()}  # fmt: skip
 
     def take(name: str) -> Tensor:
         if name not in hf:
             raise QkvError(f"the GPT-2 checkpoint has no tensor {name!r}")
         return hf[name]
 
-    out = {
-        "embedder.token_embedding.weight": take("wte.weight"),
-        "embedder.position.weight": take("wpe.weight"),
-        "final_norm.weight": take("ln_f.weight"),
-        "final_norm.bias": take("ln_f.bias"),
-    }
-    if not config.tie_embeddings:
-        out["head.weight"] = take("lm_head.weight")
+    out = {}
+    for theirs, (ours, transposed) in gpt2_names(config).items():
+        out[ours] = take(theirs).t() if transposed else take(theirs)
     for i in range(config.n_layers):
-        src, dst = f"h.{i}.", f"blocks.{i}."
-        for theirs, ours in [("ln_1", "attention_norm"), ("ln_2", "feed_forward_norm")]:
-            out[f"{dst}{ours}.weight"] = take(f"{src}{theirs}.weight")
-            out[f"{dst}{ours}.bias"] = take(f"{src}{theirs}.bias")
-        q, k, v = take(f"{src}attn.c_attn.weight").t().chunk(3, dim=0)
-        qb, kb, vb = take(f"{src}attn.c_attn.bias").chunk(3, dim=0)
-        for name, weight, bias in [("q_proj", q, qb), ("k_proj", k, kb), ("v_proj", v, vb)]:
-            out[f"{dst}self_attention.{name}.weight"] = weight
-            out[f"{dst}self_attention.{name}.bias"] = bias
-        pairs = [
-            ("attn.c_proj", "self_attention.o_proj"),
-            ("mlp.c_fc", "feed_forward.w1"),
-            ("mlp.c_proj", "feed_forward.w2"),
-        ]
-        for theirs, ours in pairs:
-            out[f"{dst}{ours}.weight"] = take(f"{src}{theirs}.weight").t()
-            out[f"{dst}{ours}.bias"] = take(f"{src}{theirs}.bias")
+        src, dst = f"transformer.h.{i}.attn.c_attn.", f"blocks.{i}.self_attention."
+        weights = take(f"{src}weight").t().chunk(3, dim=0)
+        biases = take(f"{src}bias").chunk(3, dim=0)
+        for name, weight, bias in zip(("q_proj", "k_proj", "v_proj"), weights, biases, strict=True):
+            out[f"{dst}{name}.weight"], out[f"{dst}{name}.bias"] = weight, bias
     return {name: tensor.contiguous() for name, tensor in out.items()}
 
 
@@ -135,33 +119,26 @@ def llama_config(hf: dict[str, Any]) -> ModelConfig:
     )
 
 
+LLAMA_LAYER_NAMES = {
+    "input_layernorm": "attention_norm",
+    "post_attention_layernorm": "feed_forward_norm",
+    "self_attn.q_proj": "self_attention.q_proj",
+    "self_attn.k_proj": "self_attention.k_proj",
+    "self_attn.v_proj": "self_attention.v_proj",
+    "self_attn.o_proj": "self_attention.o_proj",
+    "mlp.gate_proj": "feed_forward.gate",
+    "mlp.up_proj": "feed_forward.up",
+    "mlp.down_proj": "feed_forward.down",
+}
+
+
 def llama_state_dict(hf: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
     """LlamaForCausalLM tensors -> DecoderLM tensors (the same layouts, other names)."""
-
-    def take(name: str) -> Tensor:
-        if name not in hf:
-            raise QkvError(f"the Llama checkpoint has no tensor {name!r}")
-        return hf[name]
-
-    out = {
-        "embedder.token_embedding.weight": take("model.embed_tokens.weight"),
-        "final_norm.weight": take("model.norm.weight"),
-    }
-    if not config.tie_embeddings:
-        out["head.weight"] = take("lm_head.weight")
-    for i in range(config.n_layers):
-        src, dst = f"model.layers.{i}.", f"blocks.{i}."
-        names = {
-            "input_layernorm": "attention_norm",
-            "post_attention_layernorm": "feed_forward_norm",
-            **{f"self_attn.{n}": f"self_attention.{n}" for n in ("q_proj", "k_proj", "v_proj",
-                                                                  "o_proj")},
-            "mlp.gate_proj": "feed_forward.gate",
-            "mlp.up_proj": "feed_forward.up",
-            "mlp.down_proj": "feed_forward.down",
-        }  # fmt: skip
-        for theirs, ours in names.items():
-            out[f"{dst}{ours}.weight"] = take(f"{src}{theirs}.weight")
+    out = {}
+    for theirs, ours in llama_names(config).items():
+        if theirs not in hf:
+            raise QkvError(f"the Llama checkpoint has no tensor {theirs!r}")
+        out[ours] = hf[theirs]
     return out
 
 
@@ -388,3 +365,143 @@ def load_hf_directory(folder: Path) -> tuple[DecoderLM | Encoder, Tokenizer]:
             )
     model.load_state_dict({k: v.float().contiguous() for k, v in tensors.items()})
     return model.eval(), load_hf_tokenizer(folder, hf)
+
+
+def hf_family(config: ModelConfig) -> str:
+    """Which Hugging Face family computes the same function as `config`: "gpt2" or "llama";
+    a QkvError names what fits neither."""
+    common = {
+        "arch": ("decoder", config.arch == "decoder"),
+        "norm_first": (True, config.norm_first),
+        "final_norm": (True, bool(config.final_norm)),
+        "scale_embeddings": (False, not config.scale_embeddings),
+        "type_vocab_size": (0, config.type_vocab_size == 0),
+        "embedding_norm": (False, not config.embedding_norm),
+    }
+    gpt2 = {
+        "position": ("learned", config.position == "learned"),
+        "norm": ("layernorm", config.norm == "layernorm"),
+        "feed_forward": ("gelu or gelu_tanh", config.feed_forward in ("gelu", "gelu_tanh")),
+        "bias": (True, config.bias),
+        "n_kv_heads": ("n_heads", config.n_kv_heads == config.n_heads),
+    }
+    llama = {
+        "position": ("rope", config.position == "rope"),
+        "norm": ("rmsnorm", config.norm == "rmsnorm"),
+        "feed_forward": ("swiglu", config.feed_forward == "swiglu"),
+        "bias": (False, not config.bias),
+    }
+    misfits = {}
+    for family, needs in (("gpt2", gpt2), ("llama", llama)):
+        wrong = [f"{k}={getattr(config, k)!r} (needs {v})" for k, (v, ok) in
+                 {**common, **needs}.items() if not ok]  # fmt: skip
+        if not wrong:
+            return family
+        misfits[family] = wrong
+    raise QkvError(
+        "this model fits no Hugging Face family qkv exports: as GPT-2 it has "
+        f"{', '.join(misfits['gpt2'])}; as Llama it has {', '.join(misfits['llama'])}"
+    )
+
+
+def to_hf(model: DecoderLM, tokenizer: Tokenizer) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """(config.json dict, tensors) of the transformers model computing what `model` does."""
+    config = model.config
+    family = hf_family(config)
+    ours = {name: tensor.detach().float().cpu() for name, tensor in model.state_dict().items()}
+    specials = {"eos_token_id": tokenizer.end_of_text_id, "bos_token_id": tokenizer.end_of_text_id,
+                "pad_token_id": tokenizer.pad_id}  # fmt: skip
+    tensors: dict[str, Tensor] = {}
+    if family == "gpt2":
+        hf = {
+            "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+            "vocab_size": config.vocab_size, "n_embd": config.d_model, "n_head": config.n_heads,
+            "n_layer": config.n_layers, "n_inner": config.d_ff, "n_positions": config.max_seq_len,
+            "layer_norm_epsilon": config.norm_eps,
+            "activation_function": "gelu_new" if config.feed_forward == "gelu_tanh" else "gelu",
+            "tie_word_embeddings": config.tie_embeddings,
+            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+        }  # fmt: skip
+        reverse = {ours: (theirs, t) for theirs, (ours, t) in gpt2_names(config).items()}
+        for name, tensor in ours.items():
+            if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight",
+                              "q_proj.bias", "k_proj.bias", "v_proj.bias")):  # fmt: skip
+                continue
+            theirs, transpose = reverse[name]
+            tensors[theirs] = tensor.t() if transpose else tensor
+        for i in range(config.n_layers):
+            attention = f"blocks.{i}.self_attention."
+            w = [ours[f"{attention}{p}_proj.weight"] for p in "qkv"]
+            b = [ours[f"{attention}{p}_proj.bias"] for p in "qkv"]
+            tensors[f"transformer.h.{i}.attn.c_attn.weight"] = torch.cat(w).t()
+            tensors[f"transformer.h.{i}.attn.c_attn.bias"] = torch.cat(b)
+    else:
+        hf = {
+            "model_type": "llama", "architectures": ["LlamaForCausalLM"],
+            "vocab_size": config.vocab_size, "hidden_size": config.d_model,
+            "num_attention_heads": config.n_heads, "num_key_value_heads": config.n_kv_heads,
+            "num_hidden_layers": config.n_layers, "intermediate_size": config.d_ff,
+            "max_position_embeddings": config.max_seq_len, "rope_theta": config.rope_base,
+            "rms_norm_eps": config.norm_eps, "hidden_act": "silu",
+            "tie_word_embeddings": config.tie_embeddings, "attention_bias": False,
+            "mlp_bias": False,
+        }  # fmt: skip
+        names = {ours: theirs for theirs, ours in llama_names(config).items()}
+        tensors = {names[name]: tensor for name, tensor in ours.items()}
+    hf.update(specials, torch_dtype="float32")
+    return hf, {name: tensor.contiguous() for name, tensor in tensors.items()}
+
+
+def gpt2_names(config: ModelConfig) -> dict[str, tuple[str, bool]]:
+    """GPT-2 tensor name -> (qkv name, stored transposed), for all but c_attn."""
+    names = {
+        "transformer.wte.weight": ("embedder.token_embedding.weight", False),
+        "transformer.wpe.weight": ("embedder.position.weight", False),
+        "transformer.ln_f.weight": ("final_norm.weight", False),
+        "transformer.ln_f.bias": ("final_norm.bias", False),
+    }
+    if not config.tie_embeddings:
+        names["lm_head.weight"] = ("head.weight", False)
+    for i in range(config.n_layers):
+        src, dst = f"transformer.h.{i}.", f"blocks.{i}."
+        for theirs, ours, transposed in [
+            ("ln_1", "attention_norm", False), ("ln_2", "feed_forward_norm", False),
+            ("attn.c_proj", "self_attention.o_proj", True), ("mlp.c_fc", "feed_forward.w1", True),
+            ("mlp.c_proj", "feed_forward.w2", True),
+        ]:  # fmt: skip
+            names[f"{src}{theirs}.weight"] = (f"{dst}{ours}.weight", transposed)
+            names[f"{src}{theirs}.bias"] = (f"{dst}{ours}.bias", False)
+    return names
+
+
+def llama_names(config: ModelConfig) -> dict[str, str]:
+    """Llama tensor name -> qkv name."""
+    names = {"model.embed_tokens.weight": "embedder.token_embedding.weight",
+             "model.norm.weight": "final_norm.weight"}  # fmt: skip
+    if not config.tie_embeddings:
+        names["lm_head.weight"] = "head.weight"
+    for i in range(config.n_layers):
+        src, dst = f"model.layers.{i}.", f"blocks.{i}."
+        for theirs, ours in LLAMA_LAYER_NAMES.items():
+            names[f"{src}{theirs}.weight"] = f"{dst}{ours}.weight"
+    return names
+
+
+def save_hf_directory(model: DecoderLM, tokenizer: Tokenizer, folder: Path) -> Path:
+    """Write `model` as a Hugging Face directory (config.json, model.safetensors,
+    tokenizer.json) atomically: temp dir + rename."""
+    import os
+    import shutil
+
+    from safetensors.torch import save_file
+
+    config, tensors = to_hf(model, tokenizer)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    (tmp / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+    tokenizer.save(tmp / "tokenizer.json")
+    os.replace(tmp, folder)
+    return folder
