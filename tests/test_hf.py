@@ -172,6 +172,7 @@ def test_qkv_generate_runs_a_hugging_face_directory(llama) -> None:
         ("missing", "has no tensor 'model.layers.1.mlp.up_proj.weight'"),
         ("shape", "feed_forward.gate.weight has shape [96, 64] but config.json needs [80, 64]"),
         ("type", "model_type 'mamba' is not supported"),
+        ("corrupt", "model.safetensors is corrupt or unreadable"),
     ],
 )
 def test_a_broken_directory_gets_one_clear_message(llama, tmp_path: Path, change, message) -> None:
@@ -187,6 +188,9 @@ def test_a_broken_directory_gets_one_clear_message(llama, tmp_path: Path, change
         save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     elif change == "shape":
         config["intermediate_size"] = 80
+    elif change == "corrupt":
+        weights = folder / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-100])
     else:
         config["model_type"] = "mamba"
     (folder / "config.json").write_text(json.dumps(config))
@@ -248,3 +252,29 @@ def test_export_names_what_fits_no_family(tmp_path: Path) -> None:
     result = qkv("export", "--model", str(folder), "--out", str(tmp_path / "hf"))
     assert result.returncode == 2 and "fits no Hugging Face family" in result.stderr
     assert "position='rope' (needs learned)" in result.stderr and not (tmp_path / "hf").exists()
+
+
+def test_qkv_eval_scores_an_exported_directory_as_the_original(tmp_path: Path) -> None:
+    from test_cli_generate import TEXT
+
+    from qkv.checkpoint import write_checkpoint
+    from qkv.config import ModelConfig
+    from qkv.model import DecoderLM
+    from qkv.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.train_char([TEXT])
+    torch.manual_seed(0)
+    model = DecoderLM(ModelConfig(vocab_size=tokenizer.vocab_size, d_model=32, n_heads=4,
+                                  n_layers=2, max_seq_len=32))  # fmt: skip
+    original = write_checkpoint(tmp_path / "ours", model, tokenizer)
+    exported = tmp_path / "hf"
+    assert qkv("export", "--model", str(original), "--out", str(exported)).returncode == 0
+    corpus = tmp_path / "text.txt"
+    corpus.write_text(TEXT * 20, encoding="utf-8")
+    results = []
+    for folder in (original, exported):
+        result = qkv("eval", "--model", str(folder), "--data", str(corpus), "--json")
+        assert result.returncode == 0, result.stderr
+        results.append(json.loads(result.stdout))
+    assert results[0]["tokens"] == results[1]["tokens"] > 0
+    assert results[1]["loss"] == pytest.approx(results[0]["loss"], abs=1e-5)
