@@ -135,3 +135,18 @@ def test_interactive_chat_in_a_terminal_answers_and_ends_on_ctrl_d(chat_dir: Pat
     finally:
         process.kill()
         os.close(controller)
+
+
+def test_chat_refuses_bad_messages_one_line_each_and_goes_on(chat_dir: Path) -> None:
+    import subprocess as sp
+
+    script = b"the fox \xff\n" + b"fox " * 60 + b"\nthe fox\n"
+    result = sp.run([sys.executable, "-m", "qkv", "chat", "--model", str(chat_dir), *GREEDY],
+                    input=script, capture_output=True, timeout=120)  # fmt: skip
+    err = result.stderr.decode()
+    assert result.returncode == 0 and "Traceback" not in err
+    assert "not valid UTF-8" in err and "shorten it" in err
+    expected = expected_reply(chat_dir, "<|user|>the fox<|assistant|>", 6)
+    assert result.stdout.decode() == expected + "\n"
+    long = qkv("chat", "--model", str(chat_dir), "-p", "fox " * 60)
+    assert long.returncode == 2 and "shorten it" in long.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -111,3 +112,75 @@ def test_a_resumed_finetuning_run_matches_an_uninterrupted_one(tmp_path: Path, l
     assert sorted(got) == list(range(1, 7))
     for step in range(1, 7):
         assert got[step] == pytest.approx(expected[step], abs=1e-6)
+
+
+def hf_llama_directory(folder: Path) -> Path:
+    """A random-init LlamaForCausalLM with its own tokenizer (eos "</s>"), as downloaded."""
+    from test_hf import save_hf
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         eos_token_id=63, bos_token_id=None, pad_token_id=None)  # fmt: skip
+    return save_hf(LlamaForCausalLM(config), folder)
+
+
+@pytest.mark.parametrize("lora", [[], ["--lora-rank", "2"]], ids=["full", "lora"])
+def test_fine_tuning_a_hugging_face_model_keeps_its_end_token(tmp_path: Path, lora) -> None:
+    base = hf_llama_directory(tmp_path / "llama")
+    pairs = [{"prompt": f"w{i} w{i + 1}", "response": f"w{i + 2}"} for i in range(12)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps(p) for p in pairs), encoding="utf-8")
+    out = tmp_path / "tuned"
+    args = ["--model", str(base), "--data", str(data), "--out", str(out), "--steps", "2", *lora]
+    assert main(["finetune", *args]) == 0
+    if lora:
+        assert main(["merge", "--model", str(out), "--out", str(tmp_path / "merged")]) == 0
+        out = tmp_path / "merged"
+    model, tokenizer = load_model(out)
+    assert tokenizer.end_of_text == "</s>" and tokenizer.end_of_text_id == 63
+    assert model.config.vocab_size == tokenizer.vocab_size == 64 + 3
+
+
+def test_full_fine_tuning_from_an_adapter_trains_its_merged_weights(tmp_path: Path, capsys) -> None:
+    base = checkpoint(tmp_path / "base", "decoder")
+    adapter = finetune(tmp_path, base, tmp_path / "lora", "--steps", "2", "--lora-rank", "2")
+    full = finetune(tmp_path, Path(adapter), tmp_path / "full", "--steps", "2")
+    printed = capsys.readouterr().out.splitlines()
+    trained = [line for line in printed if "trained;" in line][-1]
+    counts = re.findall(r"([\d,]+) parameters, ([\d,]+) trained", trained)[0]
+    total, learning = (int(x.replace(",", "")) for x in counts)
+    assert total == learning
+    model, _ = load_model(full)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--lora-targets", "q_proj"], "need --lora-rank"),
+        (["--lora-rank", "999"], "rank must be from 1 to"),
+        (["--lora-rank", "2", "--lora-targets", "nope"], "it has ["),
+        (["--lora-rank", "2", "--lora-alpha", "-1"], "--lora-alpha must be positive"),
+    ],
+)
+def test_bad_lora_options_are_one_line(tmp_path: Path, capsys, args, message) -> None:
+    base = checkpoint(tmp_path / "base", "decoder")
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps(p) for p in PAIRS), encoding="utf-8")
+    code = main(["finetune", "--model", str(base), "--data", str(data), "--out",
+                 str(tmp_path / "o"), *args])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_runs_resume_only_with_their_own_command(tmp_path: Path, capsys) -> None:
+    base = checkpoint(tmp_path / "base", "decoder")
+    tuned = finetune(tmp_path, base, tmp_path / "tuned", "--steps", "2")
+    assert main(["train", "--resume", tuned, "--steps", "4"]) == 2
+    assert "continue it with qkv finetune --resume" in capsys.readouterr().err
+    assert main(["finetune", "--resume", str(base)]) == 2
+    assert "cannot be resumed: optimizer.safetensors is missing" in capsys.readouterr().err
+    assert main(["merge", "--model", tuned, "--out", str(tmp_path / "pairs.jsonl")]) == 2
+    assert "is not a LoRA adapter" in capsys.readouterr().err

@@ -105,6 +105,9 @@ def test_qkv_train_task_reports_exact_match_and_resumes(tmp_path: Path, capsys) 
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "loss" in m] == list(range(1, 10))
     assert any("val_exact_match" in m for m in metrics)
+    capsys.readouterr()
+    assert main(["eval", "--model", str(out)]) == 2
+    assert "scores decoder language models" in capsys.readouterr().err
 
 
 def test_an_encoder_decoder_learns_a_users_pairs(tmp_path: Path, capsys) -> None:
@@ -127,6 +130,7 @@ def test_an_encoder_decoder_learns_a_users_pairs(tmp_path: Path, capsys) -> None
         (["--task", "reverse", "--data", "x.jsonl"], "not both"),
         (["--arch", "encoder-decoder"], "--task reverse|sort|add"),
         (["--task", "reverse", "--preset", "tiny"], "trains an encoder-decoder"),
+        (["--task", "sort", "--tokenizer", "char"], "drop --tokenizer"),
     ],
 )
 def test_seq2seq_option_errors_are_one_line(tmp_path: Path, capsys, args, message) -> None:

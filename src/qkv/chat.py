@@ -31,7 +31,7 @@ def answer_prompt(turns: list[tuple[str, str]], end_of_text: str) -> str:
 class Conversation:
     """A multi-turn chat whose prompt fits the context window: when the history outgrows
     window - reserve tokens (reserve: room for the reply), the oldest exchanges are dropped;
-    the system message (if any) is always kept."""
+    the system message (if any) is always kept, and a message that cannot fit is refused."""
 
     def __init__(
         self, tokenizer: Tokenizer, window: int, reserve: int, system: str | None = None
@@ -56,9 +56,15 @@ class Conversation:
             for user, assistant in self.exchanges:
                 turns += [("user", user), ("assistant", assistant)]
             text = answer_prompt([*turns, ("user", message)], self.end_of_text)
-            fits = len(self.tokenizer.encode(text)) <= self.window - self.reserve
-            if fits or not self.exchanges:
+            tokens = len(self.tokenizer.encode(text))
+            if tokens <= self.window - self.reserve:
                 return text, dropped
+            if not self.exchanges:
+                raise QkvError(
+                    f"the message needs {tokens} tokens with the chat template (and the system "
+                    f"message); the model's context of {self.window} tokens leaves "
+                    f"{self.window - self.reserve} after room for the reply: shorten it"
+                )
             self.exchanges.pop(0)
             dropped += 1
 

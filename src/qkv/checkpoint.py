@@ -265,14 +265,15 @@ def load_adapter_weights(model: torch.nn.Module, path: Path) -> None:
 
 def load_training_state(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(optimizer + RNG tensors, trainer state) of a checkpoint written by training."""
+    missing = [name for name in (OPTIMIZER, TRAINER_STATE) if not (folder / name).is_file()]
+    if missing:
+        raise QkvError(
+            f"{folder} cannot be resumed: {missing[0]} is missing "
+            "(only checkpoints written by `qkv train` or `qkv finetune` hold the optimizer state)"
+        )
     try:
         tensors = load_file(folder / OPTIMIZER)
         state = json.loads((folder / TRAINER_STATE).read_text(encoding="utf-8"))
-    except FileNotFoundError as err:
-        raise QkvError(
-            f"{folder} cannot be resumed: {Path(err.filename).name} is missing "
-            "(only checkpoints written by `qkv train` hold the optimizer state)"
-        ) from None
     except (SafetensorError, OSError, ValueError) as err:
         raise QkvError(f"training state in {folder} is corrupt ({err})") from None
     return tensors, state

@@ -361,7 +361,6 @@ def _add_finetune_parser(commands: argparse._SubParsersAction) -> None:
         finetune.add_argument(flag, type=kind, default=None, help=text + shown)
     finetune.add_argument(
         "--lora-targets",
-        default="q_proj,v_proj",
         help="comma-separated linear layers to adapt: q_proj, k_proj, v_proj, o_proj, w1, w2, "
         "gate, up, down (default q_proj,v_proj)",
     )
@@ -673,8 +672,11 @@ def _train(args: argparse.Namespace) -> None:
                 "--preset/--config/--set/--tokenizer/--vocab-size/--task"
             )
         folder = resolve(args.resume)
+        state = load_training_state(folder)[1]
+        if state.get("kind") == "finetune":
+            raise QkvError(f"{folder} is a fine-tuning run: continue it with qkv finetune --resume")
         try:
-            base = TrainConfig(**load_training_state(folder)[1]["train_config"])
+            base = TrainConfig(**state["train_config"])
         except (KeyError, TypeError):
             raise QkvError(
                 f"{folder}/trainer_state.json was not written by this version of qkv train"
@@ -718,6 +720,9 @@ def _train_seq2seq(
     """qkv train --task NAME | --arch encoder-decoder --data PAIRS.jsonl."""
     from qkv.seq2seq import SCHEDULES, evaluate_pairs, prepare_seq2seq_run
 
+    if args.tokenizer or args.vocab_size:
+        raise QkvError("an encoder-decoder uses a character tokenizer of its data: drop "
+                       "--tokenizer/--vocab-size")  # fmt: skip
     if args.resume is None:
         if args.task is not None and args.data:
             raise QkvError("give --task (a built-in task) or --data (a JSONL file), not both")
@@ -764,6 +769,12 @@ def _eval(args: argparse.Namespace) -> None:
 
     device = resolve_device(args.device)
     model, tokenizer = load_model(args.model, device)
+    if model.config.arch != "decoder":
+        raise QkvError(
+            f"qkv eval scores decoder language models; {args.model} holds an "
+            f"{model.config.arch} model (an encoder-decoder run reports its exact match at the "
+            "end of qkv train)"
+        )
     context = args.context or model.config.max_seq_len
     if context > model.config.max_seq_len:
         raise QkvError(f"--context must be at most the model's {model.config.max_seq_len}")
@@ -859,18 +870,30 @@ def _finetune(args: argparse.Namespace) -> None:
                 "--model/--data/--lora-rank"
             )
         folder = resolve(args.resume)
-        base = TrainConfig(**load_training_state(folder)[1]["train_config"])
+        state = load_training_state(folder)[1]
+        if state.get("kind", "train") != "finetune":
+            raise QkvError(
+                f"{folder} is not a fine-tuning run: continue it with qkv train --resume"
+            )
+        base = TrainConfig(**state["train_config"])
         out, spec = args.out or run_directory(folder), base.data[0]
     else:
         if args.model is None or args.out is None:
             raise QkvError("give --model (the checkpoint to start from) and --out, or --resume RUN")
         out, spec = args.out, args.data or "builtin:stdlib-qa"
+        lora_options = (args.lora_alpha, args.lora_dropout, args.lora_targets)
+        if args.lora_rank is None and any(o is not None for o in lora_options):
+            raise QkvError("--lora-alpha, --lora-dropout and --lora-targets need --lora-rank")
         if args.lora_rank is not None:
-            targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+            targets = tuple(
+                t.strip() for t in (args.lora_targets or "q_proj,v_proj").split(",") if t.strip()
+            )
             alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank
             dropout = args.lora_dropout or 0.0
             if not 0.0 <= dropout < 1.0:
                 raise QkvError(f"--lora-dropout must be in [0, 1); got {dropout}")
+            if not alpha > 0:
+                raise QkvError(f"--lora-alpha must be positive; got {alpha}")
             lora = LoRASettings(args.lora_rank, alpha, dropout, targets)
         lr = LORA_LR if lora else FINETUNE_LR
         base = TrainConfig(data=[spec], context=10**9, lr=lr, **FINETUNE_DEFAULTS)
@@ -881,8 +904,8 @@ def _finetune(args: argparse.Namespace) -> None:
         trainer, held_out = prepare_finetune(
             args.model, spec, cfg, out, lambda m: print(m, file=sys.stderr), lora, args.resume
         )
-    except ValueError as err:  # add_lora: no layer of that name
-        raise QkvError(f"--lora-targets: {err}") from None
+    except ValueError as err:  # add_lora: no layer of that name, a rank too large
+        raise QkvError(f"LoRA: {err}") from None
     train, val = trainer.train_examples, trainer.val_examples
     model = trainer.model
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -933,7 +956,7 @@ def _merge(args: argparse.Namespace) -> None:
         raise QkvError(
             f"{folder} is not a LoRA adapter (it has no {ADAPTER_CONFIG}): nothing to merge"
         )
-    if args.out.exists() and any(args.out.iterdir()):
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
         raise QkvError(f"{args.out} already exists and is not empty; choose another --out")
     model, tokenizer = load_model(folder)
     generator = torch.Generator().manual_seed(0)
@@ -973,6 +996,10 @@ def _chat(args: argparse.Namespace) -> None:
     interactive = sys.stdin.isatty() and args.prompt is None
 
     def reply(message: str) -> None:
+        try:
+            message.encode("utf-8")
+        except UnicodeEncodeError:
+            raise QkvError("the message is not valid UTF-8 text") from None
         prompt, dropped = conversation.prompt(message)
         if dropped:
             print(
@@ -1031,6 +1058,8 @@ def _chat(args: argparse.Namespace) -> None:
                 reply(message)
             except KeyboardInterrupt:
                 print("\n(reply stopped)", file=sys.stderr)
+            except QkvError as err:  # this message only: the conversation goes on
+                print(f"qkv chat: error: {err}", file=sys.stderr)
 
 
 def _embed(args: argparse.Namespace) -> None:

@@ -16,6 +16,7 @@ import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +25,7 @@ from torch.nn import functional as F
 from qkv.data import read_text_file, stdlib_docs
 from qkv.errors import QkvError
 from qkv.model import DecoderLM
-from qkv.nn.lora import DEFAULT_TARGETS, add_lora
+from qkv.nn.lora import DEFAULT_TARGETS, add_lora, merge_lora
 from qkv.tokenizer import Tokenizer
 from qkv.train import EvalResult, TrainConfig, Trainer, next_token_loss
 
@@ -242,6 +243,7 @@ class FinetuneTrainer(Trainer):
     """The Trainer on prompt/response examples: batches of whole examples, loss and evaluation
     on the response tokens only (train_data / val_data are unused)."""
 
+    kind: ClassVar[str] = "finetune"
     train_examples: EncodedExamples = field(default_factory=lambda: EncodedExamples([], 0, 0))
     val_examples: EncodedExamples = field(default_factory=lambda: EncodedExamples([], 0, 0))
 
@@ -327,6 +329,8 @@ def prepare_finetune(
         if lora is not None and not (base / WEIGHTS).is_file():
             raise QkvError(f"{base} is itself a LoRA adapter: merge it first (qkv merge)")
         model, tokenizer = load_model(base, "cpu")
+        if lora is None and merge_lora(model):  # an adapter: fine-tune its merged weights
+            model.requires_grad_(True)
         if lora is not None:
             adapter = {
                 "base": str(base.resolve()),

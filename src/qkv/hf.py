@@ -88,10 +88,11 @@ def llama_config(hf: dict[str, Any]) -> ModelConfig:
         raise QkvError(f"Llama hidden_act {hf['hidden_act']!r} is not supported (only silu)")
     # transformers 5 writes rope_parameters {rope_theta, rope_type}; earlier versions
     # rope_theta and rope_scaling (null, or {rope_type, factor, ...}).
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise QkvError(f"Llama RoPE scaling {rope} is not supported (only plain RoPE)")
-    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    for field_name in ("rope_parameters", "rope_scaling"):
+        rope = hf.get(field_name) or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise QkvError(f"Llama {field_name} {rope} is not supported (only plain RoPE)")
+    theta = (hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta", 10000.0))
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         raise QkvError("Llama attention_bias / mlp_bias is not supported (only no biases)")
     heads = hf["num_attention_heads"]

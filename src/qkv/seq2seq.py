@@ -18,6 +18,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -273,6 +274,7 @@ class Seq2SeqTrainer(Trainer):
     """The Trainer on source -> target pairs: batches of (source, decoder input, source mask),
     evaluation by teacher-forced loss and exact match (greedy, or beam search with beams > 1)."""
 
+    kind: ClassVar[str] = "seq2seq"
     source: PairSource = field(default_factory=lambda: PairSource([]))
     beams: int = 1
 

@@ -9,6 +9,7 @@ Both are lossless: decode(encode(s)) == s for every Unicode string s.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -21,6 +22,9 @@ END_OF_TEXT = "<|endoftext|>"
 PAD = "<|pad|>"
 SPECIAL_TOKENS = [END_OF_TEXT, PAD]
 KINDS = ("bpe", "char")
+SPECIALS = (
+    "tokenizer_config.json"  # a model tokenizer's eos / pad tokens, as Hugging Face names them
+)
 
 
 class Tokenizer:
@@ -86,22 +90,37 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
-        """Read a tokenizer.json (or the one inside a checkpoint directory)."""
+        """Read a tokenizer.json (or the one inside a checkpoint directory); a model's own
+        tokenizer has its end-of-text and padding tokens in tokenizer_config.json beside it."""
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"
         if not path.is_file():
             raise QkvError(f"no tokenizer at {path}; a checkpoint needs its tokenizer.json")
         try:
-            return cls(tokenizers.Tokenizer.from_file(str(path)))
+            backend = tokenizers.Tokenizer.from_file(str(path))
         except Exception as err:
             raise QkvError(f"{path} is not a valid tokenizer.json ({err})") from None
+        specials = path.with_name(SPECIALS)
+        if specials.is_file():
+            try:
+                names = json.loads(specials.read_text(encoding="utf-8"))
+                return cls(backend, names["eos_token"], names.get("pad_token"))
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                raise QkvError(f"{specials} is unreadable ({err})") from None
+        return cls(backend)
 
     def to_str(self) -> str:
         return self.backend.to_str()
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_str(), encoding="utf-8")
+        """Write tokenizer.json at `path` (and, for a model's own tokenizer, its special
+        tokens in tokenizer_config.json beside it)."""
+        path = Path(path)
+        path.write_text(self.to_str(), encoding="utf-8")
+        if self.model_template:
+            names = {"eos_token": self.end_of_text, "pad_token": self.pad}
+            path.with_name(SPECIALS).write_text(json.dumps(names, indent=2), encoding="utf-8")
 
     @property
     def vocab_size(self) -> int:

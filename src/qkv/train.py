@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -255,6 +255,7 @@ class Trainer:
     on_save: Callable[[Path], None] = lambda path: None
     history: list[dict[str, Any]] = field(default_factory=list)
     adapter: dict[str, Any] | None = None  # LoRA: checkpoints hold only the adapter (its config)
+    kind: ClassVar[str] = "train"  # which command's run this is, kept in trainer_state.json
 
     def __post_init__(self) -> None:
         self.cfg.validate()
@@ -301,6 +302,7 @@ class Trainer:
             for name, value in state.items():
                 tensors[f"optimizer.{index}.{name}"] = torch.as_tensor(value)
         state = {
+            "kind": self.kind,
             "step": self.step,
             "train_config": asdict(self.cfg),
             "param_groups": optimizer_state["param_groups"],

@@ -24,8 +24,11 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0) -> None:
         super().__init__()
-        if rank < 1:
-            raise ValueError(f"LoRA rank must be at least 1, got {rank}")
+        if not 1 <= rank <= min(base.in_features, base.out_features):
+            raise ValueError(
+                f"rank must be from 1 to {min(base.in_features, base.out_features)} (the smaller "
+                f"side of a {base.out_features} x {base.in_features} layer), got {rank}"
+            )
         self.base = base
         self.base.requires_grad_(False)
         self.rank = rank
@@ -77,7 +80,11 @@ def add_lora(
                 setattr(module, child_name, LoRALinear(child, rank, alpha or rank, dropout))
                 adapted.append(f"{name}.{child_name}" if name else child_name)
     if not adapted:
-        raise ValueError(f"no linear layer named any of {list(targets)} in the model")
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                        if isinstance(m, nn.Linear)})  # fmt: skip
+        raise ValueError(
+            f"no linear layer named any of {list(targets)} in the model; it has {names}"
+        )
     return adapted
 
 
