@@ -168,27 +168,33 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[An
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
     """Load safetensors weights into `model`, naming any missing, unexpected or misshapen tensor."""
+    model.load_state_dict(_fitting_tensors(path, model.state_dict(), "checkpoint", "the config"))
+
+
+def _fitting_tensors(
+    path: Path, expected: dict[str, torch.Tensor], what: str, owner: str
+) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, checked to be exactly `expected`'s names and shapes."""
     try:
         weights = load_file(path)
     except FileNotFoundError:
-        raise QkvError(f"checkpoint weights {path} are missing") from None
+        raise QkvError(f"{what} weights {path} are missing") from None
     except (SafetensorError, OSError, ValueError) as err:
-        raise QkvError(f"checkpoint weights {path} are corrupt or unreadable ({err})") from None
-    expected = model.state_dict()
+        raise QkvError(f"{what} weights {path} are corrupt or unreadable ({err})") from None
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
     if missing or unexpected:
         raise QkvError(
-            f"checkpoint weights {path} do not fit the config: missing {missing[:5]}, "
+            f"{what} weights {path} do not fit {owner}: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}"
         )
     for name, tensor in weights.items():
         if tensor.shape != expected[name].shape:
             raise QkvError(
-                f"checkpoint tensor {name} has shape {list(tensor.shape)} but the config "
+                f"{what} tensor {name} has shape {list(tensor.shape)} but {owner} "
                 f"needs {list(expected[name].shape)}"
             )
-    model.load_state_dict(weights)
+    return weights
 
 
 def weights_digest(folder: Path) -> str:
@@ -241,25 +247,7 @@ def load_adapter_model(folder: Path) -> tuple[Any, Tokenizer]:
 
 def load_adapter_weights(model: torch.nn.Module, path: Path) -> None:
     """Load a LoRA adapter's tensors into a model that has its LoRA layers."""
-    try:
-        weights = load_file(path)
-    except FileNotFoundError:
-        raise QkvError(f"adapter weights {path} are missing") from None
-    except (SafetensorError, OSError, ValueError) as err:
-        raise QkvError(f"adapter weights {path} are corrupt or unreadable ({err})") from None
-    expected = lora_state_dict(model)
-    if set(weights) != set(expected):
-        raise QkvError(
-            f"adapter weights {path} do not fit the model: missing "
-            f"{sorted(set(expected) - set(weights))[:5]}, unexpected "
-            f"{sorted(set(weights) - set(expected))[:5]}"
-        )
-    for name, tensor in weights.items():
-        if tensor.shape != expected[name].shape:
-            raise QkvError(
-                f"adapter tensor {name} has shape {list(tensor.shape)} but the model needs "
-                f"{list(expected[name].shape)}"
-            )
+    weights = _fitting_tensors(path, lora_state_dict(model), "adapter", "the model")
     model.load_state_dict(weights, strict=False)
 
 
