@@ -46,7 +46,6 @@ class Conversation:
         self.window, self.reserve = window, reserve
         self.system = [("system", system)] if system else []
         self.exchanges: list[tuple[str, str]] = []  # (user message, assistant reply)
-        self.end_of_text = tokenizer.backend.id_to_token(tokenizer.end_of_text_id)
 
     def prompt(self, message: str) -> tuple[str, int]:
         """The prompt for the reply to `message`, and how many old exchanges it had to drop."""
@@ -55,7 +54,7 @@ class Conversation:
             turns = list(self.system)
             for user, assistant in self.exchanges:
                 turns += [("user", user), ("assistant", assistant)]
-            text = answer_prompt([*turns, ("user", message)], self.end_of_text)
+            text = answer_prompt([*turns, ("user", message)], self.tokenizer.end_of_text)
             tokens = len(self.tokenizer.encode(text))
             if tokens <= self.window - self.reserve:
                 return text, dropped

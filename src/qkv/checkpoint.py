@@ -181,20 +181,31 @@ def _fitting_tensors(
         raise QkvError(f"{what} weights {path} are missing") from None
     except (SafetensorError, OSError, ValueError) as err:
         raise QkvError(f"{what} weights {path} are corrupt or unreadable ({err})") from None
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
+    check_fit(weights, expected, what, owner, f"{what} weights {path}")
+    return weights
+
+
+def check_fit(
+    tensors: dict[str, torch.Tensor],
+    expected: dict[str, torch.Tensor],
+    what: str,
+    owner: str,
+    source: str = "the tensors",
+) -> None:
+    """Raise a QkvError naming the first tensor missing from, extra to or misshapen for
+    `expected` (what `owner`, the config or the model, needs)."""
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise QkvError(
-            f"{what} weights {path} do not fit {owner}: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}"
+            f"{source} do not fit {owner}: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-    for name, tensor in weights.items():
+    for name, tensor in tensors.items():
         if tensor.shape != expected[name].shape:
             raise QkvError(
                 f"{what} tensor {name} has shape {list(tensor.shape)} but {owner} "
                 f"needs {list(expected[name].shape)}"
             )
-    return weights
 
 
 def weights_digest(folder: Path) -> str:

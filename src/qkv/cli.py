@@ -937,10 +937,9 @@ def _finetune(args: argparse.Namespace) -> None:
             f"parameters); fold it into the base with: qkv merge --model {out} --out DIR"
         )
     generator = Generator(model.eval(), trainer.tokenizer)
-    end_of_text = trainer.tokenizer.backend.id_to_token(trainer.tokenizer.end_of_text_id)
     questions = [e.turns[-2][1] for e in held_out if len(e.turns) > 1 and e.turns[-2][0] == "user"]
     for question in questions[:3]:
-        prompt = answer_prompt([("user", question)], end_of_text)
+        prompt = answer_prompt([("user", question)], trainer.tokenizer.end_of_text)
         answer = generator.generate(prompt, max_new_tokens=48, temperature=0)
         print(f"--- Q: {question}\n    A: {answer.text.strip()}")
 

@@ -23,11 +23,27 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from qkv.errors import QkvError
 from qkv.tokenizer import Tokenizer
 
 BUILTIN_PREFIX = "builtin:"
+
+
+def pad_rows(rows: list[list[int]], pad_id: int, left: bool = False) -> tuple[Tensor, Tensor]:
+    """Token lists -> ids (batch, longest) and mask (1 real, 0 padding), padded on the right
+    (or on the left, so that every row's newest token is in the last column)."""
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        where = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, where] = torch.tensor(row, dtype=torch.long)
+        mask[i, where] = 1
+    return ids, mask
+
+
 BUILTINS = ("stdlib-docs",)
 
 

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from qkv.data import pad_rows
 from qkv.errors import QkvError
 from qkv.model import Encoder
 from qkv.tokenizer import Tokenizer
@@ -43,13 +44,7 @@ def embed(
     for first in range(0, len(texts), batch_size):
         rows = tokenizer.encode_inputs(texts[first : first + batch_size])
         rows = [ids if len(ids) <= limit else [*ids[: limit - 1], ids[-1]] for ids in rows]
-        width = max(len(ids) for ids in rows)
-        ids = torch.full((len(rows), width), tokenizer.pad_id)
-        mask = torch.zeros(len(rows), width, dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, : len(row)] = torch.tensor(row)
-            mask[i, : len(row)] = 1
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask = (t.to(device) for t in pad_rows(rows, tokenizer.pad_id))
         hidden = model.hidden_states(ids, mask)
         vectors.append(F.normalize(mean_pool(hidden, mask), p=2, dim=-1).cpu())
     return torch.cat(vectors) if vectors else torch.empty(0, model.config.d_model)

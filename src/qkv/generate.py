@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from qkv.data import read_text_file
+from qkv.data import pad_rows, read_text_file
 from qkv.errors import QkvError
 from qkv.model import DecoderLM
 from qkv.sampling import penalize_repetition, select
@@ -89,18 +89,6 @@ def positions_of(attention_mask: Tensor) -> Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Token lists -> ids (batch, longest), attention mask (1 real, 0 padding), padded on the left
-    so that every row's newest token is in the last column."""
-    width = max(len(row) for row in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
-        mask[i, width - len(row) :] = 1
-    return ids.to(device), mask.to(device)
-
-
 @torch.inference_mode()
 def decode(
     model: DecoderLM, prompts: list[list[int]], config: GenerationConfig, pad_id: int
@@ -133,7 +121,8 @@ def decode(
         if caches is not None:
             for cache in caches:
                 cache.reset()
-        ids, mask = left_pad([r[s:] for r, s in zip(rows, starts, strict=True)], pad_id, device)
+        windows = [r[s:] for r, s in zip(rows, starts, strict=True)]
+        ids, mask = (t.to(device) for t in pad_rows(windows, pad_id, left=True))
         attention_mask = mask if bool((mask == 0).any()) else None
         hidden = model.hidden_states(ids, attention_mask, positions_of(mask), caches)
         return model.head(hidden[:, -1]), attention_mask, mask.sum(-1, keepdim=True)

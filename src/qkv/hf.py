@@ -282,17 +282,13 @@ def _read_pickled_tensors(path: Path) -> dict[str, Tensor]:
     return tensors
 
 
-def _special(folder: Path, config: dict[str, Any], backend: tokenizers.Tokenizer,
+def _special(config: dict[str, Any], extra: dict[str, Any], backend: tokenizers.Tokenizer,
              id_field: str, names: tuple[str, ...]) -> str | None:  # fmt: skip
     """A special token by config.json's id field, else by tokenizer_config.json's names."""
     token_id = config.get(id_field)
     token_id = token_id[0] if isinstance(token_id, list) else token_id
     if token_id is not None and backend.id_to_token(token_id) is not None:
         return backend.id_to_token(token_id)
-    try:
-        extra = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        extra = {}
     for name in names:
         token = extra.get(name)
         token = token.get("content") if isinstance(token, dict) else token
@@ -301,19 +297,14 @@ def _special(folder: Path, config: dict[str, Any], backend: tokenizers.Tokenizer
     return None
 
 
-def _wordpiece(folder: Path) -> tokenizers.Tokenizer:
-    """BERT's vocab.txt as a WordPiece tokenizer: lower-cased unless tokenizer_config.json
-    says otherwise, [CLS] text [SEP] around every input."""
+def _wordpiece(folder: Path, lowercase: bool) -> tokenizers.Tokenizer:
+    """BERT's vocab.txt as a WordPiece tokenizer, [CLS] text [SEP] around every input."""
     from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
-    try:
-        extra = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        extra = {}
     backend = tokenizers.Tokenizer(
         models.WordPiece.from_file(str(folder / "vocab.txt"), unk_token="[UNK]")
     )
-    backend.normalizer = normalizers.BertNormalizer(lowercase=extra.get("do_lower_case", True))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     backend.decoder = decoders.WordPiece()
     cls, sep = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
@@ -327,8 +318,14 @@ def _wordpiece(folder: Path) -> tokenizers.Tokenizer:
 
 
 def load_hf_tokenizer(folder: Path, config: dict[str, Any]) -> Tokenizer:
-    """The directory's tokenizer.json (or BERT's vocab.txt); its end-of-text token is
-    config.json's eos_token_id (or the tokenizer config's eos / sep token)."""
+    """The directory's tokenizer.json (or BERT's vocab.txt, lower-cased unless
+    tokenizer_config.json says otherwise); its end-of-text token is config.json's eos_token_id
+    (or the tokenizer config's eos / sep token)."""
+    try:
+        extra = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        extra = {}
+    extra = extra if isinstance(extra, dict) else {}
     path = folder / "tokenizer.json"
     if path.is_file():
         try:
@@ -336,14 +333,14 @@ def load_hf_tokenizer(folder: Path, config: dict[str, Any]) -> Tokenizer:
         except Exception as err:
             raise QkvError(f"{path} is not a valid tokenizer.json ({err})") from None
     elif (folder / "vocab.txt").is_file():
-        backend = _wordpiece(folder)
+        backend = _wordpiece(folder, extra.get("do_lower_case", True))
     else:
         raise QkvError(f"{folder} has no tokenizer.json or vocab.txt")
-    end_of_text = _special(folder, config, backend, "eos_token_id", ("eos_token", "sep_token"))
+    end_of_text = _special(config, extra, backend, "eos_token_id", ("eos_token", "sep_token"))
     if end_of_text is None:
         raise QkvError(f"{folder}: neither config.json nor tokenizer_config.json names an "
                        "end-of-text token (eos_token_id) the tokenizer knows")  # fmt: skip
-    pad = _special(folder, config, backend, "pad_token_id", ("pad_token",))
+    pad = _special(config, extra, backend, "pad_token_id", ("pad_token",))
     return Tokenizer(backend, end_of_text, pad)
 
 
@@ -355,15 +352,11 @@ def load_hf_directory(folder: Path) -> tuple[DecoderLM | Encoder, Tokenizer]:
         config = make_config(hf)
     except KeyError as err:
         raise QkvError(f"{folder}/config.json lacks the field {err}") from None
+    from qkv.checkpoint import check_fit
+
     model = build_model(config)
     tensors = convert(read_hf_weights(folder), config)
-    expected = model.state_dict()
-    for name, tensor in tensors.items():
-        if tensor.shape != expected[name].shape:
-            raise QkvError(
-                f"{folder}: tensor for {name} has shape {list(tensor.shape)} but config.json "
-                f"needs {list(expected[name].shape)}"
-            )
+    check_fit(tensors, model.state_dict(), f"{folder}:", "config.json")
     model.load_state_dict({k: v.float().contiguous() for k, v in tensors.items()})
     return model.eval(), load_hf_tokenizer(folder, hf)
 

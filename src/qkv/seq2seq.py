@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from qkv.config import ModelConfig
-from qkv.data import read_text_file
+from qkv.data import pad_rows, read_text_file
 from qkv.errors import QkvError
 from qkv.model import EncoderDecoder, build_model
 from qkv.tokenizer import Tokenizer
@@ -131,16 +131,9 @@ def encode_pairs(
     end, pad = tokenizer.end_of_text_id, tokenizer.pad_id
     sources = [tokenizer.encode(s) for s, _ in pairs]
     targets = [[*tokenizer.encode(t), end] for _, t in pairs]
-    batch, src_len, tgt_len = len(pairs), max(map(len, sources)), max(map(len, targets))
-    src = torch.full((batch, src_len), pad)
-    mask = torch.zeros(batch, src_len, dtype=torch.long)
-    decoder_in = torch.full((batch, tgt_len), pad)
-    labels = torch.full((batch, tgt_len), IGNORE)
-    for i, (s, t) in enumerate(zip(sources, targets, strict=True)):
-        src[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-        decoder_in[i, : len(t)] = torch.tensor([end, *t[:-1]])
-        labels[i, : len(t)] = torch.tensor(t)
+    src, mask = pad_rows(sources, pad)
+    decoder_in, _ = pad_rows([[end, *t[:-1]] for t in targets], pad)
+    labels, _ = pad_rows(targets, IGNORE)
     return src, mask, decoder_in, labels
 
 
