@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from qkv.config import ModelConfig
+from qkv.distributed import shard_as
 from qkv.errors import QkvError
 from qkv.model import build_model
 from qkv.nn.lora import add_lora, lora_state_dict
@@ -56,16 +57,19 @@ def write_checkpoint(
     tensors: dict[str, torch.Tensor] | None = None,
     state: dict[str, Any] | None = None,
     adapter: dict[str, Any] | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a checkpoint directory at `folder` atomically (temp dir + rename); returns it.
-    With `adapter` (its adapter_config.json), only the model's LoRA tensors are written."""
+    With `adapter` (its adapter_config.json), only the model's LoRA tensors are written;
+    otherwise `weights` (default: the model's state dict)."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     if adapter is None:
         (tmp / CONFIG).write_text(model.config.to_json(), encoding="utf-8")
-        weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        weights = weights if weights is not None else model.state_dict()
+        weights = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
         save_file(weights, tmp / WEIGHTS, metadata={"format": "pt"})
     else:
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(adapter, indent=2), encoding="utf-8")
@@ -96,6 +100,7 @@ def save_training_checkpoint(
     state: dict[str, Any],
     keep: int = 2,
     adapter: dict[str, Any] | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """RUN/checkpoints/step-NNNNNNNN, then RUN/latest -> it; older ones beyond `keep` removed."""
     folder = run_dir / "checkpoints" / f"step-{step:08d}"
@@ -103,7 +108,7 @@ def save_training_checkpoint(
         for stale in folder.parent.iterdir():
             if stale.name.startswith((".tmp-", ".old-")):
                 shutil.rmtree(stale, ignore_errors=True)
-    write_checkpoint(folder, model, tokenizer, tensors, state, adapter)
+    write_checkpoint(folder, model, tokenizer, tensors, state, adapter, weights)
     link = run_dir / LATEST
     tmp_link = run_dir / f".{LATEST}-{os.getpid()}"
     if tmp_link.is_symlink() or tmp_link.exists():
@@ -167,8 +172,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[An
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
-    """Load safetensors weights into `model`, naming any missing, unexpected or misshapen tensor."""
-    model.load_state_dict(_fitting_tensors(path, model.state_dict(), "checkpoint", "the config"))
+    """Load safetensors weights into `model`, naming any missing, unexpected or misshapen tensor
+    (each cut into this process's shard where the model is sharded by FSDP2)."""
+    expected = model.state_dict()
+    weights = _fitting_tensors(path, expected, "checkpoint", "the config")
+    model.load_state_dict({name: shard_as(t, expected[name]) for name, t in weights.items()})
 
 
 def _fitting_tensors(

@@ -16,6 +16,7 @@ from typing import Any
 
 from qkv import __version__
 from qkv.config import PRESETS, ModelConfig
+from qkv.distributed import STRATEGIES, World, launched_world
 from qkv.errors import ConfigError, QkvError
 from qkv.tokenizer import KINDS
 from qkv.train import (
@@ -23,6 +24,7 @@ from qkv.train import (
     Run,
     StepInfo,
     TrainConfig,
+    Trainer,
     evaluate,
     plot_loss,
     prepare_run,
@@ -147,6 +149,9 @@ TRAIN_EXAMPLES = """examples:
             --batch-size 12 --steps 2000 --out runs/shakespeare  nanoGPT's CPU benchmark
   qkv train --data "docs/**/*.md" --preset llama-small --set n_layers=4 --out runs/llama
   qkv train --resume runs/notes --steps 4000                    continue a run (or after Ctrl-C)
+  torchrun --nproc-per-node 4 -m qkv train --data notes/ --batch-size 8 --grad-accum 4 \
+            --out runs/notes4                         4 processes (GPUs), 32 sequences a step
+  torchrun --nproc-per-node 8 -m qkv train --strategy fsdp ...  shard the model (FSDP2)
 """
 
 
@@ -156,7 +161,9 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
         help="train a decoder language model on your text",
         description="Train a decoder-only language model on text files, folders, globs or "
         "builtin:stdlib-docs. Checkpoints go to OUT/checkpoints (OUT/latest is the newest), with "
-        "metrics.jsonl and loss.png beside them. Ctrl-C saves a checkpoint before exiting.",
+        "metrics.jsonl and loss.png beside them. Ctrl-C saves a checkpoint before exiting. "
+        "Started by torchrun, it trains on all of torchrun's processes (see README: "
+        "Distributed training).",
         epilog=TRAIN_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -223,6 +230,13 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
         default = getattr(defaults, flag[2:].replace("-", "_"))
         train.add_argument(flag, type=kind, help=f"{text} (default {default})")
     train.add_argument("--compile", action="store_true", default=None, help="use torch.compile")
+    train.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        default="ddp",
+        help="under torchrun: ddp copies the model to every process (default); fsdp shards "
+        "parameters, gradients and optimizer state over them (FSDP2)",
+    )
     train.add_argument(
         "--val-fraction",
         type=float,
@@ -599,9 +613,19 @@ class Interrupted(QkvError):
     exit_code = 130
 
 
+class LostProcess(QkvError):
+    """Another process of a torchrun job died: this one stops too (exit status 1)."""
+
+    exit_code = 1
+
+
 def _run_training(run: Run, out: Path, command: str = "train") -> None:
-    """Train with a progress bar; metrics.jsonl and loss.png follow every evaluation and save."""
+    """Train with a progress bar; metrics.jsonl and loss.png follow every evaluation and save.
+    Processes other than rank 0 train silently and write nothing."""
     trainer = run.trainer
+    if not trainer.world.is_main:
+        trainer.run()
+        return
     progress = _Progress(trainer.cfg.steps, trainer.step)
 
     def record() -> None:
@@ -652,8 +676,21 @@ def _summary(run: Run) -> str:
             f"({cfg.batch_size} x {cfg.context} x {cfg.grad_accum}) = {tokens:,} tokens "
             f"({tokens / max(1, len(corpus.train.tokens)):.1f} epochs); "
             f"{trainer.flops_per_step / 1e9:,.1f} GFLOP/step; {trainer.dtype} on {trainer.device}"
+            + _processes(trainer)
             + (f"; resuming at step {trainer.step}" if run.resumed_from else ""),
         ]
+    )
+
+
+def _processes(trainer: Trainer) -> str:
+    """How the global batch is split when torchrun started several processes."""
+    world = trainer.world
+    if world.size == 1:
+        return ""
+    return (
+        f" x {world.size} processes ({trainer.strategy.upper()}, "
+        f"{'NCCL' if trainer.device.type == 'cuda' else 'Gloo'}), each {trainer.accum} x "
+        f"{trainer.micro_batch} sequences a step"
     )
 
 
@@ -702,16 +739,64 @@ def _train(args: argparse.Namespace) -> None:
         _train_seq2seq(args, _train_config(args, base), model_config, out)
         return
     cfg = _train_config(args, base)
+    world = launched_world()
+    if world.size > 1:
+        _train_distributed(world, args, cfg, model_config, out)
+        return
     run = prepare_run(
         out, cfg, model_config, args.resume, lambda message: print(message, file=sys.stderr)
     )
     print(_summary(run))
     _run_training(run, out)
+    _done(run, out)
+
+
+def _done(run: Run, out: Path) -> None:
     last = [h for h in run.trainer.history if "val_loss" in h][-1]
     print(
         f"done: validation loss {last['val_loss']:.4f}, bits/byte {last['val_bits_per_byte']:.3f};"
         f" checkpoint {out / 'latest'}, metrics {out / 'metrics.jsonl'}, plot {out / 'loss.png'}"
     )
+
+
+def _train_distributed(
+    world: World, args: argparse.Namespace, cfg: TrainConfig, model_config: ModelConfig | None,
+    out: Path,
+) -> None:  # fmt: skip
+    """One of torchrun's processes: join the group, train on this rank's share, leave."""
+    from qkv.checkpoint import LATEST
+    from qkv.distributed import device_for, peer_failure, start, stop
+
+    start(world, device_for(world, cfg.device))
+    try:
+        main = world.is_main
+        run = prepare_run(
+            out,
+            cfg,
+            model_config,
+            args.resume,
+            (lambda message: print(message, file=sys.stderr)) if main else None,
+            world,
+            args.strategy,
+        )
+        if main:
+            print(_summary(run), flush=True)
+        _run_training(run, out)
+        if main:
+            _done(run, out)
+    except RuntimeError as err:
+        if not peer_failure(err):
+            raise
+        kept = (
+            f"its last checkpoint {(out / LATEST).resolve()} is intact: continue with "
+            f"--resume {out}"
+            if (out / LATEST).exists()
+            else "no checkpoint was saved yet"
+        )
+        why = peer_failure(err)
+        raise LostProcess(f"lost another process of this job ({why}); {kept}") from None
+    finally:
+        stop()
 
 
 def _train_seq2seq(
@@ -720,6 +805,10 @@ def _train_seq2seq(
     """qkv train --task NAME | --arch encoder-decoder --data PAIRS.jsonl."""
     from qkv.seq2seq import SCHEDULES, evaluate_pairs, prepare_seq2seq_run
 
+    if launched_world().size > 1:
+        raise QkvError(
+            "torchrun trains decoder language models; run an encoder-decoder in one process"
+        )
     if args.tokenizer or args.vocab_size:
         raise QkvError("an encoder-decoder uses a character tokenizer of its data: drop "
                        "--tokenizer/--vocab-size")  # fmt: skip
@@ -1158,22 +1247,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    commands = {
+        "explain": _explain,
+        "train": _train,
+        "eval": _eval,
+        "generate": _generate,
+        "finetune": _finetune,
+        "merge": _merge,
+        "chat": _chat,
+        "embed": _embed,
+        "export": _export,
+        "quickstart": _quickstart,
+    }
+    name = f"qkv {args.command}"
     try:
-        commands = {
-            "explain": _explain,
-            "train": _train,
-            "eval": _eval,
-            "generate": _generate,
-            "finetune": _finetune,
-            "merge": _merge,
-            "chat": _chat,
-            "embed": _embed,
-            "export": _export,
-            "quickstart": _quickstart,
-        }
+        world = launched_world()
+        name += f" (process {world.rank})" if world.rank else ""
+        if world.size > 1 and args.command != "train":
+            raise QkvError(f"torchrun runs qkv train only; run qkv {args.command} on its own")
         commands[args.command](args)
     except QkvError as err:
-        print(f"qkv {args.command}: error: {err}", file=sys.stderr)
+        print(f"{name}: error: {err}", file=sys.stderr)
         return getattr(err, "exit_code", 2)
     except KeyboardInterrupt:
         print(f"qkv {args.command}: interrupted; nothing was saved", file=sys.stderr)

@@ -264,9 +264,23 @@ def tokenize_split(documents: list[Document], tokenizer: Tokenizer, name: str) -
 
 
 class Batches:
-    """Random (inputs, targets) windows of `context` tokens; targets are inputs shifted by one."""
+    """Random (inputs, targets) windows of `context` tokens; targets are inputs shifted by one.
 
-    def __init__(self, data: TokenFile, batch_size: int, context: int, seed: int) -> None:
+    Each optimizer step draws the start of all `batch_size * accum * world` windows of its global
+    batch at once (the same draw in every process); process `rank` reads only its contiguous
+    share, as `accum` micro-batches of `batch_size`. So a step trains on the same windows
+    whatever the number of processes and the micro-batch size."""
+
+    def __init__(
+        self,
+        data: TokenFile,
+        batch_size: int,
+        context: int,
+        seed: int,
+        accum: int = 1,
+        rank: int = 0,
+        world: int = 1,
+    ) -> None:
         if len(data.tokens) < context + 1:
             raise QkvError(
                 f"the split has {len(data.tokens)} tokens, fewer than one context window of "
@@ -274,15 +288,21 @@ class Batches:
             )
         self.tokens = data.tokens
         self.batch_size, self.context = batch_size, context
+        self.accum, self.rank, self.world = accum, rank, world
         self.generator = torch.Generator().manual_seed(seed)
+        self.pending: list[int] = []
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(batch, context) inputs and targets."""
-        high = len(self.tokens) - self.context - 1
-        starts = torch.randint(0, high + 1, (self.batch_size,), generator=self.generator)
+        """(batch, context) inputs and targets: this process's next micro-batch."""
+        if not self.pending:
+            high = len(self.tokens) - self.context - 1
+            share = self.batch_size * self.accum
+            starts = torch.randint(0, high + 1, (share * self.world,), generator=self.generator)
+            self.pending = starts[self.rank * share : (self.rank + 1) * share].tolist()
+        starts, self.pending = self.pending[: self.batch_size], self.pending[self.batch_size :]
         span = self.context + 1
         window = torch.from_numpy(
-            np.stack([self.tokens[s : s + span] for s in starts.tolist()]).astype(np.int64)
+            np.stack([self.tokens[s : s + span] for s in starts]).astype(np.int64)
         )
         return window[:, :-1], window[:, 1:]
 

@@ -36,6 +36,16 @@ from qkv.checkpoint import (
 )
 from qkv.config import ModelConfig
 from qkv.data import Batches, Corpus, TokenFile, eval_windows, prepare_corpus
+from qkv.distributed import (
+    ONE_PROCESS,
+    World,
+    device_for,
+    gradient_sync,
+    shard_as,
+    split_batch,
+    whole,
+    wrap,
+)
 from qkv.errors import QkvError
 from qkv.model import DecoderLM, build_model
 from qkv.nn.embedding import TokenEmbedding
@@ -203,20 +213,30 @@ def evaluate(
     max_windows: int | None = None,
     dtype: torch.dtype = torch.float32,
     progress: Callable[[int], None] | None = None,
+    world: World = ONE_PROCESS,
 ) -> EvalResult:
-    """Mean next-token loss over consecutive windows of `data` (from its start)."""
+    """Mean next-token loss over consecutive windows of `data` (from its start). With several
+    processes each evaluates every world.size-th batch and the sums are added up; a process
+    past the last batch runs the last one again unscored, as FSDP needs every process in
+    every forward pass."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
-    for x, y in eval_windows(data, context, batch_size, max_windows):
+    batches = list(eval_windows(data, context, batch_size, max_windows))
+    sums = torch.zeros(2, dtype=torch.float64)  # loss, tokens
+    for first in range(0, len(batches), world.size):
+        index = first + world.rank
+        x, y = batches[min(index, len(batches) - 1)]
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             logits = model(x.to(device))
-        total += next_token_loss(logits, y.to(device), reduction="sum").item()
-        count += y.numel()
+        if index < len(batches):
+            sums[0] += next_token_loss(logits, y.to(device), reduction="sum").item()
+            sums[1] += y.numel()
         if progress:
-            progress(y.shape[0])
+            progress(sum(len(b[1]) for b in batches[first : first + world.size]))
     model.train(was_training)
+    total, count = world.sum_(sums).tolist()
+    count = int(count)
     loss = total / count
     return EvalResult(
         loss, math.exp(min(loss, 80.0)), loss / (math.log(2) * data.bytes_per_token), count
@@ -242,6 +262,8 @@ class Trainer:
 
     Progress goes to `on_step(StepInfo)`, `on_eval(step, EvalResult)` and `on_save(path)`.
     Ctrl-C (SIGINT) finishes the current step, saves a checkpoint and raises KeyboardInterrupt.
+    In a `world` of several processes (distributed.py) the model is wrapped by `strategy`, each
+    process trains on its share of every global batch, and only rank 0 writes checkpoints.
     """
 
     model: DecoderLM
@@ -255,6 +277,8 @@ class Trainer:
     on_save: Callable[[Path], None] = lambda path: None
     history: list[dict[str, Any]] = field(default_factory=list)
     adapter: dict[str, Any] | None = None  # LoRA: checkpoints hold only the adapter (its config)
+    world: World = ONE_PROCESS
+    strategy: str = "ddp"
     kind: ClassVar[str] = "train"  # which command's run this is, kept in trainer_state.json
 
     def __post_init__(self) -> None:
@@ -265,18 +289,26 @@ class Trainer:
                 f"{self.model.config.max_seq_len}; lower --context or --set max_seq_len=..."
             )
         torch.set_flush_denormal(True)  # tiny Adam moments otherwise slow fp32 CPU math ~40x
-        self.device = resolve_device(self.cfg.device)
+        if self.world.size == 1:
+            self.device = resolve_device(self.cfg.device)
+        else:
+            self.device = device_for(self.world, self.cfg.device)
         self.dtype = resolve_dtype(self.cfg.dtype, self.device, self.model.config.d_model)
         self.model.to(self.device).train()
+        self.wrapped = wrap(self.model, self.strategy, self.world, self.device)
         self.optimizer = torch.optim.AdamW(
             parameter_groups(self.model, self.cfg.weight_decay),
             lr=self.cfg.lr,
             betas=(self.cfg.beta1, self.cfg.beta2),
             fused=self.device.type in ("cpu", "cuda"),  # one kernel for all parameters
         )
-        self.forward = torch.compile(self.model) if self.cfg.compile else self.model
+        self.forward = torch.compile(self.wrapped) if self.cfg.compile else self.wrapped
+        self.micro_batch, self.accum = split_batch(
+            self.cfg.batch_size, self.cfg.grad_accum, self.world
+        )
         self.batches = self.make_batches()
         self.step = 0
+        self._seed_other_ranks()
         self.tokens_per_step = self.cfg.batch_size * self.cfg.context * self.cfg.grad_accum
         self.flops_per_step = flops_per_token(self.model, self.cfg.context) * self.tokens_per_step
         self._stop_requested = False
@@ -285,7 +317,15 @@ class Trainer:
 
     def make_batches(self) -> Batches:
         """The training batch source: next() -> (inputs, targets); its `generator` is saved."""
-        return Batches(self.train_data, self.cfg.batch_size, self.cfg.context, self.cfg.seed)
+        return Batches(
+            self.train_data,
+            self.micro_batch,
+            self.cfg.context,
+            self.cfg.seed,
+            self.accum,
+            self.world.rank,
+            self.world.size,
+        )
 
     def _rng_state(self) -> dict[str, Tensor]:
         return {
@@ -293,14 +333,27 @@ class Trainer:
             "rng.batches": self.batches.generator.get_state(),
         }
 
+    def _seed_other_ranks(self) -> None:
+        """Dropout masks differ between processes: rank r > 0 draws from a seed of its own
+        (rank 0 keeps the run's generator, the one checkpoints hold)."""
+        if self.world.rank:
+            torch.manual_seed(hash((self.cfg.seed, self.step, self.world.rank)) % 2**63)
+
     def save(self) -> Path:
+        """A training checkpoint of this step (written by rank 0; every process takes part,
+        as FSDP2's shards are gathered into whole tensors first)."""
+        path = self.run_dir / "checkpoints" / f"step-{self.step:08d}"
         if self.saved_step == self.step:  # e.g. Ctrl-C right after a scheduled save
-            return self.run_dir / "checkpoints" / f"step-{self.step:08d}"
+            return path
         tensors = dict(self._snapshot)
         optimizer_state = self.optimizer.state_dict()
         for index, state in optimizer_state["state"].items():
             for name, value in state.items():
-                tensors[f"optimizer.{index}.{name}"] = torch.as_tensor(value)
+                tensors[f"optimizer.{index}.{name}"] = whole(torch.as_tensor(value))
+        weights = {name: whole(value) for name, value in self.model.state_dict().items()}
+        if not self.world.is_main:
+            self.saved_step = self.step
+            return path
         state = {
             "kind": self.kind,
             "step": self.step,
@@ -317,6 +370,7 @@ class Trainer:
             state,
             self.cfg.keep_checkpoints,
             self.adapter,
+            weights,
         )
         self.saved_step = self.step
         self.on_save(path)
@@ -330,9 +384,12 @@ class Trainer:
             load_adapter_weights(self.model, folder / ADAPTER)
         tensors, state = load_training_state(folder)
         optimizer_state: dict[str, Any] = {"state": {}, "param_groups": state["param_groups"]}
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
         for key, value in tensors.items():
             if key.startswith("optimizer."):
                 _, index, name = key.split(".", 2)
+                if int(index) < len(params):  # a misfit is reported by load_state_dict below
+                    value = shard_as(value, params[int(index)])
                 optimizer_state["state"].setdefault(int(index), {})[name] = value
         try:
             self.optimizer.load_state_dict(optimizer_state)
@@ -349,6 +406,7 @@ class Trainer:
             raise QkvError(f"the run is already at step {self.step}; pass --steps larger than that")
         self.history = [h for h in state.get("history", []) if h["step"] <= self.step]
         self._snapshot = self._rng_state()
+        self._seed_other_ranks()
 
     def _request_stop(self, signum: int, frame: Any) -> None:
         self._stop_requested = True
@@ -370,15 +428,17 @@ class Trainer:
 
     def _loop(self) -> None:
         while self.step < self.cfg.steps:
-            if self._stop_requested:
+            if self.world.any(self._stop_requested):  # every process stops at the same step
                 self.save()
                 raise KeyboardInterrupt
             step_start = time.perf_counter()
             lr = lr_at(self.step, self.cfg)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            loss = self._accumulate()
-            grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip))
+            loss = self.world.mean(self._accumulate())
+            grad_norm = float(
+                whole(nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip))
+            )
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 kept = (
                     "no checkpoint was saved yet"
@@ -412,25 +472,27 @@ class Trainer:
                 self.save()
 
     def _accumulate(self) -> float:
-        """Forward + backward over grad_accum micro-batches; the mean loss."""
+        """Forward + backward over this process's micro-batches of the step; their mean loss.
+        Gradients are averaged across processes in the last backward pass only."""
         total = 0.0
-        for _ in range(self.cfg.grad_accum):
+        for index in range(self.accum):
             x, y = self.batches.next()
-            total += self._forward_backward(self.forward, x, y)
+            with gradient_sync(self.wrapped, index == self.accum - 1):
+                total += self._forward_backward(self.forward, x, y)
         return total
 
     def _forward_backward(
         self, forward: Callable[..., Tensor], x: Tensor | tuple[Tensor, ...], y: Tensor
     ) -> float:
-        """One micro-batch: loss / grad_accum, its gradients accumulated. `x` is the model's
-        input, or a tuple of its inputs (an encoder-decoder's source, target and mask)."""
+        """One micro-batch: loss / micro-batches per step, its gradients accumulated. `x` is the
+        model's input, or a tuple of its inputs (an encoder-decoder's source, target and mask)."""
         inputs = tuple(t.to(self.device) for t in (x if isinstance(x, tuple) else (x,)))
         y = y.to(self.device)
         with torch.autocast(
             self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32
         ):
             logits = forward(*inputs)
-        loss = next_token_loss(logits, y) / self.cfg.grad_accum
+        loss = next_token_loss(logits, y) / self.accum
         loss.backward()
         return loss.item()
 
@@ -462,6 +524,7 @@ class Trainer:
             self.cfg.batch_size,
             self.cfg.eval_windows,
             self.dtype,
+            world=self.world,
         )
 
 
@@ -512,10 +575,13 @@ def prepare_run(
     model_config: ModelConfig | None = None,
     resume: Path | None = None,
     progress: Callable[[str], None] | None = None,
+    world: World = ONE_PROCESS,
+    strategy: str = "ddp",
 ) -> Run:
     """Corpus + tokenizer + model + trainer for a new run in `out`, or one resumed from a
     checkpoint (whose model config and tokenizer are then used). A new model's context
-    (max_seq_len) is the training context: learned positions past it would stay untrained."""
+    (max_seq_len) is the training context: learned positions past it would stay untrained.
+    With several processes, the first on each machine tokenizes (and caches) the corpus first."""
     cfg.validate()
     resolve_device(cfg.device)
     if out.exists() and not out.is_dir():
@@ -537,7 +603,11 @@ def prepare_run(
                 "or choose another --out"
             )
         tokenizer = cfg.tokenizer
-    corpus = prepare_corpus(cfg.data, tokenizer, cfg.vocab_size, cfg.val_fraction, progress)
+    with world.local_first():
+        corpus = prepare_corpus(cfg.data, tokenizer, cfg.vocab_size, cfg.val_fraction, progress)
+    world.check_same(
+        f"{corpus.tokenizer.backend.to_str()} {len(corpus.train.tokens)}", "the tokenized corpus"
+    )
     if len(corpus.val.tokens) <= cfg.context:
         raise QkvError(
             f"the validation split has {len(corpus.val.tokens)} tokens, not enough for one "
@@ -559,7 +629,9 @@ def prepare_run(
         raise QkvError(
             "qkv train trains decoder models; use a decoder preset or --set arch=decoder"
         )
-    trainer = Trainer(model, corpus.tokenizer, corpus.train, corpus.val, cfg, out)
+    trainer = Trainer(
+        model, corpus.tokenizer, corpus.train, corpus.val, cfg, out, world=world, strategy=strategy
+    )
     if folder is not None:
         trainer.resume(folder)
     out.mkdir(parents=True, exist_ok=True)

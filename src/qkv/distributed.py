@@ -1,0 +1,217 @@
+"""Training on several processes with PyTorch's own engine: `torchrun` starts the processes,
+`torch.distributed` connects them (NCCL between GPUs, Gloo on CPUs), and the model is wrapped in
+DistributedDataParallel (each process holds the whole model; gradients are averaged) or sharded
+with FSDP2's `fully_shard` (each process holds 1/N of every parameter, gradient and Adam moment).
+
+Every optimizer step trains on one global batch of `batch_size * grad_accum` sequences whatever the
+number of processes N: process r takes the r-th N-th of it, in micro-batches of at most
+`batch_size`, so gradient = mean over the global batch's tokens, the same as in one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from qkv.errors import QkvError
+
+STRATEGIES = ("ddp", "fsdp")
+TIMEOUT = timedelta(minutes=10)  # a collective waiting this long for a silent peer fails
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in the job: rank r of `size` processes, `local_rank` on its machine."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone prints, logs and writes files."""
+        return self.rank == 0
+
+    def mean(self, value: float) -> float:
+        """The mean of `value` over all processes (each passes its own)."""
+        if self.size == 1:
+            return value
+        total = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(total)
+        return float(total) / self.size
+
+    def any(self, flag: bool) -> bool:
+        """True on every process if `flag` is true on any of them."""
+        if self.size == 1:
+            return flag
+        total = torch.tensor([int(flag)])
+        dist.all_reduce(total)
+        return bool(total)
+
+    def sum_(self, tensor: Tensor) -> Tensor:
+        """`tensor` summed over all processes, in place."""
+        if self.size > 1:
+            dist.all_reduce(tensor)
+        return tensor
+
+    @contextlib.contextmanager
+    def local_first(self) -> Iterator[None]:
+        """The first process on each machine runs the block before the others do (e.g. to
+        fill a cache they then read)."""
+        if self.local_rank:
+            dist.barrier()
+        yield
+        if self.size > 1 and not self.local_rank:
+            dist.barrier()
+
+    def check_same(self, text: str, what: str) -> None:
+        """Fail on every process if `text` differs between processes (e.g. a tokenizer that
+        different machines built from different data)."""
+        if self.size == 1:
+            return
+        digests: list[str | None] = [None] * self.size
+        dist.all_gather_object(digests, hashlib.sha256(text.encode()).hexdigest())
+        differ = [rank for rank, digest in enumerate(digests) if digest != digests[0]]
+        if differ:
+            raise QkvError(
+                f"{what} of process {differ[0]} differs from process 0's: every machine must "
+                "see the same --data files (and the same run directory to resume)"
+            )
+
+
+ONE_PROCESS = World()
+
+
+def peer_failure(err: BaseException) -> str | None:
+    """What went wrong, if `err` says another process of the job died or stopped answering
+    (Gloo raises a plain RuntimeError for it, NCCL and the store a DistError); else None."""
+    text = str(err).strip()
+    if not (isinstance(err, dist.DistError) or "gloo" in text or "NCCL" in text):
+        return None
+    first = re.sub(r"^\[[^\]]*\] *", "", text.splitlines()[0] if text else type(err).__name__)
+    return first.split(". ")[0]
+
+
+def launched_world() -> World:
+    """The World that torchrun's environment variables describe (one process without them)."""
+    try:
+        size = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError as err:
+        raise QkvError(f"torchrun's WORLD_SIZE/RANK/LOCAL_RANK are not integers ({err})") from None
+    return World(rank, size, local_rank)
+
+
+def device_for(world: World, name: str) -> torch.device:
+    """The device process `world.rank` trains on: cuda:LOCAL_RANK for auto (with GPUs) or cuda;
+    else the CPU."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise QkvError(
+            f"--device {name} names one device; under torchrun give auto, cuda or cpu "
+            "(process r uses cuda:LOCAL_RANK)"
+        )
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise QkvError("--device cuda was asked for but no CUDA GPU is available; use cpu")
+    if world.local_rank >= torch.cuda.device_count():
+        raise QkvError(
+            f"local rank {world.local_rank} has no GPU: this machine has "
+            f"{torch.cuda.device_count()}; lower --nproc-per-node"
+        )
+    torch.cuda.set_device(world.local_rank)
+    return torch.device("cuda", world.local_rank)
+
+
+def start(world: World, device: torch.device) -> None:
+    """Join the job's process group: NCCL between GPUs, Gloo between CPUs."""
+    if world.size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
+
+
+def stop() -> None:
+    """Leave the process group (if this process joined one)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap(model: nn.Module, strategy: str, world: World, device: torch.device) -> nn.Module:
+    """The module to call for training: `model` itself in one process; DDP around it; or, for
+    FSDP2, `model` sharded in place (each block, then the rest) and returned."""
+    if strategy not in STRATEGIES:
+        raise QkvError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    if world.size == 1:
+        return model
+    if strategy == "ddp":
+        ids = [device.index] if device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (world.size,))
+    for block in getattr(model, "blocks", []):
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+@contextlib.contextmanager
+def gradient_sync(module: nn.Module, enabled: bool) -> Iterator[None]:
+    """Backward passes inside skip averaging gradients across processes when not `enabled`
+    (every micro-batch but a step's last): DDP's no_sync, FSDP2's set_requires_gradient_sync."""
+    if enabled:
+        yield
+    elif isinstance(module, nn.parallel.DistributedDataParallel):
+        with module.no_sync():
+            yield
+    elif hasattr(module, "set_requires_gradient_sync"):
+        module.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            module.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def whole(tensor: Tensor) -> Tensor:
+    """A sharded FSDP2 tensor (DTensor) gathered from every process; other tensors as they are.
+    Every process must call it for the same tensors in the same order."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def shard_as(tensor: Tensor, like: Tensor) -> Tensor:
+    """A whole tensor cut into this process's shard of `like` when `like` is a sharded DTensor
+    of its shape; otherwise `tensor` itself."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(like, DTensor) and tensor.shape == like.shape:
+        return distribute_tensor(tensor.to(like.device), like.device_mesh, like.placements)
+    return tensor
+
+
+def split_batch(batch_size: int, grad_accum: int, world: World) -> tuple[int, int]:
+    """(micro-batch, micro-batches per step) for each process so that the processes together
+    train on the global batch batch_size * grad_accum, with micro-batches of at most batch_size."""
+    total = batch_size * grad_accum
+    if total % world.size:
+        raise QkvError(
+            f"the global batch of {total} sequences (--batch-size {batch_size} x --grad-accum "
+            f"{grad_accum}) does not split evenly over {world.size} processes; make it a multiple "
+            f"of {world.size}"
+        )
+    share = total // world.size
+    micro = max(d for d in range(1, min(batch_size, share) + 1) if share % d == 0)
+    return micro, share // micro
