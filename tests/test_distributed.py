@@ -37,9 +37,10 @@ def run(args: list[str], processes: int = 1, timeout: int = 300) -> subprocess.C
 
 
 def training(corpus_dir: Path, out: Path, options: str) -> list[str]:
-    """A tiny char-level model on the test corpus, 20 steps, checkpoints at 10 and 20."""
+    """A tiny char-level model on the test corpus, 20 steps, checkpoints at 10 and 20; 12
+    validation windows (3 batches of 4: the second of 2 processes scores one)."""
     tiny = "--set d_model=32 --set n_layers=2 --set n_heads=2 --tokenizer char --context 32"
-    schedule = f"--steps {STEPS} --eval-every 10 --save-every 10 --eval-windows 16"
+    schedule = f"--steps {STEPS} --eval-every 10 --save-every 10 --eval-windows 12"
     return ["train", "--data", str(corpus_dir), *tiny.split(), *schedule.split(),
             *options.split(), "--out", str(out)]  # fmt: skip
 
@@ -166,6 +167,39 @@ def test_killing_one_process_stops_the_job_and_keeps_the_last_checkpoint(
     resumed = run(["train", "--resume", str(out), "--steps", str(step + 2)])
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming at step {step}" in resumed.stdout
+
+
+def test_ctrl_c_stops_every_process_at_one_step_and_saves_it(corpus_dir, tmp_path):
+    """Ctrl-C reaches torchrun and its workers (one process group); FSDP2 gathers the shards,
+    rank 0 saves the step they all stopped at, and the run resumes from it."""
+    out = tmp_path / "run"
+    args = training(corpus_dir, out, "--batch-size 4 --grad-accum 2 --strategy fsdp")
+    args[args.index("--steps") + 1] = "100000"
+    args[args.index("--save-every") + 1] = "20"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc-per-node=2", "-m", "qkv"]  # fmt: skip
+    job = subprocess.Popen(
+        [*launcher, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (out / "latest").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    os.killpg(job.pid, signal.SIGINT)
+    _, stderr = job.communicate(timeout=120)
+    assert job.returncode != 0
+    assert stderr.count("interrupted at step") == 1, stderr
+    stopped = int(stderr.split("interrupted at step ")[1].split(";")[0])
+    assert f"checkpoint at step {stopped}" in stderr
+    assert (out / "latest").resolve().name == f"step-{stopped:08d}"
+    assert len(records(out, "loss")) == stopped
+    resumed = run(["train", "--resume", str(out), "--steps", str(stopped + 2)])
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming at step {stopped}" in resumed.stdout
 
 
 def test_the_global_batch_must_split_over_the_processes(corpus_dir, tmp_path):

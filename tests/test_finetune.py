@@ -209,5 +209,7 @@ def test_finetuning_resumes_exactly(tmp_path: Path) -> None:
     resumed = finetune_run(tmp_path, "halves")
     resumed.resume(tmp_path / "halves" / "latest")
     resumed.run()
-    losses = [h for h in straight.history if "loss" in h]
-    assert [h for h in resumed.history if "loss" in h] == losses
+    keys = ("step", "loss", "lr", "grad_norm")  # not tokens/s: that is the machine's
+    runs = (resumed, straight)
+    records = [[[h[k] for k in keys] for h in t.history if "loss" in h] for t in runs]
+    assert records[0] == records[1]

@@ -16,7 +16,7 @@ from typing import Any
 
 from qkv import __version__
 from qkv.config import PRESETS, ModelConfig
-from qkv.distributed import STRATEGIES, World, launched_world
+from qkv.distributed import ONE_PROCESS, STRATEGIES, World, launched_world
 from qkv.errors import ConfigError, QkvError
 from qkv.tokenizer import KINDS
 from qkv.train import (
@@ -624,7 +624,8 @@ def _run_training(run: Run, out: Path, command: str = "train") -> None:
     Processes other than rank 0 train silently and write nothing."""
     trainer = run.trainer
     if not trainer.world.is_main:
-        trainer.run()
+        with contextlib.suppress(KeyboardInterrupt):  # rank 0 reports the stop and checkpoint
+            trainer.run()
         return
     progress = _Progress(trainer.cfg.steps, trainer.step)
 
@@ -1259,7 +1260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "export": _export,
         "quickstart": _quickstart,
     }
-    name = f"qkv {args.command}"
+    name, world = f"qkv {args.command}", ONE_PROCESS
     try:
         world = launched_world()
         name += f" (process {world.rank})" if world.rank else ""
@@ -1270,7 +1271,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{name}: error: {err}", file=sys.stderr)
         return getattr(err, "exit_code", 2)
     except KeyboardInterrupt:
-        print(f"qkv {args.command}: interrupted; nothing was saved", file=sys.stderr)
+        if world.is_main:
+            print(f"{name}: interrupted; nothing was saved", file=sys.stderr)
         return 130
     except BrokenPipeError:
         sys.stderr.close()

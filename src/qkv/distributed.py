@@ -45,23 +45,22 @@ class World:
         """The mean of `value` over all processes (each passes its own)."""
         if self.size == 1:
             return value
-        total = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(total)
-        return float(total) / self.size
+        return float(self.total(torch.tensor([value], dtype=torch.float64))) / self.size
 
     def any(self, flag: bool) -> bool:
         """True on every process if `flag` is true on any of them."""
         if self.size == 1:
             return flag
-        total = torch.tensor([int(flag)])
-        dist.all_reduce(total)
-        return bool(total)
+        return bool(self.total(torch.tensor([int(flag)])))
 
-    def sum_(self, tensor: Tensor) -> Tensor:
-        """`tensor` summed over all processes, in place."""
-        if self.size > 1:
-            dist.all_reduce(tensor)
-        return tensor
+    def total(self, tensor: Tensor) -> Tensor:
+        """`tensor` summed over all processes (on the CPU; NCCL adds it up on this GPU)."""
+        if self.size == 1:
+            return tensor
+        if dist.get_backend() == "nccl":
+            tensor = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(tensor)
+        return tensor.cpu()
 
     @contextlib.contextmanager
     def local_first(self) -> Iterator[None]:

@@ -216,26 +216,30 @@ def evaluate(
     world: World = ONE_PROCESS,
 ) -> EvalResult:
     """Mean next-token loss over consecutive windows of `data` (from its start). With several
-    processes each evaluates every world.size-th batch and the sums are added up; a process
-    past the last batch runs the last one again unscored, as FSDP needs every process in
-    every forward pass."""
+    processes, process r scores batches r, r + N, r + 2N, ... and the sums are added up; one
+    left without a batch in the last round runs a batch again unscored, as FSDP needs every
+    process in every forward pass."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    batches = list(eval_windows(data, context, batch_size, max_windows))
     sums = torch.zeros(2, dtype=torch.float64)  # loss, tokens
-    for first in range(0, len(batches), world.size):
-        index = first + world.rank
-        x, y = batches[min(index, len(batches) - 1)]
+
+    def forward(x: Tensor) -> Tensor:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            logits = model(x.to(device))
-        if index < len(batches):
-            sums[0] += next_token_loss(logits, y.to(device), reduction="sum").item()
-            sums[1] += y.numel()
+            return model(x.to(device))
+
+    index, scored = -1, 0
+    for index, (x, y) in enumerate(eval_windows(data, context, batch_size, max_windows)):
         if progress:
-            progress(sum(len(b[1]) for b in batches[first : first + world.size]))
+            progress(y.shape[0])
+        if index % world.size == world.rank:
+            sums[0] += next_token_loss(forward(x), y.to(device), reduction="sum").item()
+            sums[1] += y.numel()
+            scored += 1
+    for _ in range(scored, math.ceil((index + 1) / world.size)):
+        forward(x)
     model.train(was_training)
-    total, count = world.sum_(sums).tolist()
+    total, count = world.total(sums).tolist()
     count = int(count)
     loss = total / count
     return EvalResult(
@@ -410,7 +414,8 @@ class Trainer:
 
     def _request_stop(self, signum: int, frame: Any) -> None:
         self._stop_requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C is immediate
+        if self.world.size == 1:  # a second Ctrl-C is immediate; under torchrun the terminal's
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # and torchrun's both come
 
     def run(self) -> list[dict[str, Any]]:
         """Train to cfg.steps; returns the history (train and eval records)."""
@@ -458,7 +463,13 @@ class Trainer:
                 self.step, loss, lr, grad_norm, self.tokens_per_step / (now - step_start)
             )
             self.history.append(
-                {"step": self.step, "loss": loss, "lr": lr, "grad_norm": info.grad_norm}
+                {
+                    "step": self.step,
+                    "loss": loss,
+                    "lr": lr,
+                    "grad_norm": info.grad_norm,
+                    "tokens_per_second": info.tokens_per_second,
+                }
             )
             self.on_step(info)
             last = self.step == self.cfg.steps
