@@ -98,7 +98,7 @@ def test_a_checkpoint_of_two_processes_is_the_same_file_as_one_process_writes(ru
 
 @pytest.mark.parametrize(
     ("written_by", "resumed_with", "options"),
-    [("ddp", 1, ""), ("fsdp", 1, ""), ("single", 2, "--strategy fsdp"), ("single", 2, "")],
+    [("ddp", 1, ""), ("fsdp", 1, ""), ("single", 2, "--strategy fsdp")],
 )
 def test_checkpoints_resume_in_another_number_of_processes(
     runs, tmp_path, written_by, resumed_with, options
@@ -130,7 +130,7 @@ def workers(launcher: subprocess.Popen) -> dict[str, int]:
 
 @pytest.mark.parametrize(
     ("machines", "victim"),
-    [(1, "rank 0"), (1, "rank 1"), (2, "second machine's process")],
+    [(1, "rank 0"), (2, "second machine's process")],
 )
 def test_killing_one_process_stops_the_job_and_keeps_the_last_checkpoint(
     corpus_dir, tmp_path, machines, victim
@@ -157,7 +157,7 @@ def test_killing_one_process_stops_the_job_and_keeps_the_last_checkpoint(
         time.sleep(0.05)
     assert (out / "latest").exists(), "no checkpoint within 2 minutes"
     processes = workers(jobs[-1])
-    os.kill(processes["1" if victim == "rank 1" else min(processes)], signal.SIGKILL)
+    os.kill(processes[min(processes)], signal.SIGKILL)
     killed = time.monotonic()
     for job in jobs:
         _, stderr = job.communicate(timeout=120)

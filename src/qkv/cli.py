@@ -766,8 +766,9 @@ def _train_distributed(
 ) -> None:  # fmt: skip
     """One of torchrun's processes: join the group, train on this rank's share, leave."""
     from qkv.checkpoint import LATEST
-    from qkv.distributed import device_for, peer_failure, start, stop
+    from qkv.distributed import device_for, peer_failure, split_batch, start, stop
 
+    split_batch(cfg.batch_size, cfg.grad_accum, world)  # before any work: it may not divide
     start(world, device_for(world, cfg.device))
     try:
         main = world.is_main
