@@ -63,6 +63,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.batch_size % args.nproc:
         sys.exit("--batch-size must be a multiple of --nproc")
+    if args.steps < 10:
+        sys.exit("--steps must be at least 10 (the first five are not timed)")
     if not SHAKESPEARE.is_file():
         print(f"{SHAKESPEARE} is absent: using builtin:stdlib-docs")
     print(

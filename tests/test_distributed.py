@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from qkv.data import Batches, TokenFile
-from qkv.distributed import World, split_batch
+from qkv.distributed import World, launched_world, peer_failure, split_batch
 from qkv.errors import QkvError
 
 STEPS = 20
@@ -60,24 +60,29 @@ def assert_same_curve(a: Path, b: Path) -> None:
 @pytest.fixture(scope="module")
 def runs(corpus_dir, tmp_path_factory) -> dict[str, Path]:
     """The same 20 steps of global batch 8: one process with batch 8; two processes with
-    batch 4 each, under DDP and under FSDP2."""
+    batch 4 each, under DDP and under FSDP2, in one micro-batch or accumulating two of 2."""
     root = tmp_path_factory.mktemp("distributed")
     made = {}
     for name, processes, options in [
         ("single", 1, "--batch-size 8"),
         ("ddp", 2, "--batch-size 4 --grad-accum 2"),
         ("fsdp", 2, "--batch-size 4 --grad-accum 2 --strategy fsdp"),
+        ("ddp-accumulating", 2, "--batch-size 2 --grad-accum 4"),
+        ("fsdp-accumulating", 2, "--batch-size 2 --grad-accum 4 --strategy fsdp"),
     ]:
         result = run(training(corpus_dir, root / name, options), processes)
         assert result.returncode == 0, result.stderr
         made[name] = root / name
         if processes > 1:
-            assert f"x {processes} processes ({name.upper()}, Gloo)" in result.stdout
+            strategy, _, accumulating = name.partition("-")
+            micro = "2 x 2" if accumulating else "1 x 4"
+            summary = f"x 2 processes ({strategy.upper()}, Gloo), each {micro} sequences a step"
+            assert summary in result.stdout
             assert result.stdout.count("done: validation loss") == 1  # rank 0 alone prints
     return made
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "ddp-accumulating", "fsdp-accumulating"])
 def test_two_processes_of_batch_b_train_like_one_process_of_batch_2b(runs, strategy):
     assert len(records(runs["single"], "loss")) == STEPS
     assert_same_curve(runs["single"], runs[strategy])
@@ -105,6 +110,7 @@ def test_checkpoints_resume_in_another_number_of_processes(
 ):
     copy = tmp_path / "run"
     shutil.copytree(runs[written_by], copy, symlinks=True)
+    (copy / "metrics.jsonl").unlink()  # the resumed run writes it again from its checkpoint
     middle = copy / "checkpoints" / "step-00000010"
     result = run(["train", "--resume", str(middle), *options.split()], resumed_with)
     assert result.returncode == 0, result.stderr
@@ -202,17 +208,64 @@ def test_ctrl_c_stops_every_process_at_one_step_and_saves_it(corpus_dir, tmp_pat
     assert f"resuming at step {stopped}" in resumed.stdout
 
 
+TORCHRUN_RANK_0_OF_2 = {
+    "TORCHELASTIC_RUN_ID": "t",
+    "WORLD_SIZE": "2",
+    "RANK": "0",
+    "LOCAL_RANK": "0",
+}
+
+
+def as_torchrun_rank_0(args: list[str]) -> subprocess.CompletedProcess:
+    """`qkv ARGS` with the environment torchrun gives rank 0 of 2 (checks made before joining
+    the process group; nothing waits for a rank 1)."""
+    return subprocess.run(
+        [sys.executable, "-m", "qkv", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **TORCHRUN_RANK_0_OF_2},
+    )
+
+
 def test_the_global_batch_must_split_over_the_processes(corpus_dir, tmp_path):
-    result = run(training(corpus_dir, tmp_path / "r", "--batch-size 3"), processes=2)
-    assert result.returncode != 0
-    assert "does not split evenly over 2 processes" in result.stderr
-    assert not (tmp_path / "r" / "latest").exists()
+    result = as_torchrun_rank_0(training(corpus_dir, tmp_path / "r", "--batch-size 3"))
+    assert result.returncode == 2
+    assert "does not split evenly over 2 processes; make it a multiple of 2" in result.stderr
+    assert not (tmp_path / "r").exists()
 
 
 def test_only_train_runs_under_torchrun(tmp_path):
-    result = run(["eval", "--model", str(tmp_path)], processes=2)
-    assert result.returncode != 0
+    result = as_torchrun_rank_0(["eval", "--model", str(tmp_path)])
+    assert result.returncode == 2
     assert "torchrun runs qkv train only" in result.stderr
+
+
+def test_world_size_outside_torchrun_is_one_process(monkeypatch):
+    for name, value in TORCHRUN_RANK_0_OF_2.items():
+        if name != "TORCHELASTIC_RUN_ID":
+            monkeypatch.setenv(name, value)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    assert launched_world() == World()
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "t")
+    assert launched_world() == World(rank=0, size=2, local_rank=0)
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        ("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+         "[127.0.0.1]:2227. This is typically caused by a remote worker crashing.",
+         "lost another process of this job (Connection closed by peer [127.0.0.1]:2227)"),
+        ("[/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out "
+         "waiting 600000ms for recv operation to complete",
+         "stopped answering"),
+        ("mat1 and mat2 shapes cannot be multiplied (4x3 and 4x3)", None),
+    ],
+)  # fmt: skip
+def test_peer_failures_are_told_from_other_errors(message, expected):
+    found = peer_failure(RuntimeError(message))
+    assert found == expected or (expected is not None and expected in (found or ""))
 
 
 @pytest.mark.parametrize(

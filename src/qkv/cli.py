@@ -787,7 +787,8 @@ def _train_distributed(
         if main:
             _done(run, out)
     except RuntimeError as err:
-        if not peer_failure(err):
+        why = peer_failure(err)
+        if why is None:
             raise
         kept = (
             f"its last checkpoint {(out / LATEST).resolve()} is intact: continue with "
@@ -795,8 +796,7 @@ def _train_distributed(
             if (out / LATEST).exists()
             else "no checkpoint was saved yet"
         )
-        why = peer_failure(err)
-        raise LostProcess(f"lost another process of this job ({why}); {kept}") from None
+        raise LostProcess(f"{why}; {kept}") from None
     finally:
         stop()
 

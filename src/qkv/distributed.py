@@ -26,6 +26,8 @@ from qkv.errors import QkvError
 
 STRATEGIES = ("ddp", "fsdp")
 TIMEOUT = timedelta(minutes=10)  # a collective waiting this long for a silent peer fails
+PATIENCE = timedelta(hours=24)  # waiting for another process to tokenize a corpus
+_patient_group: dist.ProcessGroup | None = None  # Gloo, PATIENCE: see start()
 
 
 @dataclass(frozen=True)
@@ -67,10 +69,10 @@ class World:
         """The first process on each machine runs the block before the others do (e.g. to
         fill a cache they then read)."""
         if self.local_rank:
-            dist.barrier()
+            dist.barrier(group=_patient_group)
         yield
         if self.size > 1 and not self.local_rank:
-            dist.barrier()
+            dist.barrier(group=_patient_group)
 
     def check_same(self, text: str, what: str) -> None:
         """Fail on every process if `text` differs between processes (e.g. a tokenizer that
@@ -91,23 +93,33 @@ ONE_PROCESS = World()
 
 
 def peer_failure(err: BaseException) -> str | None:
-    """What went wrong, if `err` says another process of the job died or stopped answering
-    (Gloo raises a plain RuntimeError for it, NCCL and the store a DistError); else None."""
+    """What happened, if `err` says another process of the job died (its connection closed) or
+    stopped answering (a collective timed out); else None. Gloo raises plain RuntimeErrors."""
     text = str(err).strip()
-    if not (isinstance(err, dist.DistError) or "gloo" in text or "NCCL" in text):
-        return None
     first = re.sub(r"^\[[^\]]*\] *", "", text.splitlines()[0] if text else type(err).__name__)
-    return first.split(". ")[0]
+    first = first.split(". ")[0]
+    if isinstance(err, dist.DistNetworkError) or re.search(
+        r"(closed|reset) by peer|Broken pipe", text
+    ):
+        return f"lost another process of this job ({first})"
+    if "gloo" in text and re.search(r"[Tt]imed out", text):
+        return f"another process of this job stopped answering for {TIMEOUT} ({first})"
+    return None
 
 
 def launched_world() -> World:
-    """The World that torchrun's environment variables describe (one process without them)."""
+    """The World that torchrun's environment variables describe: one process unless torchrun
+    (TORCHELASTIC_RUN_ID) started several (WORLD_SIZE, RANK, LOCAL_RANK)."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return ONE_PROCESS
     try:
         size = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     except ValueError as err:
         raise QkvError(f"torchrun's WORLD_SIZE/RANK/LOCAL_RANK are not integers ({err})") from None
+    if size > 1 and not dist.is_available():
+        raise QkvError("this PyTorch build has no torch.distributed; install one that does")
     return World(rank, size, local_rank)
 
 
@@ -123,25 +135,32 @@ def device_for(world: World, name: str) -> torch.device:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise QkvError("--device cuda was asked for but no CUDA GPU is available; use cpu")
-    if world.local_rank >= torch.cuda.device_count():
+    count = torch.cuda.device_count()
+    index = 0 if count == 1 else world.local_rank  # one visible GPU each: CUDA_VISIBLE_DEVICES
+    if index >= count:
         raise QkvError(
-            f"local rank {world.local_rank} has no GPU: this machine has "
-            f"{torch.cuda.device_count()}; lower --nproc-per-node"
+            f"local rank {world.local_rank} has no GPU: this machine has {count}; lower "
+            "--nproc-per-node"
         )
-    torch.cuda.set_device(world.local_rank)
-    return torch.device("cuda", world.local_rank)
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
 
 
 def start(world: World, device: torch.device) -> None:
-    """Join the job's process group: NCCL between GPUs, Gloo between CPUs."""
+    """Join the job's process group: NCCL between GPUs, Gloo between CPUs; and a Gloo group
+    that waits up to PATIENCE, for the first process on a machine to prepare the data."""
+    global _patient_group
     if world.size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
+        _patient_group = dist.new_group(backend="gloo", timeout=PATIENCE)
 
 
 def stop() -> None:
     """Leave the process group (if this process joined one)."""
+    global _patient_group
     if dist.is_initialized():
         dist.destroy_process_group()
+    _patient_group = None
 
 
 def wrap(model: nn.Module, strategy: str, world: World, device: torch.device) -> nn.Module:
@@ -186,6 +205,8 @@ def gradient_sync(module: nn.Module, enabled: bool) -> Iterator[None]:
 def whole(tensor: Tensor) -> Tensor:
     """A sharded FSDP2 tensor (DTensor) gathered from every process; other tensors as they are.
     Every process must call it for the same tensors in the same order."""
+    if not dist.is_available():
+        return tensor
     from torch.distributed.tensor import DTensor
 
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
@@ -194,6 +215,8 @@ def whole(tensor: Tensor) -> Tensor:
 def shard_as(tensor: Tensor, like: Tensor) -> Tensor:
     """A whole tensor cut into this process's shard of `like` when `like` is a sharded DTensor
     of its shape; otherwise `tensor` itself."""
+    if not dist.is_available():
+        return tensor
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     if isinstance(like, DTensor) and tensor.shape == like.shape:
@@ -202,8 +225,8 @@ def shard_as(tensor: Tensor, like: Tensor) -> Tensor:
 
 
 def split_batch(batch_size: int, grad_accum: int, world: World) -> tuple[int, int]:
-    """(micro-batch, micro-batches per step) for each process so that the processes together
-    train on the global batch batch_size * grad_accum, with micro-batches of at most batch_size."""
+    """(micro-batch, micro-batches per step) for each process: share = batch_size * grad_accum
+    / N sequences, micro = the largest divisor of share <= batch_size, share / micro of them."""
     total = batch_size * grad_accum
     if total % world.size:
         raise QkvError(

@@ -312,7 +312,6 @@ class Trainer:
         )
         self.batches = self.make_batches()
         self.step = 0
-        self._seed_other_ranks()
         self.tokens_per_step = self.cfg.batch_size * self.cfg.context * self.cfg.grad_accum
         self.flops_per_step = flops_per_token(self.model, self.cfg.context) * self.tokens_per_step
         self._stop_requested = False
@@ -338,8 +337,9 @@ class Trainer:
         }
 
     def _seed_other_ranks(self) -> None:
-        """Dropout masks differ between processes: rank r > 0 draws from a seed of its own
-        (rank 0 keeps the run's generator, the one checkpoints hold)."""
+        """Dropout masks differ between processes: before each step rank r > 0 seeds its
+        generator from (seed, step, r), so a resumed run draws the same; rank 0 keeps the run's
+        generator, the one checkpoints hold."""
         if self.world.rank:
             torch.manual_seed(hash((self.cfg.seed, self.step, self.world.rank)) % 2**63)
 
@@ -349,13 +349,22 @@ class Trainer:
         path = self.run_dir / "checkpoints" / f"step-{self.step:08d}"
         if self.saved_step == self.step:  # e.g. Ctrl-C right after a scheduled save
             return path
+        main = self.world.is_main
+
+        def gathered(tensor: Tensor) -> Tensor | None:
+            """One whole tensor at a time, kept (on the CPU) by rank 0 alone."""
+            full = whole(tensor)
+            return full.cpu() if main else None
+
         tensors = dict(self._snapshot)
         optimizer_state = self.optimizer.state_dict()
         for index, state in optimizer_state["state"].items():
             for name, value in state.items():
-                tensors[f"optimizer.{index}.{name}"] = whole(torch.as_tensor(value))
-        weights = {name: whole(value) for name, value in self.model.state_dict().items()}
-        if not self.world.is_main:
+                tensors[f"optimizer.{index}.{name}"] = gathered(torch.as_tensor(value))
+        weights = None
+        if self.adapter is None:
+            weights = {name: gathered(value) for name, value in self.model.state_dict().items()}
+        if not main:
             self.saved_step = self.step
             return path
         state = {
@@ -410,7 +419,6 @@ class Trainer:
             raise QkvError(f"the run is already at step {self.step}; pass --steps larger than that")
         self.history = [h for h in state.get("history", []) if h["step"] <= self.step]
         self._snapshot = self._rng_state()
-        self._seed_other_ranks()
 
     def _request_stop(self, signum: int, frame: Any) -> None:
         self._stop_requested = True
@@ -437,6 +445,7 @@ class Trainer:
                 self.save()
                 raise KeyboardInterrupt
             step_start = time.perf_counter()
+            self._seed_other_ranks()
             lr = lr_at(self.step, self.cfg)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
