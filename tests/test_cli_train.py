@@ -91,6 +91,27 @@ def test_ctrl_c_saves_and_resume_continues_the_same_run(corpus_dir, tmp_path):
     assert _losses(run) == _losses(tmp_path / "straight")
 
 
+def test_sigterm_saves_the_step_it_stopped_at(corpus_dir, tmp_path):
+    """A scheduler's SIGTERM (preemption) is handled like Ctrl-C: save, then exit 128 + 15."""
+    run = tmp_path / "run"
+    options = "--steps 100000 --batch-size 8 --context 32 --save-every 5 --eval-every 1000"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "qkv", *small_training(corpus_dir, options), "--out", str(run)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (run / "latest").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr
+    stopped = len(_losses(run))
+    assert f"stopped by SIGTERM at step {stopped}; checkpoint at step {stopped}" in stderr
+    assert (run / "latest").resolve().name == f"step-{stopped:08d}"
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import signal
 import sys
 import time
 import warnings
@@ -608,9 +609,11 @@ class _Progress:
 
 
 class Interrupted(QkvError):
-    """Ctrl-C: exit status 130, as shells expect."""
+    """Ctrl-C or SIGTERM: exit status 128 + the signal's number (130, 143), as shells expect."""
 
-    exit_code = 130
+    def __init__(self, message: str, signum: int = signal.SIGINT) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
 
 
 class LostProcess(QkvError):
@@ -651,9 +654,11 @@ def _run_training(run: Run, out: Path, command: str = "train") -> None:
             if trainer.saved_step is None
             else (f"checkpoint at step {trainer.saved_step}")
         )
+        how = "interrupted" if trainer.stop_signal == signal.SIGINT else "stopped by SIGTERM"
         raise Interrupted(
-            f"interrupted at step {trainer.step}; {saved_at}. Continue with: "
-            f"qkv {command} --resume {out}"
+            f"{how} at step {trainer.step}; {saved_at}. Continue with: "
+            f"qkv {command} --resume {out}",
+            trainer.stop_signal,
         ) from None
     finally:
         progress.bar.close()

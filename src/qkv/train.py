@@ -265,7 +265,8 @@ class Trainer:
     """Runs `cfg.steps` optimizer steps of `model` on `train_data`, evaluating on `val_data`.
 
     Progress goes to `on_step(StepInfo)`, `on_eval(step, EvalResult)` and `on_save(path)`.
-    Ctrl-C (SIGINT) finishes the current step, saves a checkpoint and raises KeyboardInterrupt.
+    Ctrl-C (SIGINT) or SIGTERM finishes the current step, saves a checkpoint and raises
+    KeyboardInterrupt.
     In a `world` of several processes (distributed.py) the model is wrapped by `strategy`, each
     process trains on its share of every global batch, and only rank 0 writes checkpoints.
     """
@@ -315,6 +316,7 @@ class Trainer:
         self.tokens_per_step = self.cfg.batch_size * self.cfg.context * self.cfg.grad_accum
         self.flops_per_step = flops_per_token(self.model, self.cfg.context) * self.tokens_per_step
         self._stop_requested = False
+        self.stop_signal = signal.SIGINT
         self._snapshot = self._rng_state()
         self.saved_step: int | None = None
 
@@ -422,21 +424,27 @@ class Trainer:
 
     def _request_stop(self, signum: int, frame: Any) -> None:
         self._stop_requested = True
-        if self.world.size == 1:  # a second Ctrl-C is immediate; under torchrun the terminal's
-            signal.signal(signal.SIGINT, signal.default_int_handler)  # and torchrun's both come
+        self.stop_signal = signal.Signals(signum)
+        if self.world.size == 1:  # a second signal acts at once; under torchrun the terminal's
+            immediate = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
+            signal.signal(signum, immediate)  # Ctrl-C and torchrun's forwarded one both come
 
     def run(self) -> list[dict[str, Any]]:
-        """Train to cfg.steps; returns the history (train and eval records)."""
-        previous = signal.getsignal(signal.SIGINT)
+        """Train to cfg.steps; returns the history (train and eval records). Ctrl-C (SIGINT)
+        and SIGTERM (a scheduler's preemption, torchrun stopping) finish the step, save it and
+        raise KeyboardInterrupt (`stop_signal` says which)."""
+        previous = {}
         try:
-            signal.signal(signal.SIGINT, self._request_stop)
-        except ValueError:  # not the main thread: Ctrl-C handling stays with the caller
-            previous = None
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                previous[signum] = signal.getsignal(signum)
+                signal.signal(signum, self._request_stop)
+        except ValueError:  # not the main thread: signal handling stays with the caller
+            previous = {}
         try:
             self._loop()
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
         return self.history
 
     def _loop(self) -> None:
