@@ -62,13 +62,8 @@ def _losses(run) -> list[float]:
     return [r["loss"] for r in map(json.loads, lines) if "loss" in r]
 
 
-def test_ctrl_c_saves_and_resume_continues_the_same_run(corpus_dir, tmp_path):
-    options = "--steps 300 --batch-size 32 --context 64 --save-every 10 --eval-every 100"
-    args = [*small_training(corpus_dir, options), "--set", "dropout=0.1"]
-    straight = qkv(*args, "--out", str(tmp_path / "straight"))
-    assert straight.returncode == 0, straight.stderr
-
-    run = tmp_path / "interrupted"
+def train_until_first_checkpoint(args: list[str], run) -> subprocess.Popen:
+    """`qkv ARGS --out RUN` started in the background, returned once RUN/latest exists."""
     process = subprocess.Popen(
         [sys.executable, "-m", "qkv", *args, "--out", str(run)],
         stdout=subprocess.PIPE,
@@ -78,6 +73,17 @@ def test_ctrl_c_saves_and_resume_continues_the_same_run(corpus_dir, tmp_path):
     deadline = time.monotonic() + 120
     while not (run / "latest").exists() and time.monotonic() < deadline:
         time.sleep(0.02)
+    return process
+
+
+def test_ctrl_c_saves_and_resume_continues_the_same_run(corpus_dir, tmp_path):
+    options = "--steps 300 --batch-size 32 --context 64 --save-every 10 --eval-every 100"
+    args = [*small_training(corpus_dir, options), "--set", "dropout=0.1"]
+    straight = qkv(*args, "--out", str(tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stderr
+
+    run = tmp_path / "interrupted"
+    process = train_until_first_checkpoint(args, run)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
@@ -95,15 +101,7 @@ def test_sigterm_saves_the_step_it_stopped_at(corpus_dir, tmp_path):
     """A scheduler's SIGTERM (preemption) is handled like Ctrl-C: save, then exit 128 + 15."""
     run = tmp_path / "run"
     options = "--steps 100000 --batch-size 8 --context 32 --save-every 5 --eval-every 1000"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "qkv", *small_training(corpus_dir, options), "--out", str(run)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 120
-    while not (run / "latest").exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
+    process = train_until_first_checkpoint(small_training(corpus_dir, options), run)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 143, stderr
