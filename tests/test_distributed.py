@@ -134,6 +134,7 @@ def workers(launcher: subprocess.Popen) -> dict[str, int]:
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("machines", "victim"),
     [(1, "rank 0"), (2, "second machine's process")],
@@ -175,6 +176,7 @@ def test_killing_one_process_stops_the_job_and_keeps_the_last_checkpoint(
     assert f"resuming at step {step}" in resumed.stdout
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_every_process_at_one_step_and_saves_it(corpus_dir, tmp_path):
     """Ctrl-C reaches torchrun and its workers (one process group); FSDP2 gathers the shards,
     rank 0 saves the step they all stopped at, and the run resumes from it."""
