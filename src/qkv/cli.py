@@ -150,7 +150,7 @@ TRAIN_EXAMPLES = """examples:
             --batch-size 12 --steps 2000 --out runs/shakespeare  nanoGPT's CPU benchmark
   qkv train --data "docs/**/*.md" --preset llama-small --set n_layers=4 --out runs/llama
   qkv train --resume runs/notes --steps 4000                    continue a run (or after Ctrl-C)
-  torchrun --nproc-per-node 4 -m qkv train --data notes/ --batch-size 8 --grad-accum 4 \
+  torchrun --nproc-per-node 4 -m qkv train --data notes/ --batch-size 8 --grad-accum 4 \\
             --out runs/notes4                         4 processes (GPUs), 32 sequences a step
   torchrun --nproc-per-node 8 -m qkv train --strategy fsdp ...  shard the model (FSDP2)
 """
