@@ -131,6 +131,7 @@ def test_an_encoder_decoder_learns_a_users_pairs(tmp_path: Path, capsys) -> None
         (["--arch", "encoder-decoder"], "--task reverse|sort|add"),
         (["--task", "reverse", "--preset", "tiny"], "trains an encoder-decoder"),
         (["--task", "sort", "--tokenizer", "char"], "drop --tokenizer"),
+        (["--resume", "runs/x", "--arch", "decoder"], "--task/--arch"),
     ],
 )
 def test_seq2seq_option_errors_are_one_line(tmp_path: Path, capsys, args, message) -> None:
@@ -139,10 +140,14 @@ def test_seq2seq_option_errors_are_one_line(tmp_path: Path, capsys, args, messag
     assert message in err and len(err.strip().splitlines()) == 1
 
 
-def test_a_malformed_pairs_line_is_named(tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [('{"source": "a"}', "expected"), ('{"source": "", "target": "b"}', "the source is empty")],
+)
+def test_a_malformed_pairs_line_is_named(tmp_path: Path, capsys, line, message) -> None:
     data = tmp_path / "pairs.jsonl"
-    data.write_text('{"source": "a", "target": "b"}\n{"source": "a"}\n', encoding="utf-8")
+    data.write_text('{"source": "a", "target": "b"}\n' + line + "\n", encoding="utf-8")
     code = main(["train", "--arch", "encoder-decoder", "--data", str(data), "--out",
                  str(tmp_path / "o")])  # fmt: skip
     err = capsys.readouterr().err
-    assert code == 2 and "pairs.jsonl, line 2: expected" in err
+    assert code == 2 and f"pairs.jsonl, line 2: {message}" in err

@@ -188,7 +188,6 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     train.add_argument(
         "--arch",
         choices=["decoder", "encoder-decoder"],
-        default="decoder",
         help="decoder: a language model on text (default); encoder-decoder: source -> target "
         "pairs from --task or a --data JSONL file",
     )
@@ -709,10 +708,11 @@ def _train(args: argparse.Namespace) -> None:
     out = args.out
     seq2seq = args.task is not None or args.arch == "encoder-decoder"
     if args.resume is not None:
-        if args.preset or args.config or args.set or args.tokenizer or args.vocab_size or args.task:
+        model_options = (args.preset, args.config, args.set, args.tokenizer, args.vocab_size)
+        if any(model_options) or args.task or args.arch:
             raise QkvError(
                 "--resume continues a run with its own model, tokenizer and data: drop "
-                "--preset/--config/--set/--tokenizer/--vocab-size/--task"
+                "--preset/--config/--set/--tokenizer/--vocab-size/--task/--arch"
             )
         folder = resolve(args.resume)
         state = load_training_state(folder)[1]

@@ -82,6 +82,8 @@ def read_pairs(path: str | Path) -> list[tuple[str, str]]:
         if not (isinstance(record, dict) and isinstance(record.get("source"), str)
                 and isinstance(record.get("target"), str)):  # fmt: skip
             raise QkvError(f'{path}, line {number}: expected {{"source": "...", "target": "..."}}')
+        if not record["source"]:
+            raise QkvError(f"{path}, line {number}: the source is empty; the encoder needs text")
         pairs.append((record["source"], record["target"]))
     if len(pairs) < 2:
         raise QkvError(
