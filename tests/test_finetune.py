@@ -11,15 +11,8 @@ import torch
 
 from qkv.config import ModelConfig
 from qkv.errors import QkvError
-from qkv.finetune import (
-    ROLE_TOKENS,
-    Example,
-    add_chat_tokens,
-    encode_example,
-    grow_vocabulary,
-    read_examples,
-    response_loss,
-)
+from qkv.chat import ROLE_TOKENS, add_chat_tokens, grow_vocabulary
+from qkv.finetune import Example, encode_example, read_examples, response_loss
 from qkv.model import DecoderLM
 from qkv.tokenizer import Tokenizer
 

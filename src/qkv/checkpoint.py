@@ -24,6 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from qkv.chat import grow_vocabulary
 from qkv.config import ModelConfig
 from qkv.distributed import shard_as
 from qkv.errors import QkvError
@@ -241,8 +242,6 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
 def load_adapter_model(folder: Path) -> tuple[Any, Tokenizer]:
     """The base model named by the adapter's config (checked against its SHA-256), grown to the
     adapter's vocabulary, with LoRA layers holding the adapter's tensors."""
-    from qkv.finetune import grow_vocabulary
-
     adapter = read_adapter_config(folder)
     base = Path(adapter["base"])
     if not (base / WEIGHTS).is_file():

@@ -1071,8 +1071,7 @@ def _merge(args: argparse.Namespace) -> None:
 
 
 def _chat(args: argparse.Namespace) -> None:
-    from qkv.chat import Conversation
-    from qkv.finetune import ROLE_TOKENS
+    from qkv.chat import ROLE_TOKENS, Conversation
     from qkv.generate import GenerationConfig, Generator
 
     generator = Generator.load(args.model, resolve_device(args.device))

@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn import functional as F
 
+from qkv.chat import ROLE_TOKENS, ROLES, add_chat_tokens, grow_vocabulary
 from qkv.data import read_text_file, stdlib_docs
 from qkv.errors import QkvError
 from qkv.model import DecoderLM
@@ -31,8 +32,6 @@ from qkv.train import EvalResult, TrainConfig, Trainer, next_token_loss
 
 IGNORE = -100  # a target the loss skips (cross_entropy's ignore_index)
 
-ROLES = ("system", "user", "assistant")
-ROLE_TOKENS = {role: f"<|{role}|>" for role in ROLES}
 
 
 @dataclass(frozen=True)
@@ -105,12 +104,6 @@ def stdlib_qa(
     return train, val
 
 
-def add_chat_tokens(tokenizer: Tokenizer) -> int:
-    """Give the tokenizer the role tokens (ids after its vocabulary); its new vocabulary size."""
-    tokenizer.backend.add_special_tokens(list(ROLE_TOKENS.values()))
-    return tokenizer.vocab_size
-
-
 def encode_example(example: Example, tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
     """Token ids of the templated conversation and, per position t, whether token t is a target
     of the loss (part of an assistant reply or its closing <|endoftext|>)."""
@@ -126,31 +119,6 @@ def encode_example(example: Example, tokenizer: Tokenizer) -> tuple[list[int], l
         ids += [role_id, *body]
         target += [0] + [int(role == "assistant")] * len(body)
     return ids, target
-
-
-def grow_vocabulary(model: DecoderLM, tokenizer: Tokenizer) -> None:
-    """Add embedding rows (and rows of an untied head) for the tokenizer's new tokens; the
-    config follows. A new token <|word|> starts as the mean of the rows of the tokens spelling
-    "word" (so <|user|> and <|assistant|> differ even where they stay frozen, as under LoRA);
-    any other as the mean of all rows."""
-    old, new = model.config.vocab_size, tokenizer.vocab_size
-    if new <= old:
-        return
-    spellings = []
-    for token_id in range(old, new):
-        word = (tokenizer.backend.id_to_token(token_id) or "").strip("<|>")
-        spellings.append([i for i in tokenizer.encode(word) if i < old] if word else [])
-
-    def grown(table: Tensor) -> nn.Parameter:
-        rows = [table[ids].mean(0) if ids else table.mean(0) for ids in spellings]
-        return nn.Parameter(torch.cat([table, torch.stack(rows)]))
-
-    with torch.no_grad():
-        embedding = model.embedder.token_embedding
-        embedding.weight = grown(embedding.weight)
-        if model.head.weight is not None:
-            model.head.weight = grown(model.head.weight)
-    model.config = model.config.replace(vocab_size=new)
 
 
 def response_loss(logits: Tensor, ids: Tensor, target: Tensor) -> Tensor:
