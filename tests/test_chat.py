@@ -15,10 +15,9 @@ import pytest
 import torch
 from test_cli_generate import TEXT, checkpoint, qkv
 
-from qkv.chat import Conversation, answer_prompt, render
+from qkv.chat import Conversation, add_chat_tokens, answer_prompt, render
 from qkv.checkpoint import write_checkpoint
 from qkv.config import ModelConfig
-from qkv.chat import add_chat_tokens
 from qkv.finetune import Example, encode_example
 from qkv.generate import GenerationConfig, Generator
 from qkv.model import build_model

@@ -9,9 +9,9 @@ import pytest
 import tokenizers
 import torch
 
+from qkv.chat import ROLE_TOKENS, add_chat_tokens, grow_vocabulary
 from qkv.config import ModelConfig
 from qkv.errors import QkvError
-from qkv.chat import ROLE_TOKENS, add_chat_tokens, grow_vocabulary
 from qkv.finetune import Example, encode_example, read_examples, response_loss
 from qkv.model import DecoderLM
 from qkv.tokenizer import Tokenizer

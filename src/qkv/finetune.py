@@ -33,7 +33,6 @@ from qkv.train import EvalResult, TrainConfig, Trainer, next_token_loss
 IGNORE = -100  # a target the loss skips (cross_entropy's ignore_index)
 
 
-
 @dataclass(frozen=True)
 class Example:
     """One conversation: (role, text) turns; a prompt/response pair is a user and an assistant."""
