@@ -23,11 +23,12 @@ from pathlib import Path
 
 import torch
 
-from qkv.config import ModelConfig
+from qkv.config import ModelConfig, TrainConfig
 from qkv.data import Document, tokenize_split
+from qkv.evaluation import next_token_loss
 from qkv.model import DecoderLM
 from qkv.tokenizer import Tokenizer
-from qkv.train import TrainConfig, Trainer, flops_per_token, next_token_loss
+from qkv.train import flops_per_token, text_trainer
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -226,7 +227,7 @@ def quality() -> None:
     import tempfile
 
     with tempfile.TemporaryDirectory() as run_dir:
-        trainer = Trainer(
+        trainer = text_trainer(
             model,
             tokenizer,
             tokenize_split(train, tokenizer, "train"),

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 from torch_reference import (
     TOLERANCE,
-    block_config,
     copy_decoder_layer,
     copy_encoder_layer,
     key_padding_mask,
@@ -16,8 +18,9 @@ from torch_reference import (
     right_padding_mask,
 )
 
+import qkv.nn
 from qkv.nn.attention import additive_mask, padding_mask
-from qkv.nn.block import DecoderBlock, EncoderBlock
+from qkv.nn.block import BlockConfig, DecoderBlock, EncoderBlock
 
 D_MODEL, N_HEADS, D_FF = 16, 4, 32
 BATCH, SEQ, SRC_SEQ = 2, 7, 6
@@ -32,6 +35,20 @@ def _block_mask(attention_mask: torch.Tensor, kind: str) -> torch.Tensor:
 
 # PyTorch's layers with our blocks' settings: ReLU FFN of width D_FF, no dropout.
 TORCH_LAYER = dict(dim_feedforward=D_FF, dropout=0.0, activation="relu", batch_first=True)
+
+
+def block_config(norm_first: bool) -> BlockConfig:
+    """A post-/pre-norm ReLU block as nn.TransformerEncoderLayer builds one by default."""
+    return BlockConfig(
+        D_MODEL,
+        N_HEADS,
+        D_FF,
+        feed_forward="relu",
+        norm="layernorm",
+        norm_eps=1e-5,
+        norm_first=norm_first,
+        dropout=0.0,
+    )
 
 
 def _encoder_pair(norm_first: bool) -> tuple[nn.TransformerEncoderLayer, EncoderBlock]:
@@ -134,3 +151,16 @@ def test_encoder_block_real_positions_ignore_padded_inputs(
     # The short row alone, unpadded, gives the same real-position outputs.
     alone = block(x[1:, : lengths[1]])
     assert max_abs_diff(base[1, : lengths[1]], alone[0]) <= TOLERANCE
+
+
+def test_nn_imports_nothing_of_qkv_outside_nn() -> None:
+    """qkv.nn stands alone: blocks take a BlockConfig, not qkv.config's ModelConfig."""
+    for path in Path(qkv.nn.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            for name in names:
+                of_qkv = name == "qkv" or name.startswith("qkv.")
+                of_nn = name == "qkv.nn" or name.startswith("qkv.nn.")
+                assert of_nn or not of_qkv, f"{path.name} imports {name}"

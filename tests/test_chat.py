@@ -15,7 +15,8 @@ import pytest
 import torch
 from test_cli_generate import TEXT, checkpoint, qkv
 
-from qkv.chat import Conversation, add_chat_tokens, answer_prompt, render
+from qkv.chat import Conversation
+from qkv.chat_template import add_chat_tokens, answer_prompt, render
 from qkv.checkpoint import write_checkpoint
 from qkv.config import ModelConfig
 from qkv.finetune import Example, encode_example

@@ -98,12 +98,16 @@ def test_explain_shows_minilms_attention_as_transformers_computes_it(minilm: Pat
 
     result = qkv("explain", "--model", str(minilm), "--json", "The quick brown fox")
     assert result.returncode == 0, result.stderr
-    maps = json.loads(result.stdout)
-    assert maps["tokens"] == ["[CLS]", "the", "quick", "brown", "fox", "[SEP]"]
+    walkthrough = json.loads(result.stdout)
+    assert walkthrough["tokens"] == ["[CLS]", "the", "quick", "brown", "fox", "[SEP]"]
     hf = BertModel.from_pretrained(str(minilm), attn_implementation="eager").eval()
-    expected = hf(torch.tensor([maps["token_ids"]]), output_attentions=True).attentions
-    assert len(maps["attention"]) == len(expected) == 6
-    for ours, theirs in zip(maps["attention"], expected, strict=True):
-        assert (torch.tensor(ours) - theirs[0]).abs().max() <= 1e-5
-    text = qkv("explain", "--model", str(minilm), "--head", "3", "The quick brown fox")
-    assert text.returncode == 0 and "layer 5 (head 3):" in text.stdout
+    out = hf(torch.tensor([walkthrough["token_ids"]]), output_attentions=True)
+    weights = [s for s in walkthrough["stages"] if s["name"] == "attention_weights"]
+    assert [s["layer"] for s in weights] == list(range(6)) and len(out.attentions) == 6
+    for ours, theirs in zip(weights, out.attentions, strict=True):
+        assert (torch.tensor(ours["values"]) - theirs[0]).abs().max() <= 1e-5
+    last = [s for s in walkthrough["stages"] if s["name"] == "layer_norm" and s["layer"] == 5][-1]
+    assert (torch.tensor(last["values"]) - out.last_hidden_state[0]).abs().max() <= 1e-5
+    text = qkv("explain", "--model", str(minilm), "--layer", "5", "--head", "3", "The fox")
+    assert text.returncode == 0 and "[layer 5, attention]" in text.stdout
+    assert "head 3:" in text.stdout and "[layer 4" not in text.stdout

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from qkv import ModelConfig
+from qkv import ModelConfig, QkvError
 from qkv.explain import (
     NOTES_SENTENCE,
     explain_text,
@@ -16,6 +16,9 @@ from qkv.explain import (
     word_tokens,
 )
 from qkv.model import DecoderLM
+from qkv.nn.attention import MultiHeadAttention
+from qkv.nn.feedforward import FeedForward
+from qkv.nn.norm import LayerNorm
 
 REQUIRED = {"embeddings", "positional_encoding", "attention_weights", "feed_forward", "layer_norm"}
 
@@ -109,8 +112,6 @@ def test_plot_writes_a_png(tmp_path):
 
 @pytest.mark.parametrize("text", ["", "   ", "x " * 600])
 def test_unusable_text_is_refused(text):
-    from qkv import QkvError
-
     with pytest.raises(QkvError):
         explain_text(text)
 
@@ -141,3 +142,14 @@ def test_explain_leaves_the_global_random_state_alone():
     torch.manual_seed(123)
     explain_text(seed=7)
     torch.testing.assert_close(torch.rand(3), expected)
+
+
+def test_each_formula_is_the_one_its_module_states():
+    w = explain_text(d_model=8, n_heads=4)
+    attention = MultiHeadAttention.FORMULAS
+    for name in ("scores", "attention_weights", "weighted_values", "attention_output"):
+        assert w.stage(name).formula == attention[name].format(head_dim=2)
+    assert w.stage("query").formula == attention["query"].format(n_heads=4, head_dim=2)
+    assert w.stage("layer_norm").formula == LayerNorm.FORMULAS["layer_norm"].format(eps=1e-5)
+    hidden = FeedForward.FORMULAS["feed_forward_hidden"]
+    assert w.stage("feed_forward_hidden").formula == hidden.format(activation_name="relu", d_ff=32)

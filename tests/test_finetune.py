@@ -9,10 +9,11 @@ import pytest
 import tokenizers
 import torch
 
-from qkv.chat import ROLE_TOKENS, add_chat_tokens, grow_vocabulary
+from qkv.chat_template import ROLE_TOKENS, add_chat_tokens, grow_vocabulary
 from qkv.config import ModelConfig
 from qkv.errors import QkvError
-from qkv.finetune import Example, encode_example, read_examples, response_loss
+from qkv.evaluation import IGNORE, next_token_loss
+from qkv.finetune import Example, collate, encode_example, read_examples
 from qkv.model import DecoderLM
 from qkv.tokenizer import Tokenizer
 
@@ -50,7 +51,7 @@ def test_both_formats_read_as_turns(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "line, message",
     [
-        ('{"prompt": "a", ', "line 2: Expecting"),
+        ('{"prompt": "a", ', "line 2: not valid JSON"),
         ('{"prompt": "a"}', "line 2: expected"),
         ('{"prompt": 1, "response": "b"}', "line 2: \"prompt\" and \"response\" must be strings"),
         ('{"messages": [{"role": "robot", "content": "x"}]}', "line 2: each message needs"),
@@ -82,17 +83,18 @@ def test_changing_prompt_labels_never_changes_the_loss_but_response_labels_do(
     torch.manual_seed(0)
     model = DecoderLM(ModelConfig(vocab_size=tokenizer.vocab_size, d_model=32, n_heads=4))
     example = Example((("user", "Hello there!"), ("assistant", "What does json.dumps do?")))
-    ids, target = (torch.tensor([v]) for v in encode_example(example, tokenizer))
-    logits = model(ids)
-    loss = response_loss(logits, ids, target)
+    ids, target = encode_example(example, tokenizer)
+    x, y = collate([(ids, target)], tokenizer.pad_id)
+    logits = model(x)
+    loss = next_token_loss(logits, y)
     generator = torch.Generator().manual_seed(1)
-    for position in range(1, ids.shape[1]):
-        labels = ids.clone()
-        labels[0, position] = (
-            labels[0, position] + 1 + torch.randint(0, 5, (), generator=generator)
+    for position in range(1, len(ids)):
+        labels = list(ids)
+        labels[position] = (
+            labels[position] + 1 + int(torch.randint(0, 5, (), generator=generator))
         ) % tokenizer.vocab_size
-        changed = response_loss(logits, labels, target)
-        if target[0, position]:
+        changed = next_token_loss(logits, collate([(labels, target)], tokenizer.pad_id)[1])
+        if target[position]:
             assert changed != loss
         else:
             assert changed == loss
@@ -148,8 +150,8 @@ def reversal_examples() -> list[Example]:
 
 
 def finetune_run(tmp_path: Path, name: str, steps: int = 8, **changes):
-    from qkv.finetune import FinetuneTrainer, prepare_examples
-    from qkv.train import TrainConfig
+    from qkv.config import TrainConfig
+    from qkv.finetune import finetune_trainer, prepare_examples
 
     tokenizer = Tokenizer.train_char(["reverse " + " ".join(WORDS + [w[::-1] for w in WORDS])])
     add_chat_tokens(tokenizer)
@@ -163,15 +165,10 @@ def finetune_run(tmp_path: Path, name: str, steps: int = 8, **changes):
         steps=steps, batch_size=8, context=32, lr=3e-3, warmup_steps=2, eval_every=steps,
         save_every=4, seed=0, **changes,
     )  # fmt: skip
-    return FinetuneTrainer(
-        model, tokenizer, None, None, cfg, tmp_path / name,
-        train_examples=data, val_examples=data,
-    )  # fmt: skip
+    return finetune_trainer(model, tokenizer, data, data, cfg, tmp_path / name)
 
 
 def test_collated_targets_are_the_next_response_tokens_only(tokenizer: Tokenizer) -> None:
-    from qkv.finetune import IGNORE, collate
-
     ids, target = encode_example(Example((("user", "Hi"), ("assistant", "Hello"))), tokenizer)
     x, y = collate([(ids, target), (ids[:4], target[:4])], tokenizer.pad_id)
     assert x[0].tolist() == ids[:-1]

@@ -10,7 +10,14 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from qkv.sampling import penalize_repetition, select, top_k_filter, top_p_filter
+from qkv.errors import QkvError
+from qkv.sampling import (
+    SamplingConfig,
+    penalize_repetition,
+    select,
+    top_k_filter,
+    top_p_filter,
+)
 
 VOCAB = 24
 DRAWS = 6000
@@ -66,7 +73,7 @@ def test_draws_stay_in_the_allowed_set_with_the_renormalised_frequencies(
     allowed &= nucleus(kept / kept.sum(), top_p)
 
     torch.manual_seed(0)
-    draws = select(logits.expand(DRAWS, VOCAB), temperature, top_k, top_p)
+    draws = select(logits.expand(DRAWS, VOCAB), SamplingConfig(temperature, top_k, top_p))
 
     assert set(draws.tolist()) <= allowed
     target = torch.zeros(VOCAB)
@@ -78,7 +85,8 @@ def test_draws_stay_in_the_allowed_set_with_the_renormalised_frequencies(
 
 def test_temperature_zero_is_greedy() -> None:
     logits = random_logits(16)
-    assert torch.equal(select(logits, temperature=0, top_k=3, top_p=0.5), logits.argmax(-1))
+    greedy = SamplingConfig(temperature=0, top_k=3, top_p=0.5)
+    assert torch.equal(select(logits, greedy), logits.argmax(-1))
 
 
 def test_each_row_draws_from_its_own_seeded_generator() -> None:
@@ -87,10 +95,11 @@ def test_each_row_draws_from_its_own_seeded_generator() -> None:
     def generators(*seeds: int) -> list[torch.Generator]:
         return [torch.Generator().manual_seed(s) for s in seeds]
 
-    together = select(logits, 1.0, None, 1.0, generators(7, 8, 9))
-    alone = select(logits[1:2], 1.0, None, 1.0, generators(8))
+    plain = SamplingConfig(temperature=1.0, top_k=None)
+    together = select(logits, plain, generators=generators(7, 8, 9))
+    alone = select(logits[1:2], plain, generators=generators(8))
     assert together[1] == alone[0]
-    runs = torch.stack([select(logits, 1.0, None, 1.0, generators(7, 8, 9)) for _ in range(2)])
+    runs = torch.stack([select(logits, plain, generators=generators(7, 8, 9)) for _ in range(2)])
     assert torch.equal(runs[0], runs[1])
 
 
@@ -100,11 +109,30 @@ def test_tiny_temperatures_and_penalties_still_pick_the_likeliest_token() -> Non
     try:
         for flush_denormal in (False, True):  # the trainer turns flushing on process-wide
             torch.set_flush_denormal(flush_denormal)
-            assert torch.equal(select(logits, temperature=1e-45), greedy)
-            assert torch.equal(select(logits, temperature=1e-30), greedy)
+            for temperature in (1e-45, 1e-30):
+                assert torch.equal(select(logits, SamplingConfig(temperature)), greedy)
     finally:
         torch.set_flush_denormal(False)
     seen = torch.ones_like(logits, dtype=torch.bool)
     penalized = penalize_repetition(logits, seen, 1e-40)  # positive logits become inf
-    drawn = select(penalized, temperature=1.0)
+    drawn = select(logits, SamplingConfig(1.0, None, repetition_penalty=1e-40), seen)
     assert bool(torch.isinf(penalized.gather(1, drawn[:, None])).all())  # one of the inf ones
+
+
+@pytest.mark.parametrize("temperature, top_k", [(0.0, None), (0.7, 1)])
+def test_select_applies_the_repetition_penalty_first_as_hugging_face_does(
+    temperature: float, top_k: int | None
+) -> None:
+    logits = random_logits(6, seed=3)
+    history = logits.topk(2, dim=-1).indices  # penalize each row's two likeliest tokens
+    seen = torch.zeros_like(logits, dtype=torch.bool).scatter(1, history, True)
+    expected = RepetitionPenaltyLogitsProcessor(penalty=3.0)(history, logits.clone()).argmax(-1)
+    config = SamplingConfig(temperature, top_k, repetition_penalty=3.0)
+    chosen = select(logits, config, seen)
+    assert torch.equal(chosen, expected) and not torch.equal(chosen, logits.argmax(-1))
+
+
+def test_sampling_options_out_of_range_are_refused() -> None:
+    for bad in ({"temperature": -1}, {"top_k": -2}, {"top_p": 0}, {"repetition_penalty": 0}):
+        with pytest.raises(QkvError, match=next(iter(bad)).replace("_", "-")):
+            SamplingConfig(**bad)

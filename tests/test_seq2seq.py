@@ -12,9 +12,9 @@ import torch
 
 from qkv.checkpoint import load_model
 from qkv.cli import main
+from qkv.evaluation import IGNORE
 from qkv.model import EncoderDecoder
 from qkv.seq2seq import (
-    IGNORE,
     TASKS,
     PairBatches,
     beam_decode,

@@ -12,24 +12,18 @@ import pytest
 import torch
 
 from qkv.checkpoint import load_model, resolve
-from qkv.config import ModelConfig
+from qkv.config import ModelConfig, TrainConfig
 from qkv.data import prepare_corpus
 from qkv.errors import QkvError
+from qkv.evaluation import evaluate
 from qkv.model import DecoderLM
-from qkv.train import (
-    NonFiniteLoss,
-    TrainConfig,
-    Trainer,
-    evaluate,
-    lr_at,
-    parameter_groups,
-    prepare_run,
-)
+from qkv.optim import lr_at, parameter_groups
+from qkv.train import NonFiniteLoss, Run, Trainer, prepare_run, text_trainer
 
 SMALL = ModelConfig(d_model=32, n_heads=4, n_layers=2, max_seq_len=32, dropout=0.1)
 
 
-def small_run(corpus_dir: Path, out: Path, **changes) -> Trainer:
+def small_setup(corpus_dir: Path, out: Path, **changes) -> Run:
     settings = dict(
         data=[str(corpus_dir)],
         tokenizer="char",
@@ -44,8 +38,11 @@ def small_run(corpus_dir: Path, out: Path, **changes) -> Trainer:
         eval_windows=8,
         seed=0,
     )
-    cfg = TrainConfig(**{**settings, **changes})
-    return prepare_run(out, cfg, SMALL).trainer
+    return prepare_run(out, TrainConfig(**{**settings, **changes}), SMALL)
+
+
+def small_run(corpus_dir: Path, out: Path, **changes) -> Trainer:
+    return small_setup(corpus_dir, out, **changes).trainer
 
 
 def test_lr_warms_up_linearly_then_decays_by_cosine_to_the_floor():
@@ -71,13 +68,14 @@ def test_no_weight_decay_on_norms_biases_and_embeddings():
 
 
 def test_training_lowers_the_validation_loss(corpus_dir, tmp_path):
-    trainer = small_run(corpus_dir, tmp_path / "run", steps=60, eval_every=60, save_every=60)
+    run = small_setup(corpus_dir, tmp_path / "run", steps=60, eval_every=60, save_every=60)
+    trainer = run.trainer
     before = trainer.evaluate().loss
     history = trainer.run()
     after = [h for h in history if "val_loss" in h][-1]
     assert after["val_loss"] < before - 1.0
     assert after["val_bits_per_byte"] == pytest.approx(
-        after["val_loss"] / (math.log(2) * trainer.val_data.bytes_per_token)
+        after["val_loss"] / (math.log(2) * run.corpus.val.bytes_per_token)
     )
     assert all(h["grad_norm"] > 0 for h in history if "grad_norm" in h)
 
@@ -134,7 +132,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(corpus_dir, tmp_pat
 
 def test_context_longer_than_the_model_is_refused(corpus_dir, tmp_path):
     with pytest.raises(QkvError, match="max_seq_len"):
-        Trainer(
+        text_trainer(
             DecoderLM(SMALL.replace(vocab_size=300)),
             *_corpus_parts(corpus_dir),
             TrainConfig(context=64),
@@ -151,8 +149,8 @@ KILL_SCRIPT = """
 import os, signal, sys
 from pathlib import Path
 import qkv.checkpoint as checkpoint
-from qkv.config import ModelConfig
-from qkv.train import TrainConfig, prepare_run
+from qkv.config import ModelConfig, TrainConfig
+from qkv.train import prepare_run
 
 cfg = TrainConfig(
     data=[sys.argv[1]], tokenizer="char", val_fraction=0.2,

@@ -17,14 +17,15 @@ import hashlib
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from qkv.chat import grow_vocabulary
+from qkv import files, hf
+from qkv.chat_template import grow_vocabulary
 from qkv.config import ModelConfig
 from qkv.distributed import shard_as
 from qkv.errors import QkvError
@@ -41,14 +42,13 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER = "adapter.safetensors"
 ADAPTER_FIELDS = ("base", "base_sha256", "rank", "alpha", "dropout", "targets")
 LATEST = "latest"
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+# The command that continues a run of each kind (trainer_state.json's "kind"), and its name.
+RESUMED_BY = {"train": "train", "seq2seq": "train", "finetune": "finetune"}
+KIND_NAMES = {
+    "train": "a training run",
+    "seq2seq": "an encoder-decoder training run",
+    "finetune": "a fine-tuning run",
+}
 
 
 def write_checkpoint(
@@ -63,10 +63,20 @@ def write_checkpoint(
     """Write a checkpoint directory at `folder` atomically (temp dir + rename); returns it.
     With `adapter` (its adapter_config.json), only the model's LoRA tensors are written;
     otherwise `weights` (default: the model's state dict)."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    with files.atomic_directory(folder) as tmp:
+        _write_checkpoint_files(tmp, model, tokenizer, tensors, state, adapter, weights)
+    return folder
+
+
+def _write_checkpoint_files(
+    tmp: Path,
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    tensors: dict[str, torch.Tensor] | None,
+    state: dict[str, Any] | None,
+    adapter: dict[str, Any] | None,
+    weights: dict[str, torch.Tensor] | None,
+) -> None:
     if adapter is None:
         (tmp / CONFIG).write_text(model.config.to_json(), encoding="utf-8")
         weights = weights if weights is not None else model.state_dict()
@@ -81,15 +91,6 @@ def write_checkpoint(
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp / OPTIMIZER)
     if state is not None:
         (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2), encoding="utf-8")
-    for file in tmp.iterdir():
-        _fsync(file)
-    old = folder.parent / f".old-{folder.name}-{os.getpid()}"
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    _fsync(folder.parent)
-    shutil.rmtree(old, ignore_errors=True)
-    return folder
 
 
 def save_training_checkpoint(
@@ -116,7 +117,7 @@ def save_training_checkpoint(
         tmp_link.unlink()
     tmp_link.symlink_to(folder.relative_to(run_dir))
     os.replace(tmp_link, link)
-    _fsync(run_dir)
+    files.fsync(run_dir)
     checkpoints = sorted(p for p in folder.parent.iterdir() if p.name.startswith("step-"))
     for old in checkpoints[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -151,14 +152,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[An
     """(model in eval mode, tokenizer) from a checkpoint or run directory, or a Hugging Face
     model directory (GPT-2, Llama); a LoRA checkpoint gives its base model with the adapter
     applied (not merged)."""
-    from qkv.hf import is_hf_directory, load_hf_directory
-
     folder = resolve(path)
     if (folder / ADAPTER_CONFIG).is_file():
         model, tokenizer = load_adapter_model(folder)
         return model.to(device).eval(), tokenizer
-    if is_hf_directory(folder):
-        model, tokenizer = load_hf_directory(folder)
+    if hf.is_hf_directory(folder):
+        model, tokenizer = hf.load_hf_directory(folder)
         return model.to(device).eval(), tokenizer
     config = load_config(folder)
     model = build_model(config)
@@ -176,45 +175,8 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
     """Load safetensors weights into `model`, naming any missing, unexpected or misshapen tensor
     (each cut into this process's shard where the model is sharded by FSDP2)."""
     expected = model.state_dict()
-    weights = _fitting_tensors(path, expected, "checkpoint", "the config")
+    weights = files.read_fitting(path, expected, "checkpoint", "the config")
     model.load_state_dict({name: shard_as(t, expected[name]) for name, t in weights.items()})
-
-
-def _fitting_tensors(
-    path: Path, expected: dict[str, torch.Tensor], what: str, owner: str
-) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file, checked to be exactly `expected`'s names and shapes."""
-    try:
-        weights = load_file(path)
-    except FileNotFoundError:
-        raise QkvError(f"{what} weights {path} are missing") from None
-    except (SafetensorError, OSError, ValueError) as err:
-        raise QkvError(f"{what} weights {path} are corrupt or unreadable ({err})") from None
-    check_fit(weights, expected, what, owner, f"{what} weights {path}")
-    return weights
-
-
-def check_fit(
-    tensors: dict[str, torch.Tensor],
-    expected: dict[str, torch.Tensor],
-    what: str,
-    owner: str,
-    source: str = "the tensors",
-) -> None:
-    """Raise a QkvError naming the first tensor missing from, extra to or misshapen for
-    `expected` (what `owner`, the config or the model, needs)."""
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise QkvError(
-            f"{source} do not fit {owner}: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
-    for name, tensor in tensors.items():
-        if tensor.shape != expected[name].shape:
-            raise QkvError(
-                f"{what} tensor {name} has shape {list(tensor.shape)} but {owner} "
-                f"needs {list(expected[name].shape)}"
-            )
 
 
 def weights_digest(folder: Path) -> str:
@@ -265,21 +227,92 @@ def load_adapter_model(folder: Path) -> tuple[Any, Tokenizer]:
 
 def load_adapter_weights(model: torch.nn.Module, path: Path) -> None:
     """Load a LoRA adapter's tensors into a model that has its LoRA layers."""
-    weights = _fitting_tensors(path, lora_state_dict(model), "adapter", "the model")
+    weights = files.read_fitting(path, lora_state_dict(model), "adapter", "the model")
     model.load_state_dict(weights, strict=False)
 
 
-def load_training_state(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(optimizer + RNG tensors, trainer state) of a checkpoint written by training."""
+def _check_resumable(folder: Path) -> None:
+    """Raise a QkvError unless `folder` holds the optimizer and trainer state training wrote."""
     missing = [name for name in (OPTIMIZER, TRAINER_STATE) if not (folder / name).is_file()]
     if missing:
         raise QkvError(
             f"{folder} cannot be resumed: {missing[0]} is missing "
             "(only checkpoints written by `qkv train` or `qkv finetune` hold the optimizer state)"
         )
+
+
+def _read_trainer_state(folder: Path) -> dict[str, Any]:
+    path = folder / TRAINER_STATE
     try:
-        tensors = load_file(folder / OPTIMIZER)
-        state = json.loads((folder / TRAINER_STATE).read_text(encoding="utf-8"))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise QkvError(f"training state in {folder} is corrupt ({err})") from None
-    return tensors, state
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise QkvError(f"training state {path} is corrupt ({err})") from None
+    except OSError as err:
+        raise QkvError(f"training state {path} is unreadable ({err})") from None
+    if not isinstance(state, dict):
+        raise QkvError(f"training state {path} is corrupt: it is not a JSON object")
+    return state
+
+
+def load_training_state(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(optimizer + RNG tensors, trainer state) of a checkpoint written by training."""
+    _check_resumable(folder)
+    tensors = files.read_safetensors(folder / OPTIMIZER, "optimizer state")
+    return tensors, _read_trainer_state(folder)
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What a training checkpoint's trainer_state.json says about its run.
+
+    folder: the checkpoint directory; run_dir: the run it belongs to; kind: "train", "finetune"
+    or "seq2seq"; step: the optimizer steps taken; train_config: the run's TrainConfig fields.
+    """
+
+    folder: Path
+    run_dir: Path
+    kind: str
+    step: int
+    train_config: dict[str, Any]
+
+    def require(self, kind: str) -> None:
+        """Raise a QkvError naming the command that continues this run unless it is a `kind`
+        run (what the caller resumes: "train", "finetune" or "seq2seq")."""
+        if self.kind != kind:
+            raise QkvError(
+                f"{self.run_dir} is {KIND_NAMES[self.kind]}: continue it with "
+                f"qkv {RESUMED_BY[self.kind]} --resume"
+            )
+
+
+def read_run(path: str | Path) -> RunInfo:
+    """The run of a training checkpoint or run directory (its latest checkpoint), to resume:
+    a QkvError when its optimizer or trainer state is missing or corrupt, or was written by
+    another version of qkv."""
+    folder = resolve(path)
+    _check_resumable(folder)
+    return _run_info(folder)
+
+
+def find_run(path: str | Path) -> RunInfo | None:
+    """The run a checkpoint belongs to, or None for one not written by training (no
+    trainer_state.json: a model from qkv merge, a Hugging Face directory)."""
+    folder = resolve(path)
+    return _run_info(folder) if (folder / TRAINER_STATE).is_file() else None
+
+
+def _run_info(folder: Path) -> RunInfo:
+    state = _read_trainer_state(folder)
+    path = folder / TRAINER_STATE
+    train_config, step = state.get("train_config"), state.get("step")
+    if not isinstance(train_config, dict) or not isinstance(step, int):
+        raise QkvError(f"{path} was not written by this version of qkv train")
+    kind = state.get("kind")
+    if kind is None:  # written before runs recorded their kind
+        config = folder / CONFIG
+        seq2seq = config.is_file() and load_config(folder).arch == "encoder-decoder"
+        kind = "seq2seq" if seq2seq else "train"
+    if kind not in RESUMED_BY:
+        raise QkvError(f"{path} names an unknown kind of run {kind!r}; qkv knows "
+                       f"{', '.join(RESUMED_BY)}")  # fmt: skip
+    return RunInfo(folder, run_directory(folder), kind, step, train_config)

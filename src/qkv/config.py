@@ -1,4 +1,5 @@
-"""ModelConfig: one dataclass that describes every model qkv builds, its presets and JSON form.
+"""The two configurations: ModelConfig describes every model qkv builds (its presets and JSON
+form); TrainConfig everything a training run needs besides the model.
 
 Field names follow the notes: d_model, n_heads, n_layers, d_ff, n_kv_heads, vocab_size,
 max_seq_len, dropout. A config is frozen and validated on construction, so an invalid one never
@@ -10,17 +11,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qkv.errors import ConfigError
+from qkv.errors import ConfigError, QkvError
 
 ARCHS = ("decoder", "encoder", "encoder-decoder")
 POSITIONS = ("sinusoidal", "learned", "rope", "none")
 NORMS = ("layernorm", "rmsnorm")
 FEED_FORWARDS = ("relu", "gelu", "gelu_tanh", "swiglu", "geglu")
 KERNELS = ("fused", "explicit")
+TOKENIZERS = ("bpe", "char")
+STRATEGIES = ("ddp", "fsdp")  # under torchrun: copy the model to every process, or shard it
+DTYPES = ("auto", "float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -266,3 +270,56 @@ PRESETS: dict[str, ModelConfig] = {
         scale_embeddings=True,
     ),
 }
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs besides the model config. It is saved in every checkpoint, so
+    `--resume` continues the same run; most fields are `qkv train` options."""
+
+    data: list[str] = field(default_factory=lambda: ["builtin:stdlib-docs"])
+    val_fraction: float = 0.05
+    tokenizer: str = "bpe"
+    vocab_size: int = 4096
+    steps: int = 1000
+    batch_size: int = 16
+    context: int = 256
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every: int = 250
+    eval_windows: int = 256
+    save_every: int = 500
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    compile: bool = False
+    keep_checkpoints: int = 2
+
+    def validate(self) -> None:
+        positive = ("steps", "batch_size", "context", "grad_accum", "eval_every", "save_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise QkvError(f"--{name.replace('_', '-')} must be at least 1")
+        if not 0 < self.lr < math.inf:
+            raise QkvError(f"--lr must be positive and finite, got {self.lr}")
+        if not 0 < self.grad_clip < math.inf:
+            raise QkvError(f"--grad-clip must be positive and finite, got {self.grad_clip}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise QkvError(f"--weight-decay must be 0 or more, got {self.weight_decay}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise QkvError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.warmup_steps < 0:
+            raise QkvError("--warmup-steps must be 0 or more")
+        if not 0 < self.val_fraction < 1:
+            raise QkvError(f"--val-fraction must be between 0 and 1, got {self.val_fraction}")
+        if self.dtype not in DTYPES:
+            raise QkvError(f"--dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if self.tokenizer not in TOKENIZERS:
+            raise QkvError(f"--tokenizer must be bpe or char, got {self.tokenizer!r}")

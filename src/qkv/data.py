@@ -20,6 +20,7 @@ import sysconfig
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -79,6 +80,48 @@ def read_text_file(path: Path) -> str:
             f"data file {path} is not UTF-8: byte 0x{data[err.start]:02x} at offset {err.start} "
             "cannot be decoded; convert it, e.g. iconv -f latin1 -t utf-8"
         ) from None
+
+
+def read_text(path: str | Path) -> tuple[str, str]:
+    """(name, text) of a file (read_text_file's checks), or of standard input for '-'."""
+    if str(path) != "-":
+        return str(path), read_text_file(Path(path))
+    try:
+        return "standard input", sys.stdin.buffer.read().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise QkvError(
+            f"standard input is not UTF-8 text (byte {err.start}); save it as UTF-8"
+        ) from None
+
+
+def text_lines(text: str) -> list[tuple[int, str]]:
+    """(line number, line) of every non-blank line, a leading byte-order mark dropped."""
+    lines = enumerate(text.removeprefix("\ufeff").splitlines(), 1)
+    return [(number, line) for number, line in lines if line.strip()]
+
+
+def parse_json_lines(name: str, lines: list[tuple[int, str]]) -> list[tuple[int, Any]]:
+    """(line number, value) of JSON Lines; a line that is not JSON is a QkvError naming `name`
+    (the file) and the line."""
+    values = []
+    for number, line in lines:
+        try:
+            values.append((number, json.loads(line)))
+        except json.JSONDecodeError as err:
+            raise QkvError(f"{name}, line {number}: not valid JSON ({err.msg})") from None
+    return values
+
+
+def read_jsonl(path: str | Path) -> list[tuple[int, Any]]:
+    """(line number, value) of each non-blank line of a JSON Lines file ('-': standard input)."""
+    name, text = read_text(path)
+    return parse_json_lines(name, text_lines(text))
+
+
+def absolute_specs(specs: list[str]) -> list[str]:
+    """Data specs with paths made absolute (builtin:NAME and task:NAME as they are), so that a
+    run saved with them finds its files again from any directory."""
+    return [s if s.startswith((BUILTIN_PREFIX, "task:")) else os.path.abspath(s) for s in specs]
 
 
 def expand_paths(spec: str) -> list[Path]:
@@ -182,6 +225,13 @@ def _documented_nodes(node: ast.AST, prefix: str) -> Iterator[tuple[str, ast.AST
             yield from _documented_nodes(child, f"{prefix}.{child.name}")
 
 
+def held_out_indices(keys: list[str], fraction: float) -> set[int]:
+    """The indices of the `fraction` of items (at least one) whose keys sort lowest: with keys
+    that hash the items' text, a held-out split that is the same on every run."""
+    ranked = sorted(range(len(keys)), key=keys.__getitem__)
+    return set(ranked[: max(1, round(len(keys) * fraction))])
+
+
 def split_train_val(
     documents: list[Document], val_fraction: float = 0.05
 ) -> tuple[list[Document], list[Document]]:
@@ -193,9 +243,8 @@ def split_train_val(
             "the corpus is one short document: a validation split needs at least two; "
             "give more text (a few KB) or more files"
         )
-    n_val = max(1, round(len(documents) * val_fraction))
-    ranked = sorted(range(len(documents)), key=lambda i: _digest(documents[i].text) + str(i))
-    val_ids = set(ranked[:n_val])
+    val_ids = held_out_indices([_digest(d.text) + str(i) for i, d in enumerate(documents)],
+                               val_fraction)  # fmt: skip
     train = [d for i, d in enumerate(documents) if i not in val_ids]
     val = [d for i, d in enumerate(documents) if i in val_ids]
     return train, val

@@ -17,14 +17,15 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from qkv.config import STRATEGIES
 from qkv.errors import QkvError
 
-STRATEGIES = ("ddp", "fsdp")
 TIMEOUT = timedelta(minutes=10)  # a collective waiting this long for a silent peer fails
 PATIENCE = timedelta(hours=24)  # waiting for another process to tokenize a corpus
 _patient_group: dist.ProcessGroup | None = None  # Gloo, PATIENCE: see start()
@@ -123,6 +124,38 @@ def launched_world() -> World:
     return World(rank, size, local_rank)
 
 
+class LostProcess(QkvError):
+    """Another process of a torchrun job died: this one stops too (exit status 1)."""
+
+    exit_code = 1
+
+
+@contextlib.contextmanager
+def joined(world: World, device: str, latest: Path) -> Iterator[None]:
+    """One of torchrun's processes inside the block: in the process group, a lost peer told as
+    LostProcess (saying whether the run's last checkpoint, the link `latest`, is intact); for
+    one process, nothing."""
+    if world.size == 1:
+        yield
+        return
+    start(world, device_for(world, device))
+    try:
+        yield
+    except RuntimeError as err:
+        why = peer_failure(err)
+        if why is None:
+            raise
+        kept = (
+            f"its last checkpoint {latest.resolve()} is intact: continue with "
+            f"--resume {latest.parent}"
+            if latest.exists()
+            else "no checkpoint was saved yet"
+        )
+        raise LostProcess(f"{why}; {kept}") from None
+    finally:
+        stop()
+
+
 def device_for(world: World, name: str) -> torch.device:
     """The device process `world.rank` trains on: cuda:LOCAL_RANK for auto (with GPUs) or cuda;
     else the CPU."""
@@ -173,6 +206,7 @@ def wrap(model: nn.Module, strategy: str, world: World, device: torch.device) ->
     if strategy == "ddp":
         ids = [device.index] if device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    # FSDP2 and DTensor take half a second to import: loaded only when a job uses them.
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -207,7 +241,7 @@ def whole(tensor: Tensor) -> Tensor:
     Every process must call it for the same tensors in the same order."""
     if not dist.is_available():
         return tensor
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor  # see wrap(): imported when first needed
 
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
@@ -217,7 +251,7 @@ def shard_as(tensor: Tensor, like: Tensor) -> Tensor:
     of its shape; otherwise `tensor` itself."""
     if not dist.is_available():
         return tensor
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    from torch.distributed.tensor import DTensor, distribute_tensor  # see wrap()
 
     if isinstance(like, DTensor) and tensor.shape == like.shape:
         return distribute_tensor(tensor.to(like.device), like.device_mesh, like.placements)

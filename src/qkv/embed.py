@@ -8,11 +8,15 @@ h_t are the encoder's final hidden states, m_t is 1 for real tokens (the tokeniz
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from qkv.checkpoint import load_model
 from qkv.data import pad_rows
+from qkv.device import resolve_device
 from qkv.errors import QkvError
 from qkv.model import Encoder
 from qkv.tokenizer import Tokenizer
@@ -48,3 +52,14 @@ def embed(
         hidden = model.hidden_states(ids, mask)
         vectors.append(F.normalize(mean_pool(hidden, mask), p=2, dim=-1).cpu())
     return torch.cat(vectors) if vectors else torch.empty(0, model.config.d_model)
+
+
+def embed_texts(
+    path: str | Path, texts: list[str], max_tokens: int | None = None, device: str = "auto"
+) -> Tensor:
+    """`qkv embed`: the unit vectors of `texts` from the encoder at `path` (none may be empty)."""
+    for number, text in enumerate(texts, 1):
+        if not text.strip():
+            raise QkvError(f"text {number} is empty")
+    model, tokenizer = load_model(path, resolve_device(device))
+    return embed(model, tokenizer, texts, max_tokens)

@@ -1,8 +1,10 @@
-"""The walkthrough: a sentence through a decoder, stage by stage, every number kept.
+"""The walkthrough: a text through a model, stage by stage, every number kept.
 
-`explain_text` builds the notes' worked example (word-level tokens, a freshly initialised seeded
-model with d_model = 4) and `walk` records each stage of any DecoderLM's forward pass by calling the
-model's own modules in order, so the final logits equal `model(token_ids)`.
+The stages are what the model's own modules recorded during one forward pass (qkv.nn.recording),
+each with the formula its module states; nothing here computes a stage a second time.
+`explain_text` builds the notes' worked example (word tokens, a freshly initialised seeded decoder
+with d_model = 4); `explain_model` walks any decoder or encoder, such as a trained checkpoint or a
+Hugging Face GPT-2, Llama or BERT directory loaded by qkv.checkpoint.load_model.
 """
 
 from __future__ import annotations
@@ -12,38 +14,47 @@ import json
 import math
 import re
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from qkv.config import ModelConfig
 from qkv.errors import QkvError
-from qkv.model import DecoderLM, probabilities
-from qkv.nn.attention import causal_mask
-from qkv.nn.block import DecoderBlock
-from qkv.nn.feedforward import FeedForward
-from qkv.nn.position import apply_rotary
+from qkv.model import PROBABILITIES_FORMULA, DecoderLM, Encoder, probabilities
+from qkv.nn.recording import Record, recording
+from qkv.tokenizer import Tokenizer
 
 NOTES_SENTENCE = "The quick brown fox jumps over the lazy dog"
 MAX_WORDS = 512
 MAX_PLOT_WORDS = 60
+MAX_HEADS_SHOWN = 4  # render_text prints every head up to this many, else head 0 unless asked
 PLOT_FORMATS = (".png", ".svg", ".pdf")
 POSITION_TITLES = {
     "sinusoidal": "positional encoding: sin / cos, base 10000",
     "learned": "learned positional embedding",
     "rope": "RoPE angles (radians) per pair of dimensions",
 }
+# Records whose module, rather than what it computes, names the stage.
+STAGE_OF_MODULE = {
+    "embedder.token_type": "token_type_embeddings",
+    "embedder.norm": "embedding_norm",
+    "final_norm": "final_norm",
+}
+# Per-head records (batch, heads, seq, d_k), shown as (seq, heads * d_k): heads side by side.
+SIDE_BY_SIDE = {"query", "key", "value", "rotated_query", "rotated_key", "weighted_values"}
+COLUMN_PREFIX = {"feed_forward_hidden": "f"}
 
 
 @dataclass
 class Stage:
     """One step of the forward pass: its formula and tensor, one row per token.
 
-    `values` is (tokens, columns), or (heads, tokens, columns) for per-head stages.
+    `values` is (tokens, columns), or (heads, tokens, tokens) for scores and attention weights;
+    `heads` is how many heads sit side by side in the columns of a per-head stage (query, ...).
     """
 
     name: str
@@ -52,6 +63,7 @@ class Stage:
     columns: list[str]
     layer: int | None = None
     sublayer: str | None = None
+    heads: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -67,21 +79,22 @@ class Stage:
         return data
 
 
-AddStage = Callable[[Stage], None]
-
-
 @dataclass
 class Walkthrough:
+    """A text through a model: its tokens (as text), their ids, vocabulary[id] = the text of
+    token id, the model's config, and one Stage per value the modules computed, in order."""
+
     tokens: list[str]
     token_ids: list[int]
     vocabulary: list[str]
     config: ModelConfig
     stages: list[Stage] = field(default_factory=list)
+    untrained: bool = False
 
-    def stage(self, name: str, layer: int | None = None) -> Stage:
-        """The first stage called `name` (in `layer`, if given)."""
+    def stage(self, name: str, layer: int | None = None, sublayer: str | None = None) -> Stage:
+        """The first stage called `name` (in `layer` and `sublayer`, if given)."""
         for s in self.stages:
-            if s.name == name and (layer is None or s.layer == layer):
+            if s.name == name and layer in (None, s.layer) and sublayer in (None, s.sublayer):
                 return s
         raise KeyError(name)
 
@@ -130,278 +143,174 @@ def explain_text(
         model = DecoderLM(config).eval()
     token_ids = [vocabulary.index(t.lower()) for t in tokens]
     walkthrough = walk(model, torch.tensor([token_ids]), tokens, vocabulary)
+    walkthrough.untrained = True
+    formula = "id_i = index of the lower-cased word i in the vocabulary (sorted unique words)"
     walkthrough.stages.insert(
-        0,
-        Stage(
-            "token_ids",
-            "id_i = index of the lower-cased word i in the vocabulary (sorted unique words)",
-            torch.tensor(token_ids)[:, None],
-            ["id"],
-        ),
+        0, Stage("token_ids", formula, torch.tensor(token_ids)[:, None], ["id"])
     )
     return walkthrough
 
 
-def _dims(prefix: str, n: int) -> list[str]:
-    return [f"{prefix}{i}" for i in range(n)]
-
-
-def _head_dims(n_heads: int, head_dim: int) -> list[str]:
-    return [f"h{h}.{i}" for h in range(n_heads) for i in range(head_dim)]
+def explain_model(model: DecoderLM | Encoder, tokenizer: Tokenizer, text: str) -> Walkthrough:
+    """`text` through a decoder or an encoder (trained, or loaded from Hugging Face), as the
+    model's tokenizer encodes whole inputs (with BERT's [CLS] ... [SEP] where it adds them)."""
+    if not isinstance(model, DecoderLM | Encoder):
+        raise QkvError("explain walks a decoder or an encoder model, not an encoder-decoder")
+    ids = tokenizer.encode_inputs([text])[0] if text.strip() else []
+    if not ids:
+        raise QkvError("the text to explain is empty; give a sentence")
+    limit = min(MAX_WORDS, model.config.max_seq_len)
+    if len(ids) > limit:
+        raise QkvError(f"the text has {len(ids)} tokens; explain shows at most {limit}")
+    tokens = [tokenizer.decode([i]) for i in ids]
+    vocabulary = [tokenizer.decode([i]) for i in range(model.config.vocab_size)]
+    walkthrough = walk(model, torch.tensor([ids]), tokens, vocabulary)
+    formula = "id_i = the tokenizer's number for token i (its text is id_i decoded alone)"
+    walkthrough.stages.insert(0, Stage("token_ids", formula, torch.tensor(ids)[:, None], ["id"]))
+    return walkthrough
 
 
 @torch.no_grad()
 def walk(
-    model: DecoderLM, token_ids: Tensor, tokens: list[str], vocabulary: list[str]
+    model: DecoderLM | Encoder, token_ids: Tensor, tokens: list[str], vocabulary: list[str]
 ) -> Walkthrough:
-    """Run `model` on one sequence (1, seq), recording every stage's tensor."""
-    config = model.config
-    out = Walkthrough(tokens, token_ids[0].tolist(), vocabulary, config)
-    add = out.stages.append
-    d = _dims("d", config.d_model)
-    seq = token_ids.shape[-1]
-    positions = torch.arange(seq)[None, :]
-    embedder = model.embedder
-
-    x = embedder.token_embedding(token_ids)
-    scale = " * sqrt(d_model)" if config.scale_embeddings else ""
-    add(Stage("embeddings", f"x_i = E[id_i]{scale}: row id_i of the embedding table", x[0], d))
-    rotary = None
-    if config.position == "sinusoidal":
-        pe = embedder.position(positions)
-        formula = "PE(pos, 2i) = sin(pos / 10000^(2i/d_model)), PE(pos, 2i+1) = cos(same angle)"
-        add(Stage("positional_encoding", formula, pe[0], d))
-    elif config.position == "learned":
-        pe = embedder.position(positions)
-        add(Stage("positional_encoding", "PE(pos) = P[pos]: row pos of a learned table", pe[0], d))
-    elif config.position == "rope":
-        rotary = embedder.rotary(positions)
-        angles = embedder.rotary.angles(positions)[0]
-        formula = f"RoPE angle(pos, i) = pos * {config.rope_base:g}^(-2i/d_k), applied to q and k"
-        add(Stage("positional_encoding", formula, angles, _dims("θ", angles.shape[-1])))
-    if config.position in ("sinusoidal", "learned"):
-        x = x + pe
-        add(Stage("embeddings_plus_positions", "x_i = E[id_i] + PE(i)", x[0], d))
-
-    for layer, block in enumerate(model.blocks):
-        x = _walk_attention(add, block, x, rotary, tokens, layer, config)
-        x = _walk_feed_forward(add, block, x, layer, config)
-
-    if config.final_norm:
-        x = model.final_norm(x)
-        add(Stage("final_norm", _norm_formula(config), x[0], d))
-    logits = model.head(x)
-    head = "h E^T (tied to the embedding)" if config.tie_embeddings else "h W_out^T"
-    add(Stage("logits", f"logits_i = {head}: one score per vocabulary word", logits[0], vocabulary))
-    probs = probabilities(logits)
-    add(
-        Stage(
-            "probabilities",
-            "p_i(w) = exp(logit_i(w)) / sum_v exp(logit_i(v)): next-token distribution",
-            probs[0],
-            vocabulary,
-        )
-    )
+    """Run `model` on one sequence (1, seq) while its modules record: each record becomes a
+    stage, in the order computed, and the last, probabilities = softmax(logits), is added."""
+    device = next(model.parameters()).device
+    with recording(model) as records:
+        model(token_ids.to(device))
+    out = Walkthrough(tokens, token_ids[0].tolist(), vocabulary, model.config)
+    out.stages = [_stage(record, tokens, vocabulary) for record in records]
+    probs = probabilities(out.stage("logits").values)
+    out.stages.append(Stage("probabilities", PROBABILITIES_FORMULA, probs, vocabulary))
     return out
 
 
-def _norm_formula(config: ModelConfig) -> str:
-    if config.norm == "rmsnorm":
-        return "RMSNorm(x) = gamma * x / sqrt(mean(x^2) + eps)"
-    return "LayerNorm(x) = gamma * (x - mean) / sqrt(var + eps) + beta"
-
-
-def _residual(
-    add: AddStage,
-    x: Tensor,
-    sub: Tensor,
-    norm: nn.Module,
-    layer: int,
-    name: str,
-    config: ModelConfig,
-) -> Tensor:
-    """Record the residual connection (and the post-norm that follows it)."""
-    d = _dims("d", config.d_model)
-    what = "Attention(x)" if name == "attention" else "FFN(x)"
-    x = x + sub
-    add(Stage("residual", f"x + {what}: the residual connection", x[0], d, layer, name))
-    if not config.norm_first:
-        x = norm(x)
-        add(Stage("layer_norm", _norm_formula(config), x[0], d, layer, name))
-    return x
-
-
-def _pre_norm(
-    add: AddStage, x: Tensor, norm: nn.Module, layer: int, name: str, config: ModelConfig
-) -> Tensor:
-    if not config.norm_first:
-        return x
-    h = norm(x)
-    add(Stage("layer_norm", _norm_formula(config), h[0], _dims("d", config.d_model), layer, name))
-    return h
-
-
-def _walk_attention(
-    add: AddStage,
-    block: DecoderBlock,
-    x: Tensor,
-    rotary: tuple[Tensor, Tensor] | None,
-    tokens: list[str],
-    layer: int,
-    config: ModelConfig,
-) -> Tensor:
-    attention = block.self_attention
-    h = _pre_norm(add, x, block.attention_norm, layer, "attention", config)
-    n_heads, n_kv, d_k = attention.n_heads, attention.n_kv_heads, attention.head_dim
-    projections = {}
-    bias = " + b_" if config.bias else ""
-    for name, proj, heads in (
-        ("query", attention.q_proj, n_heads),
-        ("key", attention.k_proj, n_kv),
-        ("value", attention.v_proj, n_kv),
-    ):
-        projections[name] = proj(h)
-        letter = name[0].upper()
-        add(
-            Stage(
-                name,
-                f"{letter} = X W_{letter}{bias}{letter}, split into {heads} head(s), d_k = {d_k}",
-                projections[name][0],
-                _head_dims(heads, d_k),
-                layer,
-                "attention",
-            )
-        )
-    q = attention.split_heads(projections["query"], n_heads)
-    k = attention.split_heads(projections["key"], n_kv)
-    v = attention.split_heads(projections["value"], n_kv)
-    if rotary is not None:
-        q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-    k = k.repeat_interleave(n_heads // n_kv, dim=1)
-    v = v.repeat_interleave(n_heads // n_kv, dim=1)
-    scores = q @ k.transpose(-2, -1) / math.sqrt(d_k)
-    rope = " (q, k rotated by RoPE)" if rotary is not None else ""
-    add(
-        Stage(
-            "scores",
-            f"S_h = Q_h K_h^T / sqrt(d_k){rope}, d_k = {d_k}: how well query i fits key j",
-            scores[0],
-            tokens,
-            layer,
-            "attention",
-        )
-    )
-    allowed = causal_mask(scores.shape[-2], scores.shape[-1])
-    weights = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
-    add(
-        Stage(
-            "attention_weights",
-            "A_h = softmax(S_h + causal mask): row i sums to 1 over words j <= i",
-            weights[0],
-            tokens,
-            layer,
-            "attention",
-        )
-    )
-    heads = (weights @ v).transpose(1, 2).flatten(-2)
-    add(
-        Stage(
-            "weighted_values",
-            "head_h = A_h V_h, concat(head_1, ..., head_H): each word's mix of the values",
-            heads[0],
-            _head_dims(n_heads, d_k),
-            layer,
-            "attention",
-        )
-    )
-    projected = attention.o_proj(heads)
-    add(
-        Stage(
-            "attention_output",
-            "MultiHead(X) = concat(heads) W_O + b_O",
-            projected[0],
-            _dims("d", config.d_model),
-            layer,
-            "attention",
-        )
-    )
-    return _residual(add, x, projected, block.attention_norm, layer, "attention", config)
-
-
-def _walk_feed_forward(
-    add: AddStage, block: DecoderBlock, x: Tensor, layer: int, config: ModelConfig
-) -> Tensor:
-    ffn = block.feed_forward
-    h = _pre_norm(add, x, block.feed_forward_norm, layer, "feed_forward", config)
-    if isinstance(ffn, FeedForward):
-        hidden = ffn.activation(ffn.w1(h))
-        act = {"relu": "max(0, ", "gelu": "GELU(", "gelu_tanh": "GELU_tanh("}[config.feed_forward]
-        formula = f"{act}x W1 + b1): W1 projects up from d_model to d_ff = {config.d_ff}"
-        result = ffn.w2(hidden)
-        result_formula = "FFN(x) = hidden W2 + b2: W2 projects back down to d_model"
+def _stage(record: Record, tokens: list[str], vocabulary: list[str]) -> Stage:
+    """A record (of the one sequence in the batch) as a table with one row per token."""
+    values = record.value[0].float().cpu()
+    name = STAGE_OF_MODULE.get(record.module, record.name)
+    layer, sublayer = _place(record)
+    heads = None
+    if record.name in SIDE_BY_SIDE:
+        heads, head_dim = values.shape[0], values.shape[-1]
+        values = values.transpose(0, 1).flatten(-2)
+        columns = [f"h{h}.{i}" for h in range(heads) for i in range(head_dim)]
+    elif values.dim() == 3:
+        columns = tokens
+    elif name == "logits":
+        columns = vocabulary
     else:
-        hidden = ffn.activation(ffn.gate(h)) * ffn.up(h)
-        act = "SiLU" if config.feed_forward == "swiglu" else "GELU"
-        formula = f"{act}(gate(x)) * up(x): gate and up project to d_ff = {config.d_ff}"
-        result = ffn.down(hidden)
-        result_formula = "FFN(x) = down(hidden): back down to d_model"
-    add(
-        Stage(
-            "feed_forward_hidden",
-            formula,
-            hidden[0],
-            _dims("f", config.d_ff),
-            layer,
-            "feed_forward",
-        )
-    )
-    add(
-        Stage(
-            "feed_forward",
-            result_formula,
-            result[0],
-            _dims("d", config.d_model),
-            layer,
-            "feed_forward",
-        )
-    )
-    return _residual(add, x, result, block.feed_forward_norm, layer, "feed_forward", config)
+        prefix = "θ" if record.module == "embedder.rotary" else COLUMN_PREFIX.get(name, "d")
+        columns = [f"{prefix}{i}" for i in range(values.shape[-1])]
+    return Stage(name, record.formula, values, columns, layer, sublayer, heads)
 
 
-def render_text(walkthrough: Walkthrough, max_columns: int = 10) -> str:
-    """The walkthrough as text: per stage a title, its formula and a table, one row per token."""
+def _place(record: Record) -> tuple[int | None, str | None]:
+    """Layer and sublayer from the module's name: blocks.2.feed_forward_norm -> 2, feed_forward."""
+    parts = record.module.split(".")
+    if parts[0] != "blocks":
+        return None, None
+    if len(parts) == 2:
+        return int(parts[1]), record.sublayer
+    part = parts[2].removesuffix("_norm")
+    return int(parts[1]), "attention" if part == "self_attention" else part
+
+
+def render_text(
+    walkthrough: Walkthrough,
+    layer: int | None = None,
+    head: int | None = None,
+    max_columns: int = 10,
+) -> str:
+    """The walkthrough as text: per stage a title, its formula and a table, one row per token.
+
+    `layer` keeps one block's stages (and those outside the blocks); `head` shows one head's
+    matrices and columns. By default every layer, and every head up to MAX_HEADS_SHOWN heads,
+    else head 0; at most `max_columns` columns per table, vocabulary-wide tables as top 5.
+    """
     config = walkthrough.config
+    _check_choice("layer", layer, config.n_layers)
+    _check_choice("head", head, config.n_heads)
+    labels = [_label(t) for t in walkthrough.tokens]
+    if head is not None:
+        heads, which = [head], f"head {head} of {config.n_heads}"
+    elif config.n_heads <= MAX_HEADS_SHOWN:
+        heads, which = list(range(config.n_heads)), f"all {config.n_heads} heads"
+    else:
+        heads, which = [0], f"head 0 of {config.n_heads} (choose another with the head option)"
+    layers = "every layer" if layer is None else f"layer {layer} of {config.n_layers}"
     lines = [
-        f"qkv explain: {' '.join(walkthrough.tokens)}",
-        f"model: decoder, d_model={config.d_model}, heads={config.n_heads} "
-        f"(d_k={config.head_dim}), layers={config.n_layers}, d_ff={config.d_ff}, "
-        f"vocabulary={config.vocab_size} words, {'pre' if config.norm_first else 'post'}-norm "
-        f"{config.norm}, {config.position} positions, {config.feed_forward} feed-forward; "
-        "freshly initialised, untrained",
+        f"qkv explain: {len(labels)} tokens: {' | '.join(labels)}",
+        f"model: {_describe(config)}",
+        "weights: " + ("freshly initialised, untrained" if walkthrough.untrained else "as loaded"),
     ]
+    if config.n_kv_heads < config.n_heads:
+        group = config.n_heads // config.n_kv_heads
+        lines.append(
+            f"grouped-query attention: {config.n_kv_heads} key/value heads, each shared by "
+            f"{group} query heads (query head h reads key/value head h // {group})"
+        )
+    lines.append(f"showing {layers}, {which}, at most {max_columns} columns per table")
     for number, stage in enumerate(walkthrough.stages, start=1):
+        if layer is not None and stage.layer not in (None, layer):
+            continue
         where = "" if stage.layer is None else f"  [layer {stage.layer}"
         where += f", {stage.sublayer}]" if stage.sublayer else ("]" if where else "")
         lines += ["", f"{number:2d}. {stage.name}{where}  shape {list(stage.values.shape)}"]
         lines.append(f"    {stage.formula}")
-        if stage.values.dim() == 3:
-            for h, matrix in enumerate(stage.values):
-                lines.append(f"    head {h}:")
-                lines += _table(matrix, walkthrough.tokens, stage.columns, max_columns)
-        else:
-            lines += _table(stage.values, walkthrough.tokens, stage.columns, max_columns)
-    lines += ["", _prediction(walkthrough)]
+        lines += _stage_tables(stage, labels, heads, config.n_heads, max_columns)
+    prediction = _prediction(walkthrough)
+    if prediction:
+        lines += ["", prediction]
     return "\n".join(lines)
 
 
-def _prediction(walkthrough: Walkthrough, k: int = 5) -> str:
-    last = walkthrough.stage("probabilities").values[-1]
-    top = torch.topk(last, min(k, last.numel()))
-    best = ", ".join(
-        f"{walkthrough.vocabulary[i]} {p:.3f}"
-        for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=False)
+def _check_choice(name: str, value: int | None, count: int) -> None:
+    if value is not None and not 0 <= value < count:
+        raise QkvError(
+            f"{name} must be in 0..{count - 1} (the model has {count} {name}s); got {value}"
+        )
+
+
+def _label(token: str) -> str:
+    """A token as printed: escapes shown (\\n), a space as ·, an empty one as ∅."""
+    return repr(token)[1:-1].replace(" ", "·") or "∅"
+
+
+def _describe(config: ModelConfig) -> str:
+    base = {"sinusoidal": " (base 10000)", "rope": f" (base {config.rope_base:g})"}
+    kv = f", kv_heads={config.n_kv_heads}" if config.n_kv_heads < config.n_heads else ""
+    return (
+        f"{config.arch}, d_model={config.d_model}, heads={config.n_heads}{kv} "
+        f"(d_k={config.head_dim}), layers={config.n_layers}, d_ff={config.d_ff}, "
+        f"vocabulary={config.vocab_size} tokens, {'pre' if config.norm_first else 'post'}-norm "
+        f"{config.norm}, {config.position} positions{base.get(config.position, '')}, "
+        f"{config.feed_forward} feed-forward"
+        + (", causal attention (token i sees j <= i)" if config.arch == "decoder" else "")
     )
-    return f"next word after {walkthrough.tokens[-1]!r} (random weights, so a random guess): {best}"
+
+
+def _stage_tables(
+    stage: Stage, labels: list[str], heads: list[int], n_heads: int, max_columns: int
+) -> list[str]:
+    """The stage's tables: one per shown head for (heads, tokens, tokens) stages; the shown
+    heads' columns of a per-head stage; the top 5 per token of a vocabulary-wide one."""
+    values, columns = stage.values, stage.columns
+    if values.dim() == 3:
+        lines = []
+        for h in heads:
+            lines.append(f"    head {h}:")
+            lines += _table(values[h], labels, [_label(c) for c in columns], max_columns)
+        return lines
+    if stage.heads is not None and len(heads) < n_heads:
+        width = values.shape[-1] // stage.heads
+        own = sorted({h * stage.heads // n_heads for h in heads})  # a key/value head per group
+        keep = [h * width + i for h in own for i in range(width)]
+        values, columns = values[:, keep], [columns[c] for c in keep]
+    if stage.name in ("logits", "probabilities") and len(columns) > max_columns:
+        return _top_table(values, labels, columns)
+    return _table(values, labels, columns, max_columns)
 
 
 def _table(values: Tensor, rows: list[str], columns: list[str], max_columns: int) -> list[str]:
@@ -418,6 +327,36 @@ def _table(values: Tensor, rows: list[str], columns: list[str], max_columns: int
         )
         lines.append(f"    {label:<{label_width}}{cells}")
     return lines
+
+
+def _top_table(values: Tensor, rows: list[str], vocabulary: list[str], k: int = 5) -> list[str]:
+    """Per token, the k largest entries of a vocabulary-wide row, as token value pairs."""
+    label_width = max(len(r) for r in rows)
+    lines = [f"    (the {k} largest of {len(vocabulary)} per token)"]
+    top = torch.topk(values, min(k, values.shape[-1]))
+    for label, scores, ids in zip(rows, top.values.tolist(), top.indices.tolist(), strict=True):
+        cells = "  ".join(
+            f"{_label(vocabulary[i])} {s:.3f}" for s, i in zip(scores, ids, strict=True)
+        )
+        lines.append(f"    {label:<{label_width}}  {cells}")
+    return lines
+
+
+def _prediction(walkthrough: Walkthrough, k: int = 5) -> str:
+    """A decoder's likeliest next tokens after the text ("" for an encoder)."""
+    if walkthrough.config.arch != "decoder":
+        return ""
+    last = walkthrough.stage("probabilities").values[-1]
+    top = torch.topk(last, min(k, last.numel()))
+    pairs = zip(top.values.tolist(), top.indices.tolist(), strict=True)
+    if walkthrough.untrained:
+        best = ", ".join(f"{walkthrough.vocabulary[i]} {p:.3f}" for p, i in pairs)
+        return (
+            f"next word after {walkthrough.tokens[-1]!r} (random weights, so a random guess): "
+            f"{best}"
+        )
+    best = ", ".join(f"{walkthrough.vocabulary[i]!r} {p:.3f}" for p, i in pairs)
+    return f"next token after {walkthrough.tokens[-1]!r}: {best}"
 
 
 def render_json(walkthrough: Walkthrough) -> str:
@@ -442,7 +381,7 @@ def plot(walkthrough: Walkthrough, path: str | Path) -> Path:
             f"--plot draws one row per word: keep the text to {MAX_PLOT_WORDS} words "
             f"(it has {len(walkthrough.tokens)})"
         )
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # kept off the start-up path: only plots need it
 
     fig = figure(walkthrough)
     try:
@@ -460,7 +399,7 @@ def plot(walkthrough: Walkthrough, path: str | Path) -> Path:
 def figure(walkthrough: Walkthrough) -> Any:
     """A matplotlib Figure: the positional encodings and each head's attention weights as
     heatmaps, rows and columns labelled with the words."""
-    import matplotlib
+    import matplotlib  # kept off the start-up path: only plots need it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -506,79 +445,3 @@ def _missing_glyphs_quiet() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Glyph .* missing from")
         yield
-
-
-@dataclass
-class AttentionMaps:
-    """A real model's self-attention on one text: weights[layer] is (heads, tokens, tokens),
-    row i = how much token i attends to each token j (each row sums to 1)."""
-
-    tokens: list[str]
-    token_ids: list[int]
-    config: ModelConfig
-    weights: list[Tensor]
-    next_tokens: list[tuple[str, float]]  # a decoder's likeliest next tokens, with p
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "tokens": self.tokens,
-            "token_ids": self.token_ids,
-            "config": self.config.to_dict(),
-            "attention": [w.tolist() for w in self.weights],
-            "next_tokens": self.next_tokens,
-        }
-
-
-@torch.no_grad()
-def attention_maps(model: nn.Module, tokenizer: Any, text: str) -> AttentionMaps:
-    """Run a decoder or encoder on `text` (its tokenizer's model input) and keep every layer's
-    attention weights, computed by the explicit formula softmax(Q K^T / sqrt(d_k) + mask)."""
-    if model.config.arch == "encoder-decoder":
-        raise QkvError("explain --model shows decoder or encoder attention, not encoder-decoder")
-    ids = tokenizer.encode_inputs([text])[0]
-    if not text.strip() or not ids:
-        raise QkvError("the text to explain is empty")
-    if len(ids) > min(MAX_WORDS, model.config.max_seq_len):
-        raise QkvError(
-            f"the text has {len(ids)} tokens; explain shows at most "
-            f"{min(MAX_WORDS, model.config.max_seq_len)}"
-        )
-    layers = [block.self_attention for block in model.blocks]
-    for attention in layers:
-        attention.recorded = []
-    try:
-        logits = model(torch.tensor([ids], device=next(model.parameters()).device))
-        weights = [attention.recorded[0][0].float().cpu() for attention in layers]
-    finally:
-        for attention in layers:
-            attention.recorded = None
-    next_tokens = []
-    if isinstance(model, DecoderLM):
-        top = torch.topk(probabilities(logits[0, -1]), 5)
-        next_tokens = [(tokenizer.decode([i]), p) for p, i in
-                       zip(top.values.tolist(), top.indices.tolist(), strict=True)]  # fmt: skip
-    tokens = [tokenizer.decode([i]) for i in ids]
-    return AttentionMaps(tokens, ids, model.config, weights, next_tokens)
-
-
-def render_attention(maps: AttentionMaps, head: int | None = None, max_columns: int = 16) -> str:
-    """Per layer, the attention table (rows: tokens attending; columns: tokens attended to) of
-    one head, or the mean over heads."""
-    config = maps.config
-    shown = [repr(t)[1:-1] or "·" for t in maps.tokens]
-    lines = [
-        f"qkv explain: {len(maps.tokens)} tokens: {' | '.join(shown)}",
-        f"model: {config.arch}, d_model={config.d_model}, heads={config.n_heads}, "
-        f"layers={config.n_layers}",
-        "attention weights A = softmax(Q K^T / sqrt(d_k) + mask): row i sums to 1 over the "
-        "tokens it attends to" + (" (j <= i: causal)" if config.arch == "decoder" else ""),
-    ]
-    for layer, weights in enumerate(maps.weights):
-        which = "mean over heads" if head is None else f"head {head}"
-        matrix = weights.mean(0) if head is None else weights[head]
-        lines += ["", f"layer {layer} ({which}):"]
-        lines += _table(matrix, shown, shown, max_columns)
-    if maps.next_tokens:
-        best = ", ".join(f"{t!r} {p:.3f}" for t, p in maps.next_tokens)
-        lines += ["", f"next token after the text: {best}"]
-    return "\n".join(lines)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,46 +26,35 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from qkv.data import pad_rows, read_text_file
+from qkv.checkpoint import load_model
+from qkv.data import pad_rows, parse_json_lines, read_text, text_lines
 from qkv.errors import QkvError
 from qkv.model import DecoderLM
-from qkv.sampling import penalize_repetition, select
+from qkv.sampling import SamplingConfig, select
 from qkv.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
-class GenerationConfig:
-    """How to continue a prompt; temperature 0 is greedy decoding."""
+class GenerationConfig(SamplingConfig):
+    """How to continue a prompt: how each token is chosen (SamplingConfig: temperature 0 is
+    greedy), how many to add, where to stop, the seed, and whether to keep a KV cache."""
 
     max_new_tokens: int = 128
-    temperature: float = 0.8
-    top_k: int | None = 50
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int = 0
     use_cache: bool = True
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         stop = () if self.stop is None else self.stop
         object.__setattr__(self, "stop", (stop,) if isinstance(stop, str) else tuple(stop))
-        if self.top_k == 0:
-            object.__setattr__(self, "top_k", None)  # 0: every token is a candidate
         for name in ("max_new_tokens", "seed"):
             if not isinstance(getattr(self, name), int):
                 raise QkvError(f"{name.replace('_', '-')} must be a whole number")
-        checks = [
-            ("max_new_tokens", self.max_new_tokens >= 1, "must be at least 1"),
-            ("temperature", self.temperature >= 0, "must be >= 0 (0 is greedy decoding)"),
-            ("top_k", self.top_k is None or self.top_k >= 1, "must be >= 0 (0 keeps every token)"),
-            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1] (1 keeps every token)"),
-            ("repetition_penalty", self.repetition_penalty > 0, "must be > 0 (1 is none)"),
-            ("stop", all(self.stop), "strings must not be empty"),
-        ]
-        for name, ok, rule in checks:
-            if not ok:
-                value = getattr(self, name)
-                raise QkvError(f"{name.replace('_', '-')} {rule}; got {value!r}")
+        if self.max_new_tokens < 1:
+            raise QkvError(f"max-new-tokens must be at least 1; got {self.max_new_tokens!r}")
+        if not all(self.stop):
+            raise QkvError(f"stop strings must not be empty; got {self.stop!r}")
 
 
 @dataclass
@@ -129,10 +117,7 @@ def decode(
 
     logits, mask, next_position = encode_windows()
     while True:
-        scores = logits
-        if seen is not None:
-            scores = penalize_repetition(logits, seen, config.repetition_penalty)
-        token = select(scores, config.temperature, config.top_k, config.top_p, generators)
+        token = select(logits, config, seen, generators)
         yield token, logits
         if seen is not None:
             seen.scatter_(1, token[:, None], True)
@@ -240,8 +225,6 @@ class Generator:
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Generator:
         """From a checkpoint or run directory."""
-        from qkv.checkpoint import load_model
-
         model, tokenizer = load_model(path, device)
         if not isinstance(model, DecoderLM):
             raise QkvError(
@@ -336,28 +319,14 @@ def _config(config: GenerationConfig | None, options: dict[str, Any]) -> Generat
 def read_prompts(path: str | Path) -> list[str]:
     """Prompts from a file ('-' is stdin): one per line, or JSON Lines of {"prompt": ...} when
     the file ends in .jsonl or its first line is a JSON object. Blank lines are skipped."""
-    if str(path) == "-":
-        name = "standard input"
-        try:
-            text = sys.stdin.buffer.read().decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise QkvError(
-                f"{name} is not UTF-8 text (byte {err.start}); save it as UTF-8"
-            ) from None
-    else:
-        name, text = str(path), read_text_file(Path(path))
-    lines = [(n, line) for n, line in enumerate(text.removeprefix("\ufeff").splitlines(), 1)]
-    lines = [(n, line) for n, line in lines if line.strip()]
+    name, text = read_text(path)
+    lines = text_lines(text)
     if not lines:
         raise QkvError(f"{name} holds no prompts")
     if not (str(path).endswith(".jsonl") or _is_json_object(lines[0][1])):
         return [line for _, line in lines]
     prompts = []
-    for number, line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise QkvError(f"{name}, line {number}: not valid JSON ({err.msg})") from None
+    for number, record in parse_json_lines(name, lines):
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
             raise QkvError(f'{name}, line {number}: expected an object with a "prompt" string')
         prompts.append(record["prompt"])

@@ -1,37 +1,71 @@
 """Hugging Face interop: their model directories, configs and tensors as qkv's, by name.
 
+Each family is one `Family` in `FAMILIES`, read through the same two generic functions and, where
+it has `config_to_hf`, written through them too: its `weight_map` renames tensors ("{}" stands
+for the layer number), `transposed` lists the ones stored (in, out) and `fused` the ones that pack
+several of ours.
 GPT-2: learned positions, pre-norm LayerNorm, tanh GELU, biases, head tied to the token embedding.
 Its Conv1D layers store weights as (in, out), the transpose of nn.Linear's (out, in), and c_attn
 packs W_Q, W_K, W_V side by side.
 Llama (also TinyLlama, SmolLM, ...): RoPE (rope_theta, "rotate half" pairs), pre-norm RMSNorm,
 SwiGLU, grouped-query attention, no biases, tied or untied head; nn.Linear layouts throughout.
-BERT (encoders such as all-MiniLM-L6-v2): post-norm LayerNorm, exact GELU, learned absolute
-positions, token-type embeddings and a LayerNorm over the summed embeddings; the pooler is unused.
+BERT (encoders such as all-MiniLM-L6-v2, import only): post-norm LayerNorm, exact GELU, learned
+absolute positions, token-type embeddings and a LayerNorm over the summed embeddings; the pooler
+is unused.
 A directory holds config.json (with "model_type"), model.safetensors (or shards listed in
-model.safetensors.index.json, or pytorch_model.bin read with torch.load(weights_only=True), which
-refuses pickled objects other than tensors) and tokenizer.json.
+model.safetensors.index.json, or pytorch_model.bin, whose pickles qkv.files reads tensors-only)
+and tokenizer.json (or BERT's vocab.txt).
 """
 
 from __future__ import annotations
 
 import json
-import pickle
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import tokenizers
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import save_file
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 from torch import Tensor
 
+from qkv import files
 from qkv.config import ModelConfig
 from qkv.errors import QkvError
 from qkv.model import DecoderLM, Encoder, build_model
 from qkv.tokenizer import Tokenizer
 
 
-def gpt2_config(hf: dict[str, Any]) -> ModelConfig:
+@dataclass(frozen=True, kw_only=True)
+class Family:
+    """A Hugging Face model family: its configs and tensor names both ways.
+
+    model_type: config.json's "model_type"; name: the family in messages; hf_class: the
+    transformers class whose tensors the map names (the one an export loads in);
+    weight_map: their tensor name -> ours, "{}" standing for the layer number;
+    fused: their tensor -> ours it packs in equal parts along dim 0 (GPT-2's c_attn: Q, K, V);
+    transposed: their tensors stored (in, out), the transpose of nn.Linear's (out, in);
+    base_prefix: what task models put before the base model's names ("transformer." in
+    GPT2LMHeadModel, none in GPT2Model); names are matched with it removed;
+    config_to_hf, misfits: for export, config.json's fields and what in a config the family
+    cannot express (None where qkv does not export the family).
+    """
+
+    model_type: str
+    name: str
+    hf_class: str
+    config_from_hf: Callable[[dict[str, Any]], ModelConfig]
+    config_to_hf: Callable[[ModelConfig], dict[str, Any]] | None = None
+    misfits: Callable[[ModelConfig], list[str]] | None = None
+    weight_map: Mapping[str, str]
+    fused: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    transposed: frozenset[str] = frozenset()
+    base_prefix: str = ""
+
+
+def gpt2_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     """A GPT-2 config.json (as a dict) -> the ModelConfig computing the same function."""
     activation = hf.get("activation_function", "gelu_new")
     activations = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
@@ -52,37 +86,45 @@ def gpt2_config(hf: dict[str, Any]) -> ModelConfig:
     )
 
 
-def gpt2_state_dict(hf: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
-    """GPT2Model / GPT2LMHeadModel tensors -> DecoderLM tensors (Conv1D weights transposed)."""
-    hf = {k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}": v
-          for k, v in hf.items()}  # fmt: skip
-
-    def take(name: str) -> Tensor:
-        if name not in hf:
-            raise QkvError(f"the GPT-2 checkpoint has no tensor {name!r}")
-        return hf[name]
-
-    out = {}
-    for theirs, (ours, transposed) in gpt2_names(config).items():
-        out[ours] = take(theirs).t() if transposed else take(theirs)
-    for i in range(config.n_layers):
-        src, dst = f"transformer.h.{i}.attn.c_attn.", f"blocks.{i}.self_attention."
-        weights = take(f"{src}weight").t().chunk(3, dim=0)
-        biases = take(f"{src}bias").chunk(3, dim=0)
-        for name, weight, bias in zip(("q_proj", "k_proj", "v_proj"), weights, biases, strict=True):
-            out[f"{dst}{name}.weight"], out[f"{dst}{name}.bias"] = weight, bias
-    return {name: tensor.contiguous() for name, tensor in out.items()}
+def gpt2_config_to_hf(config: ModelConfig) -> dict[str, Any]:
+    """The GPT-2 config.json fields (as a dict) computing what `config` does."""
+    return {
+        "vocab_size": config.vocab_size, "n_embd": config.d_model, "n_head": config.n_heads,
+        "n_layer": config.n_layers, "n_inner": config.d_ff, "n_positions": config.max_seq_len,
+        "layer_norm_epsilon": config.norm_eps,
+        "activation_function": "gelu_new" if config.feed_forward == "gelu_tanh" else "gelu",
+        "tie_word_embeddings": config.tie_embeddings,
+        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+    }  # fmt: skip
 
 
-def from_gpt2(model: torch.nn.Module) -> torch.nn.Module:
-    """A transformers GPT2LMHeadModel -> a qkv DecoderLM with the same weights (eval mode)."""
-    config = gpt2_config(model.config.to_dict())
-    ours = DecoderLM(config)
-    ours.load_state_dict(gpt2_state_dict(model.state_dict(), config))
-    return ours.eval()
+def _decoder_misfits(config: ModelConfig, needs: dict[str, tuple[object, bool]]) -> list[str]:
+    """Each field a pre-norm decoder family cannot express, as "field=value (needs ...)";
+    `needs` maps a field to (what the family needs, whether `config` has it)."""
+    common = {
+        "arch": ("decoder", config.arch == "decoder"),
+        "norm_first": (True, config.norm_first),
+        "final_norm": (True, bool(config.final_norm)),
+        "scale_embeddings": (False, not config.scale_embeddings),
+        "type_vocab_size": (0, config.type_vocab_size == 0),
+        "embedding_norm": (False, not config.embedding_norm),
+    }
+    return [f"{name}={getattr(config, name)!r} (needs {need})"
+            for name, (need, ok) in {**common, **needs}.items() if not ok]  # fmt: skip
 
 
-def llama_config(hf: dict[str, Any]) -> ModelConfig:
+def gpt2_misfits(config: ModelConfig) -> list[str]:
+    """What in `config` GPT-2 cannot express (empty when it fits)."""
+    return _decoder_misfits(config, {
+        "position": ("learned", config.position == "learned"),
+        "norm": ("layernorm", config.norm == "layernorm"),
+        "feed_forward": ("gelu or gelu_tanh", config.feed_forward in ("gelu", "gelu_tanh")),
+        "bias": (True, config.bias),
+        "n_kv_heads": ("n_heads", config.n_kv_heads == config.n_heads),
+    })  # fmt: skip
+
+
+def llama_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     """A Llama-family config.json (as a dict) -> the ModelConfig computing the same function."""
     if hf.get("hidden_act", "silu") != "silu":
         raise QkvError(f"Llama hidden_act {hf['hidden_act']!r} is not supported (only silu)")
@@ -120,30 +162,29 @@ def llama_config(hf: dict[str, Any]) -> ModelConfig:
     )
 
 
-LLAMA_LAYER_NAMES = {
-    "input_layernorm": "attention_norm",
-    "post_attention_layernorm": "feed_forward_norm",
-    "self_attn.q_proj": "self_attention.q_proj",
-    "self_attn.k_proj": "self_attention.k_proj",
-    "self_attn.v_proj": "self_attention.v_proj",
-    "self_attn.o_proj": "self_attention.o_proj",
-    "mlp.gate_proj": "feed_forward.gate",
-    "mlp.up_proj": "feed_forward.up",
-    "mlp.down_proj": "feed_forward.down",
-}
+def llama_config_to_hf(config: ModelConfig) -> dict[str, Any]:
+    """The Llama config.json fields (as a dict) computing what `config` does."""
+    return {
+        "vocab_size": config.vocab_size, "hidden_size": config.d_model,
+        "num_attention_heads": config.n_heads, "num_key_value_heads": config.n_kv_heads,
+        "num_hidden_layers": config.n_layers, "intermediate_size": config.d_ff,
+        "max_position_embeddings": config.max_seq_len, "rope_theta": config.rope_base,
+        "rms_norm_eps": config.norm_eps, "hidden_act": "silu",
+        "tie_word_embeddings": config.tie_embeddings, "attention_bias": False, "mlp_bias": False,
+    }  # fmt: skip
 
 
-def llama_state_dict(hf: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
-    """LlamaForCausalLM tensors -> DecoderLM tensors (the same layouts, other names)."""
-    out = {}
-    for theirs, ours in llama_names(config).items():
-        if theirs not in hf:
-            raise QkvError(f"the Llama checkpoint has no tensor {theirs!r}")
-        out[ours] = hf[theirs]
-    return out
+def llama_misfits(config: ModelConfig) -> list[str]:
+    """What in `config` Llama cannot express (empty when it fits)."""
+    return _decoder_misfits(config, {
+        "position": ("rope", config.position == "rope"),
+        "norm": ("rmsnorm", config.norm == "rmsnorm"),
+        "feed_forward": ("swiglu", config.feed_forward == "swiglu"),
+        "bias": (False, not config.bias),
+    })  # fmt: skip
 
 
-def bert_config(hf: dict[str, Any]) -> ModelConfig:
+def bert_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     """A BERT config.json (as a dict) -> the encoder ModelConfig computing the same function."""
     if hf.get("hidden_act", "gelu") != "gelu":
         raise QkvError(f"BERT hidden_act {hf['hidden_act']!r} is not supported (only gelu)")
@@ -170,45 +211,165 @@ def bert_config(hf: dict[str, Any]) -> ModelConfig:
     )
 
 
-def bert_state_dict(hf: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
-    """BertModel (or BertFor*'s "bert." part) tensors -> Encoder tensors."""
-    hf = {name.removeprefix("bert."): tensor for name, tensor in hf.items()}
-
-    def take(name: str) -> Tensor:
-        if name not in hf:
-            raise QkvError(f"the BERT checkpoint has no tensor {name!r}")
-        return hf[name]
-
-    out = {
-        "embedder.token_embedding.weight": take("embeddings.word_embeddings.weight"),
-        "embedder.position.weight": take("embeddings.position_embeddings.weight"),
-        "embedder.token_type.weight": take("embeddings.token_type_embeddings.weight"),
-        "embedder.norm.weight": take("embeddings.LayerNorm.weight"),
-        "embedder.norm.bias": take("embeddings.LayerNorm.bias"),
-    }
-    for i in range(config.n_layers):
-        src, dst = f"encoder.layer.{i}.", f"blocks.{i}."
-        names = {
-            "attention.self.query": "self_attention.q_proj",
-            "attention.self.key": "self_attention.k_proj",
-            "attention.self.value": "self_attention.v_proj",
-            "attention.output.dense": "self_attention.o_proj",
-            "attention.output.LayerNorm": "attention_norm",
-            "intermediate.dense": "feed_forward.w1",
-            "output.dense": "feed_forward.w2",
-            "output.LayerNorm": "feed_forward_norm",
+GPT2 = Family(
+    model_type="gpt2",
+    name="GPT-2",
+    hf_class="GPT2LMHeadModel",
+    config_from_hf=gpt2_config_from_hf,
+    config_to_hf=gpt2_config_to_hf,
+    misfits=gpt2_misfits,
+    weight_map={
+        "transformer.wte.weight": "embedder.token_embedding.weight",
+        "transformer.wpe.weight": "embedder.position.weight",
+        "transformer.h.{}.ln_1.weight": "blocks.{}.attention_norm.weight",
+        "transformer.h.{}.ln_1.bias": "blocks.{}.attention_norm.bias",
+        "transformer.h.{}.attn.c_proj.weight": "blocks.{}.self_attention.o_proj.weight",
+        "transformer.h.{}.attn.c_proj.bias": "blocks.{}.self_attention.o_proj.bias",
+        "transformer.h.{}.ln_2.weight": "blocks.{}.feed_forward_norm.weight",
+        "transformer.h.{}.ln_2.bias": "blocks.{}.feed_forward_norm.bias",
+        "transformer.h.{}.mlp.c_fc.weight": "blocks.{}.feed_forward.w1.weight",
+        "transformer.h.{}.mlp.c_fc.bias": "blocks.{}.feed_forward.w1.bias",
+        "transformer.h.{}.mlp.c_proj.weight": "blocks.{}.feed_forward.w2.weight",
+        "transformer.h.{}.mlp.c_proj.bias": "blocks.{}.feed_forward.w2.bias",
+        "transformer.ln_f.weight": "final_norm.weight",
+        "transformer.ln_f.bias": "final_norm.bias",
+        "lm_head.weight": "head.weight",
+    },
+    fused={
+        "transformer.h.{}.attn.c_attn.weight": (
+            "blocks.{}.self_attention.q_proj.weight",
+            "blocks.{}.self_attention.k_proj.weight",
+            "blocks.{}.self_attention.v_proj.weight",
+        ),
+        "transformer.h.{}.attn.c_attn.bias": (
+            "blocks.{}.self_attention.q_proj.bias",
+            "blocks.{}.self_attention.k_proj.bias",
+            "blocks.{}.self_attention.v_proj.bias",
+        ),
+    },
+    transposed=frozenset(
+        {
+            "transformer.h.{}.attn.c_attn.weight",
+            "transformer.h.{}.attn.c_proj.weight",
+            "transformer.h.{}.mlp.c_fc.weight",
+            "transformer.h.{}.mlp.c_proj.weight",
         }
-        for theirs, ours in names.items():
-            for part in ("weight", "bias"):
-                out[f"{dst}{ours}.{part}"] = take(f"{src}{theirs}.{part}")
+    ),
+    base_prefix="transformer.",
+)
+
+LLAMA = Family(
+    model_type="llama",
+    name="Llama",
+    hf_class="LlamaForCausalLM",
+    config_from_hf=llama_config_from_hf,
+    config_to_hf=llama_config_to_hf,
+    misfits=llama_misfits,
+    weight_map={
+        "model.embed_tokens.weight": "embedder.token_embedding.weight",
+        "model.layers.{}.input_layernorm.weight": "blocks.{}.attention_norm.weight",
+        "model.layers.{}.self_attn.q_proj.weight": "blocks.{}.self_attention.q_proj.weight",
+        "model.layers.{}.self_attn.k_proj.weight": "blocks.{}.self_attention.k_proj.weight",
+        "model.layers.{}.self_attn.v_proj.weight": "blocks.{}.self_attention.v_proj.weight",
+        "model.layers.{}.self_attn.o_proj.weight": "blocks.{}.self_attention.o_proj.weight",
+        "model.layers.{}.post_attention_layernorm.weight": "blocks.{}.feed_forward_norm.weight",
+        "model.layers.{}.mlp.gate_proj.weight": "blocks.{}.feed_forward.gate.weight",
+        "model.layers.{}.mlp.up_proj.weight": "blocks.{}.feed_forward.up.weight",
+        "model.layers.{}.mlp.down_proj.weight": "blocks.{}.feed_forward.down.weight",
+        "model.norm.weight": "final_norm.weight",
+        "lm_head.weight": "head.weight",
+    },
+    base_prefix="model.",
+)
+
+BERT = Family(
+    model_type="bert",
+    name="BERT",
+    hf_class="BertModel",
+    config_from_hf=bert_config_from_hf,
+    weight_map={
+        "embeddings.word_embeddings.weight": "embedder.token_embedding.weight",
+        "embeddings.position_embeddings.weight": "embedder.position.weight",
+        "embeddings.token_type_embeddings.weight": "embedder.token_type.weight",
+        "embeddings.LayerNorm.weight": "embedder.norm.weight",
+        "embeddings.LayerNorm.bias": "embedder.norm.bias",
+        "encoder.layer.{}.attention.self.query.weight": "blocks.{}.self_attention.q_proj.weight",
+        "encoder.layer.{}.attention.self.query.bias": "blocks.{}.self_attention.q_proj.bias",
+        "encoder.layer.{}.attention.self.key.weight": "blocks.{}.self_attention.k_proj.weight",
+        "encoder.layer.{}.attention.self.key.bias": "blocks.{}.self_attention.k_proj.bias",
+        "encoder.layer.{}.attention.self.value.weight": "blocks.{}.self_attention.v_proj.weight",
+        "encoder.layer.{}.attention.self.value.bias": "blocks.{}.self_attention.v_proj.bias",
+        "encoder.layer.{}.attention.output.dense.weight": "blocks.{}.self_attention.o_proj.weight",
+        "encoder.layer.{}.attention.output.dense.bias": "blocks.{}.self_attention.o_proj.bias",
+        "encoder.layer.{}.attention.output.LayerNorm.weight": "blocks.{}.attention_norm.weight",
+        "encoder.layer.{}.attention.output.LayerNorm.bias": "blocks.{}.attention_norm.bias",
+        "encoder.layer.{}.intermediate.dense.weight": "blocks.{}.feed_forward.w1.weight",
+        "encoder.layer.{}.intermediate.dense.bias": "blocks.{}.feed_forward.w1.bias",
+        "encoder.layer.{}.output.dense.weight": "blocks.{}.feed_forward.w2.weight",
+        "encoder.layer.{}.output.dense.bias": "blocks.{}.feed_forward.w2.bias",
+        "encoder.layer.{}.output.LayerNorm.weight": "blocks.{}.feed_forward_norm.weight",
+        "encoder.layer.{}.output.LayerNorm.bias": "blocks.{}.feed_forward_norm.bias",
+    },
+    base_prefix="bert.",
+)
+
+FAMILIES = {family.model_type: family for family in (GPT2, LLAMA, BERT)}
+
+
+def _pairs(family: Family, n_layers: int) -> list[tuple[str, tuple[str, ...], bool]]:
+    """(their name, our names, stored transposed) for every tensor the family names, "{}"
+    filled in with each layer number 0 .. n_layers - 1."""
+    pairs = []
+    named = {theirs: (ours,) for theirs, ours in family.weight_map.items()} | dict(family.fused)
+    for theirs, ours in named.items():
+        for layer in range(n_layers) if "{}" in theirs else [0]:
+            names = tuple(name.format(layer) for name in ours)
+            pairs.append((theirs.format(layer), names, theirs in family.transposed))
+    return pairs
+
+
+def from_hf_tensors(
+    family: Family, tensors: Mapping[str, Tensor], wanted: Collection[str], n_layers: int
+) -> dict[str, Tensor]:
+    """Their tensors -> the ones of ours named in `wanted` (a tied head has no head.weight):
+    renamed by the family's map, (in, out) ones transposed to (out, in), fused ones split into
+    equal parts along dim 0."""
+    theirs_by_key = {name.removeprefix(family.base_prefix): t for name, t in tensors.items()}
+    out: dict[str, Tensor] = {}
+    for theirs, ours, transposed in _pairs(family, n_layers):
+        if ours[0] not in wanted:
+            continue
+        tensor = theirs_by_key.get(theirs.removeprefix(family.base_prefix))
+        if tensor is None:
+            raise QkvError(f"the {family.name} checkpoint has no tensor {theirs!r}")
+        tensor = tensor.t() if transposed else tensor
+        out.update(zip(ours, tensor.chunk(len(ours), dim=0), strict=True))
+    return {name: tensor.contiguous() for name, tensor in out.items()}
+
+
+def to_hf_tensors(family: Family, ours: Mapping[str, Tensor], n_layers: int) -> dict[str, Tensor]:
+    """Our tensors -> theirs: renamed by the family's map, fused ones concatenated along dim 0,
+    (out, in) ones transposed to the (in, out) the family stores."""
+    out: dict[str, Tensor] = {}
+    covered: set[str] = set()
+    for theirs, names, transposed in _pairs(family, n_layers):
+        if names[0] not in ours:  # e.g. head.weight of a tied model
+            continue
+        tensor = ours[names[0]] if len(names) == 1 else torch.cat([ours[n] for n in names])
+        out[theirs] = (tensor.t() if transposed else tensor).contiguous()
+        covered.update(names)
+    if left := sorted(set(ours) - covered):
+        raise QkvError(f"{family.name} has no tensor for qkv's {left[:5]}; export cannot write it")
     return out
 
 
-FAMILIES = {
-    "gpt2": (gpt2_config, gpt2_state_dict),
-    "llama": (llama_config, llama_state_dict),
-    "bert": (bert_config, bert_state_dict),
-}
+def from_gpt2(model: torch.nn.Module) -> DecoderLM:
+    """A transformers GPT2LMHeadModel -> a qkv DecoderLM with the same weights (eval mode)."""
+    config = GPT2.config_from_hf(model.config.to_dict())
+    ours = DecoderLM(config)
+    wanted = ours.state_dict()
+    ours.load_state_dict(from_hf_tensors(GPT2, model.state_dict(), wanted, config.n_layers))
+    return ours.eval()
 
 
 def is_hf_directory(folder: Path) -> bool:
@@ -220,65 +381,47 @@ def is_hf_directory(folder: Path) -> bool:
 
 
 def read_hf_config(folder: Path) -> dict[str, Any]:
+    """A directory's config.json, its model_type one of FAMILIES."""
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise QkvError(f"{folder}/config.json is unreadable ({err})") from None
-    if config.get("model_type") not in FAMILIES:
+    if not isinstance(config, dict) or config.get("model_type") not in FAMILIES:
+        model_type = config.get("model_type") if isinstance(config, dict) else None
         raise QkvError(
-            f"{folder}: model_type {config.get('model_type')!r} is not supported; qkv imports "
+            f"{folder}: model_type {model_type!r} is not supported; qkv imports "
             f"{', '.join(FAMILIES)}"
         )
     return config
 
 
-def read_hf_weights(folder: Path) -> dict[str, Tensor]:
-    """Every tensor of a model directory: model.safetensors, its shards, or pytorch_model.bin."""
+def weight_files(folder: Path) -> list[Path]:
+    """A directory's weight files: model.safetensors, the shards its index lists, or
+    pytorch_model.bin."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
-            shards = sorted(
-                set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
-            )
-        except (OSError, ValueError, KeyError, AttributeError) as err:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, ValueError, KeyError, AttributeError, TypeError) as err:
             raise QkvError(f"{index} is unreadable ({err})") from None
-        tensors: dict[str, Tensor] = {}
-        for shard in shards:
-            tensors.update(_read_safetensors(folder / shard))
-        return tensors
-    if (folder / "model.safetensors").is_file():
-        return _read_safetensors(folder / "model.safetensors")
-    if (folder / "pytorch_model.bin").is_file():
-        return _read_pickled_tensors(folder / "pytorch_model.bin")
+        return [folder / shard for shard in sorted(shards)]
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            return [folder / name]
     raise QkvError(
         f"{folder} has no weights: looked for model.safetensors, model.safetensors.index.json "
         "and pytorch_model.bin"
     )
 
 
-def _read_safetensors(path: Path) -> dict[str, Tensor]:
-    try:
-        return load_file(path)
-    except FileNotFoundError:
-        raise QkvError(f"weight file {path} is missing") from None
-    except (SafetensorError, OSError, ValueError) as err:
-        raise QkvError(f"weight file {path} is corrupt or unreadable ({err})") from None
-
-
-def _read_pickled_tensors(path: Path) -> dict[str, Tensor]:
-    """torch.load(weights_only=True): tensors and plain containers only, never arbitrary code."""
-    try:
-        tensors = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else "unknown object"
-        raise QkvError(
-            f"{path} holds pickled objects other than tensors, which could run code when "
-            f"loaded; refusing it ({first}). Convert it to safetensors where you trust it"
-        ) from None
-    except (OSError, RuntimeError, EOFError, ValueError) as err:
-        raise QkvError(f"weight file {path} is corrupt or unreadable ({err})") from None
-    if not isinstance(tensors, dict) or not all(isinstance(t, Tensor) for t in tensors.values()):
-        raise QkvError(f"{path} does not hold a dictionary of tensors")
+def read_hf_weights(folder: Path) -> dict[str, Tensor]:
+    """Every tensor of a model directory's weight files."""
+    tensors: dict[str, Tensor] = {}
+    for path in weight_files(folder):
+        if path.suffix == ".bin":
+            tensors.update(files.read_pickled_tensors(path))
+        else:
+            tensors.update(files.read_safetensors(path))
     return tensors
 
 
@@ -299,8 +442,6 @@ def _special(config: dict[str, Any], extra: dict[str, Any], backend: tokenizers.
 
 def _wordpiece(folder: Path, lowercase: bool) -> tokenizers.Tokenizer:
     """BERT's vocab.txt as a WordPiece tokenizer, [CLS] text [SEP] around every input."""
-    from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
-
     backend = tokenizers.Tokenizer(
         models.WordPiece.from_file(str(folder / "vocab.txt"), unk_token="[UNK]")
     )
@@ -347,155 +488,60 @@ def load_hf_tokenizer(folder: Path, config: dict[str, Any]) -> Tokenizer:
 def load_hf_directory(folder: Path) -> tuple[DecoderLM | Encoder, Tokenizer]:
     """(qkv model in eval mode, tokenizer) from a Hugging Face model directory."""
     hf = read_hf_config(folder)
-    make_config, convert = FAMILIES[hf["model_type"]]
+    family = FAMILIES[hf["model_type"]]
     try:
-        config = make_config(hf)
+        config = family.config_from_hf(hf)
     except KeyError as err:
         raise QkvError(f"{folder}/config.json lacks the field {err}") from None
-    from qkv.checkpoint import check_fit
-
     model = build_model(config)
-    tensors = convert(read_hf_weights(folder), config)
-    check_fit(tensors, model.state_dict(), f"{folder}:", "config.json")
+    expected = model.state_dict()
+    tensors = from_hf_tensors(family, read_hf_weights(folder), expected, config.n_layers)
+    files.check_fit(tensors, expected, f"{folder}:", "config.json")
     model.load_state_dict({k: v.float().contiguous() for k, v in tensors.items()})
     return model.eval(), load_hf_tokenizer(folder, hf)
 
 
 def hf_family(config: ModelConfig) -> str:
-    """Which Hugging Face family computes the same function as `config`: "gpt2" or "llama";
-    a QkvError names what fits neither."""
-    common = {
-        "arch": ("decoder", config.arch == "decoder"),
-        "norm_first": (True, config.norm_first),
-        "final_norm": (True, bool(config.final_norm)),
-        "scale_embeddings": (False, not config.scale_embeddings),
-        "type_vocab_size": (0, config.type_vocab_size == 0),
-        "embedding_norm": (False, not config.embedding_norm),
-    }
-    gpt2 = {
-        "position": ("learned", config.position == "learned"),
-        "norm": ("layernorm", config.norm == "layernorm"),
-        "feed_forward": ("gelu or gelu_tanh", config.feed_forward in ("gelu", "gelu_tanh")),
-        "bias": (True, config.bias),
-        "n_kv_heads": ("n_heads", config.n_kv_heads == config.n_heads),
-    }
-    llama = {
-        "position": ("rope", config.position == "rope"),
-        "norm": ("rmsnorm", config.norm == "rmsnorm"),
-        "feed_forward": ("swiglu", config.feed_forward == "swiglu"),
-        "bias": (False, not config.bias),
-    }
+    """The model_type of the first family in FAMILIES that exports `config` (computes the same
+    function); a QkvError names, family by family, what fits none."""
     misfits = {}
-    for family, needs in (("gpt2", gpt2), ("llama", llama)):
-        wrong = [f"{k}={getattr(config, k)!r} (needs {v})" for k, (v, ok) in
-                 {**common, **needs}.items() if not ok]  # fmt: skip
+    for family in FAMILIES.values():
+        if family.misfits is None:
+            continue
+        wrong = family.misfits(config)
         if not wrong:
-            return family
-        misfits[family] = wrong
+            return family.model_type
+        misfits[family.name] = wrong
     raise QkvError(
-        "this model fits no Hugging Face family qkv exports: as GPT-2 it has "
-        f"{', '.join(misfits['gpt2'])}; as Llama it has {', '.join(misfits['llama'])}"
+        "this model fits no Hugging Face family qkv exports: "
+        + "; ".join(f"as {name} it has {', '.join(wrong)}" for name, wrong in misfits.items())
     )
 
 
 def to_hf(model: DecoderLM, tokenizer: Tokenizer) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """(config.json dict, tensors) of the transformers model computing what `model` does."""
     config = model.config
-    family = hf_family(config)
+    family = FAMILIES[hf_family(config)]
     ours = {name: tensor.detach().float().cpu() for name, tensor in model.state_dict().items()}
-    specials = {"eos_token_id": tokenizer.end_of_text_id, "bos_token_id": tokenizer.end_of_text_id,
-                "pad_token_id": tokenizer.pad_id}  # fmt: skip
-    tensors: dict[str, Tensor] = {}
-    if family == "gpt2":
-        hf = {
-            "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
-            "vocab_size": config.vocab_size, "n_embd": config.d_model, "n_head": config.n_heads,
-            "n_layer": config.n_layers, "n_inner": config.d_ff, "n_positions": config.max_seq_len,
-            "layer_norm_epsilon": config.norm_eps,
-            "activation_function": "gelu_new" if config.feed_forward == "gelu_tanh" else "gelu",
-            "tie_word_embeddings": config.tie_embeddings,
-            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
-        }  # fmt: skip
-        reverse = {ours: (theirs, t) for theirs, (ours, t) in gpt2_names(config).items()}
-        for name, tensor in ours.items():
-            if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight",
-                              "q_proj.bias", "k_proj.bias", "v_proj.bias")):  # fmt: skip
-                continue
-            theirs, transpose = reverse[name]
-            tensors[theirs] = tensor.t() if transpose else tensor
-        for i in range(config.n_layers):
-            attention = f"blocks.{i}.self_attention."
-            w = [ours[f"{attention}{p}_proj.weight"] for p in "qkv"]
-            b = [ours[f"{attention}{p}_proj.bias"] for p in "qkv"]
-            tensors[f"transformer.h.{i}.attn.c_attn.weight"] = torch.cat(w).t()
-            tensors[f"transformer.h.{i}.attn.c_attn.bias"] = torch.cat(b)
-    else:
-        hf = {
-            "model_type": "llama", "architectures": ["LlamaForCausalLM"],
-            "vocab_size": config.vocab_size, "hidden_size": config.d_model,
-            "num_attention_heads": config.n_heads, "num_key_value_heads": config.n_kv_heads,
-            "num_hidden_layers": config.n_layers, "intermediate_size": config.d_ff,
-            "max_position_embeddings": config.max_seq_len, "rope_theta": config.rope_base,
-            "rms_norm_eps": config.norm_eps, "hidden_act": "silu",
-            "tie_word_embeddings": config.tie_embeddings, "attention_bias": False,
-            "mlp_bias": False,
-        }  # fmt: skip
-        names = {ours: theirs for theirs, ours in llama_names(config).items()}
-        tensors = {names[name]: tensor for name, tensor in ours.items()}
-    hf.update(specials, torch_dtype="float32")
-    return hf, {name: tensor.contiguous() for name, tensor in tensors.items()}
-
-
-def gpt2_names(config: ModelConfig) -> dict[str, tuple[str, bool]]:
-    """GPT-2 tensor name -> (qkv name, stored transposed), for all but c_attn."""
-    names = {
-        "transformer.wte.weight": ("embedder.token_embedding.weight", False),
-        "transformer.wpe.weight": ("embedder.position.weight", False),
-        "transformer.ln_f.weight": ("final_norm.weight", False),
-        "transformer.ln_f.bias": ("final_norm.bias", False),
+    hf = {
+        "model_type": family.model_type,
+        "architectures": [family.hf_class],
+        **family.config_to_hf(config),
+        "eos_token_id": tokenizer.end_of_text_id,
+        "bos_token_id": tokenizer.end_of_text_id,
+        "pad_token_id": tokenizer.pad_id,
+        "torch_dtype": "float32",
     }
-    if not config.tie_embeddings:
-        names["lm_head.weight"] = ("head.weight", False)
-    for i in range(config.n_layers):
-        src, dst = f"transformer.h.{i}.", f"blocks.{i}."
-        for theirs, ours, transposed in [
-            ("ln_1", "attention_norm", False), ("ln_2", "feed_forward_norm", False),
-            ("attn.c_proj", "self_attention.o_proj", True), ("mlp.c_fc", "feed_forward.w1", True),
-            ("mlp.c_proj", "feed_forward.w2", True),
-        ]:  # fmt: skip
-            names[f"{src}{theirs}.weight"] = (f"{dst}{ours}.weight", transposed)
-            names[f"{src}{theirs}.bias"] = (f"{dst}{ours}.bias", False)
-    return names
+    return hf, to_hf_tensors(family, ours, config.n_layers)
 
 
-def llama_names(config: ModelConfig) -> dict[str, str]:
-    """Llama tensor name -> qkv name."""
-    names = {"model.embed_tokens.weight": "embedder.token_embedding.weight",
-             "model.norm.weight": "final_norm.weight"}  # fmt: skip
-    if not config.tie_embeddings:
-        names["lm_head.weight"] = "head.weight"
-    for i in range(config.n_layers):
-        src, dst = f"model.layers.{i}.", f"blocks.{i}."
-        for theirs, ours in LLAMA_LAYER_NAMES.items():
-            names[f"{src}{theirs}.weight"] = f"{dst}{ours}.weight"
-    return names
-
-
-def save_hf_directory(model: DecoderLM, tokenizer: Tokenizer, folder: Path) -> Path:
+def save_hf_directory(model: DecoderLM, tokenizer: Tokenizer, folder: Path) -> Family:
     """Write `model` as a Hugging Face directory (config.json, model.safetensors,
-    tokenizer.json) atomically: temp dir + rename."""
-    import os
-    import shutil
-
-    from safetensors.torch import save_file
-
+    tokenizer.json) atomically; returns the family written (`.hf_class`: the transformers class
+    that loads it)."""
     config, tensors = to_hf(model, tokenizer)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    (tmp / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-    save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-    tokenizer.save(tmp / "tokenizer.json")
-    os.replace(tmp, folder)
-    return folder
+    with files.atomic_directory(folder) as tmp:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+        tokenizer.save(tmp / "tokenizer.json")
+    return FAMILIES[config["model_type"]]

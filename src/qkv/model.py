@@ -10,6 +10,7 @@ their softmax. `attention_mask` (batch, seq) marks real tokens with 1 and paddin
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -17,23 +18,51 @@ from torch import Tensor, nn
 from qkv.config import ModelConfig
 from qkv.errors import QkvError
 from qkv.nn.attention import additive_mask, causal_mask, padding_mask
-from qkv.nn.block import DecoderBlock, EncoderBlock
+from qkv.nn.block import BlockConfig, DecoderBlock, EncoderBlock
 from qkv.nn.embedding import TokenEmbedding
 from qkv.nn.kv_cache import KVCache
 from qkv.nn.linear import linear
-from qkv.nn.norm import build_norm
+from qkv.nn.norm import LayerNorm, RMSNorm, build_norm
 from qkv.nn.position import (
     LearnedPositionalEmbedding,
     RotaryEmbedding,
     SinusoidalPositionalEncoding,
 )
+from qkv.nn.recording import Recordable
 
 
-class OutputHead(nn.Module):
-    """logits = h W^T (+ b): (batch, seq, d_model) -> (batch, seq, vocab_size).
+def block_config(config: ModelConfig) -> BlockConfig:
+    """The part of `config` each block is built from."""
+    return BlockConfig(
+        d_model=config.d_model,
+        n_heads=config.n_heads,
+        d_ff=config.d_ff,
+        n_kv_heads=config.n_kv_heads,
+        feed_forward=config.feed_forward,
+        norm=config.norm,
+        norm_eps=config.norm_eps,
+        norm_first=config.norm_first,
+        bias=config.bias,
+        dropout=config.dropout,
+        kernels=config.kernels,
+    )
+
+
+def _norm(config: ModelConfig) -> LayerNorm | RMSNorm:
+    fused = config.kernels == "fused"
+    return build_norm(config.norm, config.d_model, config.norm_eps, config.bias, fused)
+
+
+class OutputHead(Recordable, nn.Module):
+    """logits = h W^T: (batch, seq, d_model) -> (batch, seq, vocab_size).
 
     Tied to the embedding, W is the embedding table E itself (no new parameters).
     """
+
+    FORMULAS: ClassVar[dict[str, str]] = {
+        "logits": "logits_i = h_i W^T: one score per vocabulary entry (W = the embedding table E "
+        "when tied)"
+    }
 
     def __init__(
         self, d_model: int, vocab_size: int, tied_to: TokenEmbedding | None = None
@@ -51,7 +80,15 @@ class OutputHead(nn.Module):
         return self.tied_to[0].weight if self.tied_to else self.weight
 
     def forward(self, h: Tensor) -> Tensor:
-        return linear(h, self.matrix)
+        logits = linear(h, self.matrix)
+        if self.recorder is not None:
+            self.recorder("logits", logits)
+        return logits
+
+
+PROBABILITIES_FORMULA = (
+    "p_i(w) = exp(logit_i(w)) / sum_v exp(logit_i(v)): softmax over the vocabulary"
+)
 
 
 def probabilities(logits: Tensor) -> Tensor:
@@ -59,10 +96,15 @@ def probabilities(logits: Tensor) -> Tensor:
     return torch.softmax(logits.float(), dim=-1)
 
 
-class Embedder(nn.Module):
+class Embedder(Recordable, nn.Module):
     """x = dropout(Norm(E[ids] + PE[positions] + T[types])) for additive positions (T: BERT's
     token types, Norm: BERT's embedding norm, each only if configured); RoPE angles for rotary
     positions."""
+
+    FORMULAS: ClassVar[dict[str, str]] = {
+        "embeddings_plus_positions": "x_i = E[id_i] + PE(i) (+ T[type_i] where the model has token "
+        "types): the sum the first block reads (after Norm where the model normalises it)"
+    }
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -82,7 +124,7 @@ class Embedder(nn.Module):
             if config.type_vocab_size
             else None
         )
-        self.norm = build_norm(config) if config.embedding_norm else None
+        self.norm = _norm(config) if config.embedding_norm else None
         self.dropout = nn.Dropout(config.dropout)
         self.max_seq_len = config.max_seq_len
 
@@ -107,6 +149,8 @@ class Embedder(nn.Module):
         if self.token_type is not None:
             types = torch.zeros_like(token_ids) if token_types is None else token_types
             x = x + self.token_type(types)
+        if self.recorder is not None and (self.position is not None or self.token_type is not None):
+            self.recorder("embeddings_plus_positions", x)
         if self.norm is not None:
             x = self.norm(x)
         rotary = self.rotary(positions) if self.rotary is not None else None
@@ -126,7 +170,7 @@ def _self_attention_mask(
 
 
 def _final_norm(config: ModelConfig) -> nn.Module:
-    return build_norm(config) if config.final_norm else nn.Identity()
+    return _norm(config) if config.final_norm else nn.Identity()
 
 
 class _Model(nn.Module):
@@ -164,7 +208,9 @@ class DecoderLM(_Model):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
         self.embedder = Embedder(config)
-        self.blocks = nn.ModuleList(DecoderBlock(config) for _ in range(config.n_layers))
+        self.blocks = nn.ModuleList(
+            DecoderBlock(block_config(config)) for _ in range(config.n_layers)
+        )
         self.final_norm = _final_norm(config)
         self.head = self.make_head(self.embedder)
         self.init_weights()
@@ -220,7 +266,9 @@ class Encoder(_Model):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
         self.embedder = Embedder(config)
-        self.blocks = nn.ModuleList(EncoderBlock(config) for _ in range(config.n_layers))
+        self.blocks = nn.ModuleList(
+            EncoderBlock(block_config(config)) for _ in range(config.n_layers)
+        )
         self.final_norm = _final_norm(config)
         self.head = self.make_head(self.embedder)
         self.init_weights()
@@ -252,10 +300,12 @@ class EncoderDecoder(_Model):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
         self.embedder = Embedder(config)
-        self.encoder_blocks = nn.ModuleList(EncoderBlock(config) for _ in range(config.n_layers))
+        self.encoder_blocks = nn.ModuleList(
+            EncoderBlock(block_config(config)) for _ in range(config.n_layers)
+        )
         self.encoder_norm = _final_norm(config)
         self.decoder_blocks = nn.ModuleList(
-            DecoderBlock(config, cross_attention=True) for _ in range(config.n_layers)
+            DecoderBlock(block_config(config), cross_attention=True) for _ in range(config.n_layers)
         )
         self.decoder_norm = _final_norm(config)
         self.head = self.make_head(self.embedder)

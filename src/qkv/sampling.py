@@ -11,8 +11,12 @@ Applied in that order, as Hugging Face's generate does: repetition, temperature,
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
+
+from qkv.errors import QkvError
 
 # Temperatures below this are greedy: the draw would be argmax anyway, and dividing by a
 # denormal temperature (flushed to zero when torch.set_flush_denormal is on) would give NaN.
@@ -48,27 +52,57 @@ def top_p_filter(logits: Tensor, p: float) -> Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How the next token is chosen; temperature 0 is greedy, top_k None (or 0) and top_p 1
+    keep every token, repetition_penalty 1 is none."""
+
+    temperature: float = 0.8
+    top_k: int | None = 50
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.top_k == 0:
+            object.__setattr__(self, "top_k", None)  # 0: every token is a candidate
+        checks = [
+            ("temperature", self.temperature >= 0, "must be >= 0 (0 is greedy decoding)"),
+            ("top_k", self.top_k is None or self.top_k >= 1, "must be >= 0 (0 keeps every token)"),
+            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1] (1 keeps every token)"),
+            ("repetition_penalty", self.repetition_penalty > 0, "must be > 0 (1 is none)"),
+        ]
+        for name, ok, rule in checks:
+            if not ok:
+                raise QkvError(f"{name.replace('_', '-')} {rule}; got {getattr(self, name)!r}")
+
+
+PLAIN = SamplingConfig(temperature=1.0, top_k=None)  # a draw from softmax(logits) itself
+
+
 def select(
     logits: Tensor,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float = 1.0,
+    config: SamplingConfig = PLAIN,
+    seen: Tensor | None = None,
     generators: list[torch.Generator] | None = None,
 ) -> Tensor:
-    """logits (batch, V) -> token ids (batch,): argmax when temperature is below GREEDY_BELOW
-    (0 included), else one draw per row from softmax(filtered logits / temperature), row i using
-    generators[i] (so a row's draws do not depend on what else is in the batch)."""
+    """logits (batch, V) -> token ids (batch,), every rule of `config` applied in Hugging Face's
+    order: the repetition penalty on the tokens `seen` (batch, V) marks, then argmax when the
+    temperature is below GREEDY_BELOW (0 included), else one draw per row from
+    softmax(top-p(top-k(logits / temperature))), row i using generators[i] (so a row's draws do
+    not depend on what else is in the batch)."""
     logits = logits.float()
-    if temperature < GREEDY_BELOW:
+    if seen is not None and config.repetition_penalty != 1.0:
+        logits = penalize_repetition(logits, seen, config.repetition_penalty)
+    if config.temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1)
     # Scaled from the row's maximum (softmax is unchanged by the shift), so that a tiny
     # temperature gives -inf, not inf - inf; a +inf logit (from a tiny repetition penalty)
     # counts as the largest float.
     logits = logits.clamp(max=torch.finfo(logits.dtype).max)
-    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
-    if top_k is not None:
-        logits = top_k_filter(logits, top_k)
-    logits = top_p_filter(logits, top_p)
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / config.temperature
+    if config.top_k is not None:
+        logits = top_k_filter(logits, config.top_k)
+    logits = top_p_filter(logits, config.top_p)
     probs = torch.softmax(logits, dim=-1)
     if generators is None:
         return torch.multinomial(probs, 1).squeeze(-1)

@@ -11,27 +11,29 @@ Decoding is greedy or a beam search; exact match = the decoded target equals the
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import json
 import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn import functional as F
 
-from qkv.config import ModelConfig
-from qkv.data import pad_rows, read_text_file
+from qkv.checkpoint import load_config, read_run, resolve
+from qkv.config import ModelConfig, TrainConfig
+from qkv.data import absolute_specs, held_out_indices, pad_rows, read_jsonl
+from qkv.distributed import World
 from qkv.errors import QkvError
+from qkv.evaluation import IGNORE, EvalResult, score
 from qkv.model import EncoderDecoder, build_model
 from qkv.tokenizer import Tokenizer
-from qkv.train import EvalResult, TrainConfig, Trainer, next_token_loss
+from qkv.train import Trainer, check_run_directory, run_to_end
 
-IGNORE = -100
 TASK_LENGTH = 16  # reverse / sort: sequences of 1..16 digits
 ADD_DIGITS = 4  # add: operands 0..9999
 
@@ -70,15 +72,7 @@ def task_tokenizer() -> Tokenizer:
 def read_pairs(path: str | Path) -> list[tuple[str, str]]:
     """{"source": ..., "target": ...} per line; a malformed line is named by file and line."""
     pairs = []
-    for number, line in enumerate(
-        read_text_file(Path(path)).removeprefix("\ufeff").splitlines(), 1
-    ):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise QkvError(f"{path}, line {number}: {err.msg}") from None
+    for number, record in read_jsonl(path):
         if not (isinstance(record, dict) and isinstance(record.get("source"), str)
                 and isinstance(record.get("target"), str)):  # fmt: skip
             raise QkvError(f'{path}, line {number}: expected {{"source": "...", "target": "..."}}')
@@ -117,9 +111,8 @@ def task_source(task: str, held_out: int = 1000, seed: int = 0) -> PairSource:
 def file_source(path: str | Path, val_fraction: float = 0.05) -> PairSource:
     """A file's pairs split by hash of the source: the same split on every run."""
     pairs = read_pairs(path)
-    digests = [hashlib.sha256(f"{s}\0{i}".encode()).hexdigest() for i, (s, _) in enumerate(pairs)]
-    ranked = sorted(range(len(pairs)), key=digests.__getitem__)
-    held = set(ranked[: max(1, round(len(pairs) * val_fraction))])
+    keys = [hashlib.sha256(f"{s}\0{i}".encode()).hexdigest() for i, (s, _) in enumerate(pairs)]
+    held = held_out_indices(keys, val_fraction)
     return PairSource(
         [p for i, p in enumerate(pairs) if i in held],
         pairs=[p for i, p in enumerate(pairs) if i not in held],
@@ -227,9 +220,6 @@ class Seq2SeqEval(EvalResult):
 
     exact_match: float = 0.0
 
-    def to_dict(self) -> dict[str, float]:
-        return {**super().to_dict(), "exact_match": self.exact_match}
-
 
 def evaluate_pairs(
     model: EncoderDecoder,
@@ -238,46 +228,48 @@ def evaluate_pairs(
     beams: int = 1,
     batch_size: int = 250,
 ) -> tuple[Seq2SeqEval, list[str]]:
-    """Loss and exact match over `pairs`, and the decoded targets."""
+    """Teacher-forced scores and exact match over `pairs`, and the decoded targets."""
     device = next(model.parameters()).device
+    end = tokenizer.end_of_text_id
+    batches = [encode_pairs(pairs[first : first + batch_size], tokenizer)
+               for first in range(0, len(pairs), batch_size)]  # fmt: skip
+    target_bytes = sum(len(t.encode("utf-8")) + 1 for _, t in pairs)
+    scores = score(model, (((src, dec, mask), labels) for src, mask, dec, labels in batches),
+                   target_bytes)  # fmt: skip
     was_training = model.training
     model.eval()
-    total, count, predictions = 0.0, 0, []
-    for first in range(0, len(pairs), batch_size):
-        chunk = pairs[first : first + batch_size]
-        src, mask, decoder_in, labels = (t.to(device) for t in encode_pairs(chunk, tokenizer))
-        with torch.no_grad():
-            total += next_token_loss(model(src, decoder_in, mask), labels, "sum").item()
-        count += int((labels != IGNORE).sum())
+    predictions = []
+    for src, mask, _, labels in batches:
+        src, mask = src.to(device), mask.to(device)
         max_len = min(labels.shape[1] + 8, model.config.max_seq_len)  # tokens after the first
         if beams > 1:
-            decoded = beam_decode(model, src, mask, tokenizer.end_of_text_id, max_len, beams)
+            decoded = beam_decode(model, src, mask, end, max_len, beams)
         else:
-            decoded = greedy_decode(model, src, mask, tokenizer.end_of_text_id, max_len)
+            decoded = greedy_decode(model, src, mask, end, max_len)
         predictions += [tokenizer.decode(ids) for ids in decoded]
     model.train(was_training)
-    loss = total / max(count, 1)
-    target_bytes = sum(len(t.encode("utf-8")) + 1 for _, t in pairs)
     exact = sum(p == t for p, (_, t) in zip(predictions, pairs, strict=True)) / len(pairs)
-    result = Seq2SeqEval(loss, math.exp(min(loss, 80.0)), total / (math.log(2) * target_bytes),
-                         count, exact)  # fmt: skip
-    return result, predictions
+    return Seq2SeqEval(**scores.to_dict(), exact_match=exact), predictions
 
 
-@dataclass
-class Seq2SeqTrainer(Trainer):
-    """The Trainer on source -> target pairs: batches of (source, decoder input, source mask),
-    evaluation by teacher-forced loss and exact match (greedy, or beam search with beams > 1)."""
+def seq2seq_trainer(
+    model: EncoderDecoder,
+    tokenizer: Tokenizer,
+    source: PairSource,
+    cfg: TrainConfig,
+    run_dir: Path,
+    beams: int = 1,
+) -> Trainer:
+    """A Trainer on source -> target pairs: batches of (source, decoder input, source mask),
+    evaluated by teacher-forced loss and exact match (greedy, or beam search with beams > 1)."""
 
-    kind: ClassVar[str] = "seq2seq"
-    source: PairSource = field(default_factory=lambda: PairSource([]))
-    beams: int = 1
+    def make_batches(micro_batch: int, accum: int, world: World) -> PairBatches:
+        return PairBatches(source, tokenizer, cfg.batch_size, cfg.seed)
 
-    def make_batches(self) -> PairBatches:  # type: ignore[override]
-        return PairBatches(self.source, self.tokenizer, self.cfg.batch_size, self.cfg.seed)
+    def evaluator(model: nn.Module, dtype: torch.dtype, world: World) -> Seq2SeqEval:
+        return evaluate_pairs(model, source.held_out, tokenizer, beams)[0]
 
-    def evaluate(self) -> Seq2SeqEval:
-        return evaluate_pairs(self.model, self.source.held_out, self.tokenizer, self.beams)[0]
+    return Trainer(model, tokenizer, cfg, run_dir, make_batches, evaluator, kind="seq2seq")
 
 
 def seq2seq_model_config(vocab_size: int, longest: int) -> ModelConfig:
@@ -320,22 +312,17 @@ def prepare_seq2seq_run(
     model_config: ModelConfig | None = None,
     resume: Path | None = None,
     beams: int = 1,
-) -> Seq2SeqTrainer:
+) -> Seq2SeqRun:
     """An encoder-decoder and its trainer on cfg.data[0] (task:NAME or a JSONL file), new in
     `out` or resumed from a checkpoint (whose model and tokenizer are then used)."""
-    from qkv.checkpoint import LATEST, load_config, resolve
-
     cfg.validate()
+    cfg.data = absolute_specs(cfg.data)
     source = pair_source(cfg.data[0], cfg.val_fraction)
-    if resume is not None:
-        folder = resolve(resume)
+    folder = None if resume is None else resolve(resume)
+    check_run_directory(out, folder)
+    if folder is not None:
         model_config, tokenizer = load_config(folder), Tokenizer.load(folder)
     else:
-        if (out / LATEST).exists():
-            raise QkvError(
-                f"{out} already holds a training run; pass --resume {out} to continue it, "
-                "or choose another --out"
-            )
         if source.task is not None:
             tokenizer = task_tokenizer()
         else:
@@ -347,8 +334,84 @@ def prepare_seq2seq_run(
     cfg.context = model_config.max_seq_len
     torch.manual_seed(cfg.seed)
     model = build_model(model_config)
-    trainer = Seq2SeqTrainer(model, tokenizer, None, None, cfg, out, source=source, beams=beams)
-    if resume is not None:
+    trainer = seq2seq_trainer(model, tokenizer, source, cfg, out, beams)
+    if folder is not None:
         trainer.resume(folder)
     out.mkdir(parents=True, exist_ok=True)
-    return trainer
+    return Seq2SeqRun(trainer, source, folder is not None)
+
+
+@dataclass
+class Seq2SeqRun:
+    """An encoder-decoder run, and after training its held-out results (greedy and beam)."""
+
+    trainer: Trainer
+    source: PairSource
+    resumed: bool
+    greedy: Seq2SeqEval | None = None
+    beam: Seq2SeqEval | None = None
+    predictions: list[str] = field(default_factory=list)  # greedy, one per held-out pair
+
+    def summary(self) -> str:
+        trainer, config, cfg = self.trainer, self.trainer.model.config, self.trainer.cfg
+        return (
+            f"model: {trainer.model.num_parameters():,} parameters; encoder-decoder "
+            f"d_model={config.d_model}, heads={config.n_heads}, layers={config.n_layers}+"
+            f"{config.n_layers}, {config.position} positions, "
+            f"{'pre' if config.norm_first else 'post'}-norm, {config.feed_forward}\n"
+            f"data: {cfg.data[0]}; {len(self.source.held_out):,} held-out pairs never trained "
+            f"on; {cfg.steps:,} steps x {cfg.batch_size} pairs on {trainer.device}"
+            + (f"; resuming at step {trainer.step}" if self.resumed else "")
+        )
+
+
+# A new run's settings (steps and batch size per task: SCHEDULES).
+DEFAULTS = TrainConfig(lr=2e-3, warmup_steps=100, eval_every=500, save_every=500, dtype="float32")
+
+
+def train_seq2seq(
+    out: Path | None = None,
+    *,
+    task: str | None = None,
+    data: list[str] | None = None,
+    model_config: ModelConfig | None = None,
+    resume: Path | None = None,
+    beams: int = 4,
+    on_start: Callable[[Seq2SeqRun], None] | None = None,
+    **options: Any,
+) -> Seq2SeqRun:
+    """`qkv train --task NAME | --arch encoder-decoder --data PAIRS.jsonl`: train (or continue
+    the run at `resume`), then decode every held-out pair greedily and, with beams > 1, by beam
+    search. `options` are TrainConfig fields; a new run's steps and batch size default to the
+    task's SCHEDULES entry."""
+    if {"tokenizer", "vocab_size"} & set(options):
+        raise QkvError("an encoder-decoder uses a character tokenizer of its data: drop "
+                       "--tokenizer/--vocab-size")  # fmt: skip
+    if model_config is not None and model_config.arch != "encoder-decoder":
+        raise QkvError("--task trains an encoder-decoder: drop --preset/--set arch=... or use "
+                       "an encoder-decoder preset such as transformer-base")  # fmt: skip
+    if resume is not None:
+        state = read_run(resume)
+        state.require("seq2seq")
+        base, out = TrainConfig(**state.train_config), out or state.run_dir
+    else:
+        if task is not None and data:
+            raise QkvError("give --task (a built-in task) or --data (a JSONL file), not both")
+        if task is None and (not data or len(data) != 1):
+            raise QkvError(
+                "an encoder-decoder trains on --task reverse|sort|add or on one --data file of "
+                '{"source": ..., "target": ...} lines'
+            )
+        steps, batch_size = SCHEDULES[task or "file"]
+        specs = [f"task:{task}"] if task else data
+        base = dataclasses.replace(DEFAULTS, data=specs, steps=steps, batch_size=batch_size)
+    cfg = dataclasses.replace(base, **options)
+    run = prepare_seq2seq_run(Path(out or "runs/train"), cfg, model_config, resume)
+    if on_start:
+        on_start(run)
+    run_to_end(run.trainer)
+    model, held_out, tokenizer = run.trainer.model, run.source.held_out, run.trainer.tokenizer
+    run.greedy, run.predictions = evaluate_pairs(model, held_out, tokenizer)
+    if beams > 1:
+        run.beam = evaluate_pairs(model, held_out, tokenizer, beams)[0]
+    return run

@@ -16,12 +16,12 @@ from pathlib import Path
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from qkv.config import TOKENIZERS
 from qkv.errors import QkvError
 
 END_OF_TEXT = "<|endoftext|>"
 PAD = "<|pad|>"
 SPECIAL_TOKENS = [END_OF_TEXT, PAD]
-KINDS = ("bpe", "char")
 SPECIALS = (
     "tokenizer_config.json"  # a model tokenizer's eos / pad tokens, as Hugging Face names them
 )
@@ -53,7 +53,7 @@ class Tokenizer:
             return cls.train_bpe(texts, vocab_size)
         if kind == "char":
             return cls.train_char(texts)
-        raise QkvError(f"unknown tokenizer {kind!r}; choose one of {list(KINDS)}")
+        raise QkvError(f"unknown tokenizer {kind!r}; choose one of {list(TOKENIZERS)}")
 
     @classmethod
     def train_bpe(cls, texts: Iterable[str], vocab_size: int = 4096) -> Tokenizer:

@@ -1,27 +1,28 @@
 """The training loop: AdamW with weight-decay groups, warmup + cosine schedule, gradient clipping,
 accumulation, bf16 autocast, periodic evaluation and atomic checkpoints, resumable exactly.
 
-loss = cross-entropy of next-token logits; perplexity = exp(loss);
-bits per byte = loss * tokens / (bytes * ln 2), comparable across tokenizers.
+The loop is built from parts: what makes the batches (windows of a corpus, fine-tuning examples,
+source/target pairs) and what evaluates (qkv.evaluation.score over held-out data); every run
+writes metrics.jsonl and loss.png (qkv.metrics) beside its checkpoints.
 """
 
 from __future__ import annotations
 
 import copy
-import json
+import dataclasses
 import math
 import signal
 import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
+from qkv import distributed
 from qkv.checkpoint import (
     ADAPTER,
     LATEST,
@@ -30,12 +31,14 @@ from qkv.checkpoint import (
     load_config,
     load_training_state,
     load_weights,
+    read_run,
     resolve,
     run_directory,
     save_training_checkpoint,
 )
-from qkv.config import ModelConfig
-from qkv.data import Batches, Corpus, TokenFile, eval_windows, prepare_corpus
+from qkv.config import ModelConfig, TrainConfig
+from qkv.data import Batches, Corpus, TokenFile, absolute_specs, prepare_corpus
+from qkv.device import resolve_device, resolve_dtype
 from qkv.distributed import (
     ONE_PROCESS,
     World,
@@ -47,129 +50,16 @@ from qkv.distributed import (
     wrap,
 )
 from qkv.errors import QkvError
+from qkv.evaluation import EvalResult, Inputs, evaluate, next_token_loss
+from qkv.metrics import record
 from qkv.model import DecoderLM, build_model
-from qkv.nn.embedding import TokenEmbedding
-from qkv.nn.position import LearnedPositionalEmbedding
+from qkv.optim import lookup_tables, lr_at, parameter_groups
 from qkv.tokenizer import Tokenizer
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run needs besides the model config. It is saved in every checkpoint, so
-    `--resume` continues the same run; most fields are `qkv train` options."""
-
-    data: list[str] = field(default_factory=lambda: ["builtin:stdlib-docs"])
-    val_fraction: float = 0.05
-    tokenizer: str = "bpe"
-    vocab_size: int = 4096
-    steps: int = 1000
-    batch_size: int = 16
-    context: int = 256
-    grad_accum: int = 1
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    eval_every: int = 250
-    eval_windows: int = 256
-    save_every: int = 500
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "auto"
-    compile: bool = False
-    keep_checkpoints: int = 2
-
-    def validate(self) -> None:
-        positive = ("steps", "batch_size", "context", "grad_accum", "eval_every", "save_every")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise QkvError(f"--{name.replace('_', '-')} must be at least 1")
-        if not 0 < self.lr < math.inf:
-            raise QkvError(f"--lr must be positive and finite, got {self.lr}")
-        if not 0 < self.grad_clip < math.inf:
-            raise QkvError(f"--grad-clip must be positive and finite, got {self.grad_clip}")
-        if not 0 <= self.weight_decay < math.inf:
-            raise QkvError(f"--weight-decay must be 0 or more, got {self.weight_decay}")
-        for name in ("beta1", "beta2"):
-            if not 0 <= getattr(self, name) < 1:
-                raise QkvError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.warmup_steps < 0:
-            raise QkvError("--warmup-steps must be 0 or more")
-        if not 0 < self.val_fraction < 1:
-            raise QkvError(f"--val-fraction must be between 0 and 1, got {self.val_fraction}")
-        if self.dtype not in ("auto", "float32", "bfloat16"):
-            raise QkvError(f"--dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
-
-
-def resolve_device(name: str) -> torch.device:
-    """auto -> cuda if available, else cpu; an unavailable device is a clear error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise QkvError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise QkvError(f"--device {name} was asked for but no CUDA GPU is available; use cpu")
-    return device
-
-
-def resolve_dtype(name: str, device: torch.device, d_model: int) -> torch.dtype:
-    """auto -> bfloat16 where it pays: CUDA with bf16, or a CPU with native bf16 matmul and
-    d_model >= 256 (measured: bf16 is 1.45x faster at d_model 256, 0.8x at d_model 128)."""
-    if name == "float32":
-        return torch.float32
-    if name == "bfloat16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return torch.bfloat16 if native and d_model >= 256 else torch.float32
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to lr over warmup_steps (at most a tenth of `steps`), then cosine decay to
-    lr * min_lr_ratio at `steps`."""
-    warmup = min(cfg.warmup_steps, cfg.steps // 10)
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, cfg.steps - warmup)
-    min_lr = cfg.lr * cfg.min_lr_ratio
-    return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def _lookup_tables(model: nn.Module) -> list[nn.Parameter]:
-    """The embedding tables: token embeddings and learned positions (lookups, not matmuls)."""
-    return [
-        p
-        for m in model.modules()
-        if isinstance(m, (TokenEmbedding, LearnedPositionalEmbedding))
-        for p in m.parameters(recurse=False)
-    ]
-
-
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices; no decay on norms, biases and embedding tables."""
-    no_decay_ids = {id(p) for p in _lookup_tables(model)}
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.dim() < 2 or id(param) in no_decay_ids else decay).append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
 
 
 def matmul_parameters(model: DecoderLM) -> int:
     """Parameters that take part in a matmul: all but lookup tables, plus the head's matrix."""
-    lookups = sum(p.numel() for p in _lookup_tables(model))
+    lookups = sum(p.numel() for p in lookup_tables(model))
     head = model.config.vocab_size * model.config.d_model if model.config.tie_embeddings else 0
     return model.num_parameters() - lookups + head
 
@@ -181,74 +71,17 @@ def flops_per_token(model: DecoderLM, context: int) -> float:
     return 6 * matmul_parameters(model) + 12 * config.n_layers * config.d_model * context
 
 
-def next_token_loss(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
-    """Cross-entropy -log p(target) over (batch, seq), computed in float32."""
-    return F.cross_entropy(
-        logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), reduction=reduction
-    )
-
-
-@dataclass
-class EvalResult:
-    loss: float
-    perplexity: float
-    bits_per_byte: float
-    tokens: int
-
-    def to_dict(self) -> dict[str, float]:
-        return {
-            "loss": self.loss,
-            "perplexity": self.perplexity,
-            "bits_per_byte": self.bits_per_byte,
-            "tokens": self.tokens,
-        }
-
-
-@torch.no_grad()
-def evaluate(
-    model: DecoderLM,
-    data: TokenFile,
-    context: int,
-    batch_size: int = 16,
-    max_windows: int | None = None,
-    dtype: torch.dtype = torch.float32,
-    progress: Callable[[int], None] | None = None,
-    world: World = ONE_PROCESS,
-) -> EvalResult:
-    """Mean next-token loss over consecutive windows of `data` (from its start). With several
-    processes, process r scores batches r, r + N, r + 2N, ... and the sums are added up; one
-    left without a batch in the last round runs a batch again unscored, as FSDP needs every
-    process in every forward pass."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(2, dtype=torch.float64)  # loss, tokens
-
-    def forward(x: Tensor) -> Tensor:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            return model(x.to(device))
-
-    index, scored = -1, 0
-    for index, (x, y) in enumerate(eval_windows(data, context, batch_size, max_windows)):
-        if progress:
-            progress(y.shape[0])
-        if index % world.size == world.rank:
-            sums[0] += next_token_loss(forward(x), y.to(device), reduction="sum").item()
-            sums[1] += y.numel()
-            scored += 1
-    for _ in range(scored, math.ceil((index + 1) / world.size)):
-        forward(x)
-    model.train(was_training)
-    total, count = world.total(sums).tolist()
-    count = int(count)
-    loss = total / count
-    return EvalResult(
-        loss, math.exp(min(loss, 80.0)), loss / (math.log(2) * data.bytes_per_token), count
-    )
-
-
 class NonFiniteLoss(QkvError):
     pass
+
+
+class Interrupted(QkvError):
+    """Ctrl-C or SIGTERM stopped a run (after saving): exit status 128 + the signal's number
+    (130, 143), as shells expect."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
 
 
 @dataclass
@@ -260,23 +93,42 @@ class StepInfo:
     tokens_per_second: float
 
 
+class BatchSource(Protocol):
+    """Training batches: next() -> (inputs, targets); `generator` draws them (checkpoints save
+    its state, so a resumed run draws the same)."""
+
+    generator: torch.Generator
+
+    def next(self) -> tuple[Inputs, Tensor]: ...
+
+
+# (micro-batch size, micro-batches per step, world) -> this process's batch source
+MakeBatches = Callable[[int, int, World], BatchSource]
+# (model, autocast dtype, world) -> held-out scores
+Evaluator = Callable[[nn.Module, torch.dtype, World], EvalResult]
+
+
 @dataclass
 class Trainer:
-    """Runs `cfg.steps` optimizer steps of `model` on `train_data`, evaluating on `val_data`.
+    """Runs `cfg.steps` optimizer steps of `model` on the batches `make_batches` gives, scoring
+    it with `evaluator` every `cfg.eval_every` steps; `kind` names the command whose run it is
+    (kept in trainer_state.json). Rank 0 writes checkpoints, metrics.jsonl and loss.png to
+    `run_dir`.
 
     Progress goes to `on_step(StepInfo)`, `on_eval(step, EvalResult)` and `on_save(path)`.
     Ctrl-C (SIGINT) or SIGTERM finishes the current step, saves a checkpoint and raises
     KeyboardInterrupt.
     In a `world` of several processes (distributed.py) the model is wrapped by `strategy`, each
-    process trains on its share of every global batch, and only rank 0 writes checkpoints.
+    process trains on its share of every global batch.
     """
 
-    model: DecoderLM
+    model: nn.Module
     tokenizer: Tokenizer
-    train_data: TokenFile
-    val_data: TokenFile
     cfg: TrainConfig
     run_dir: Path
+    make_batches: MakeBatches
+    evaluator: Evaluator
+    kind: str = "train"
     on_step: Callable[[StepInfo], None] = lambda info: None
     on_eval: Callable[[int, EvalResult], None] = lambda step, result: None
     on_save: Callable[[Path], None] = lambda path: None
@@ -284,7 +136,6 @@ class Trainer:
     adapter: dict[str, Any] | None = None  # LoRA: checkpoints hold only the adapter (its config)
     world: World = ONE_PROCESS
     strategy: str = "ddp"
-    kind: ClassVar[str] = "train"  # which command's run this is, kept in trainer_state.json
 
     def __post_init__(self) -> None:
         self.cfg.validate()
@@ -311,7 +162,7 @@ class Trainer:
         self.micro_batch, self.accum = split_batch(
             self.cfg.batch_size, self.cfg.grad_accum, self.world
         )
-        self.batches = self.make_batches()
+        self.batches = self.make_batches(self.micro_batch, self.accum, self.world)
         self.step = 0
         self.tokens_per_step = self.cfg.batch_size * self.cfg.context * self.cfg.grad_accum
         self.flops_per_step = flops_per_token(self.model, self.cfg.context) * self.tokens_per_step
@@ -319,18 +170,6 @@ class Trainer:
         self.stop_signal = signal.SIGINT
         self._snapshot = self._rng_state()
         self.saved_step: int | None = None
-
-    def make_batches(self) -> Batches:
-        """The training batch source: next() -> (inputs, targets); its `generator` is saved."""
-        return Batches(
-            self.train_data,
-            self.micro_batch,
-            self.cfg.context,
-            self.cfg.seed,
-            self.accum,
-            self.world.rank,
-            self.world.size,
-        )
 
     def _rng_state(self) -> dict[str, Tensor]:
         return {
@@ -388,6 +227,7 @@ class Trainer:
             weights,
         )
         self.saved_step = self.step
+        record(self.history, self.run_dir)
         self.on_save(path)
         return path
 
@@ -445,6 +285,8 @@ class Trainer:
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+            if self.world.is_main:
+                record(self.history, self.run_dir)
         return self.history
 
     def _loop(self) -> None:
@@ -495,6 +337,8 @@ class Trainer:
                 self.history.append(
                     {"step": self.step, **{f"val_{k}": v for k, v in result.to_dict().items()}}
                 )
+                if self.world.is_main:
+                    record(self.history, self.run_dir)
                 self.on_eval(self.step, result)
             if self.step % self.cfg.save_every == 0 or last:
                 self.save()
@@ -545,47 +389,31 @@ class Trainer:
         return statistics.median(times[warmup:])
 
     def evaluate(self) -> EvalResult:
+        return self.evaluator(self.model, self.dtype, self.world)
+
+
+def text_trainer(
+    model: DecoderLM,
+    tokenizer: Tokenizer,
+    train_data: TokenFile,
+    val_data: TokenFile,
+    cfg: TrainConfig,
+    run_dir: Path,
+    **options: Any,
+) -> Trainer:
+    """A Trainer of a decoder on a corpus: random windows of `train_data`, scored on the first
+    `cfg.eval_windows` windows of `val_data`."""
+
+    def make_batches(micro_batch: int, accum: int, world: World) -> Batches:
+        return Batches(train_data, micro_batch, cfg.context, cfg.seed, accum, world.rank,
+                       world.size)  # fmt: skip
+
+    def evaluator(model: nn.Module, dtype: torch.dtype, world: World) -> EvalResult:
         return evaluate(
-            self.model,
-            self.val_data,
-            self.cfg.context,
-            self.cfg.batch_size,
-            self.cfg.eval_windows,
-            self.dtype,
-            world=self.world,
+            model, val_data, cfg.context, cfg.batch_size, cfg.eval_windows, dtype, world=world
         )
 
-
-def write_metrics(history: Iterable[dict[str, Any]], path: Path) -> None:
-    """One JSON object per line: training steps and evaluations."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(record) + "\n" for record in history), encoding="utf-8")
-    tmp.replace(path)
-
-
-def plot_loss(history: list[dict[str, Any]], path: Path) -> None:
-    """loss.png: training loss per step and validation loss at each evaluation."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
-    val = [(h["step"], h["val_loss"]) for h in history if "val_loss" in h]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train, strict=True), label="train loss", linewidth=0.8)
-    if val:
-        ax.plot(*zip(*val, strict=True), "o-", label="validation loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats / token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    return Trainer(model, tokenizer, cfg, run_dir, make_batches, evaluator, **options)
 
 
 @dataclass
@@ -595,6 +423,65 @@ class Run:
     trainer: Trainer
     corpus: Corpus
     resumed_from: Path | None
+
+    def summary(self) -> str:
+        """Three lines: the model, the data, the training (steps, tokens, FLOPs, device)."""
+        trainer, corpus = self.trainer, self.corpus
+        config, cfg = trainer.model.config, trainer.cfg
+        tokens = cfg.steps * trainer.tokens_per_step
+        return "\n".join(
+            [
+                f"model: {trainer.model.num_parameters():,} parameters; decoder "
+                f"d_model={config.d_model}, heads={config.n_heads}, layers={config.n_layers}, "
+                f"{config.position} positions, {config.norm}, {config.feed_forward}",
+                f"data: {corpus.documents:,} documents; train {len(corpus.train.tokens):,} "
+                f"tokens, validation {len(corpus.val.tokens):,} tokens; vocabulary "
+                f"{corpus.tokenizer.vocab_size:,}, {corpus.train.bytes_per_token:.2f} bytes/token",
+                f"training: {cfg.steps:,} steps x {trainer.tokens_per_step:,} tokens "
+                f"({cfg.batch_size} x {cfg.context} x {cfg.grad_accum}) = {tokens:,} tokens "
+                f"({tokens / max(1, len(corpus.train.tokens)):.1f} epochs); "
+                f"{trainer.flops_per_step / 1e9:,.1f} GFLOP/step; {trainer.dtype} on "
+                f"{trainer.device}"
+                + _processes(trainer)
+                + (f"; resuming at step {trainer.step}" if self.resumed_from else ""),
+            ]
+        )
+
+
+def last_evaluation(trainer: Trainer) -> dict[str, Any]:
+    """The last evaluation's record: val_loss, val_perplexity, val_bits_per_byte, ..."""
+    return [h for h in trainer.history if "val_loss" in h][-1]
+
+
+def _processes(trainer: Trainer) -> str:
+    """How the global batch is split when torchrun started several processes."""
+    world = trainer.world
+    if world.size == 1:
+        return ""
+    return (
+        f" x {world.size} processes ({trainer.strategy.upper()}, "
+        f"{'NCCL' if trainer.device.type == 'cuda' else 'Gloo'}), each {trainer.accum} x "
+        f"{trainer.micro_batch} sequences a step"
+    )
+
+
+def check_run_directory(out: Path, resumed: Path | None = None) -> None:
+    """`out` may take this run: a directory (or nothing yet) that holds no other run; resuming,
+    it may be the checkpoint's own run."""
+    if out.exists() and not out.is_dir():
+        raise QkvError(f"--out {out} is a file; give a directory for the run")
+    if not (out / LATEST).exists():
+        return
+    if resumed is None:
+        raise QkvError(
+            f"{out} already holds a training run; pass --resume {out} to continue it, "
+            "or choose another --out"
+        )
+    if run_directory(resumed).resolve() != out.resolve():
+        raise QkvError(
+            f"{out} holds another training run; resume into the checkpoint's own run "
+            f"({run_directory(resumed)}) or give an --out without one"
+        )
 
 
 def prepare_run(
@@ -610,27 +497,16 @@ def prepare_run(
     checkpoint (whose model config and tokenizer are then used). A new model's context
     (max_seq_len) is the training context: learned positions past it would stay untrained.
     With several processes, the first on each machine tokenizes (and caches) the corpus first."""
+    out = Path(out)
     cfg.validate()
+    cfg.data = absolute_specs(cfg.data)
     resolve_device(cfg.device)
-    if out.exists() and not out.is_dir():
-        raise QkvError(f"--out {out} is a file; give a directory for the run")
-    folder = None
-    if resume is not None:
-        folder = resolve(resume)
+    folder = None if resume is None else resolve(resume)
+    check_run_directory(out, folder)
+    tokenizer: Tokenizer | str = cfg.tokenizer
+    if folder is not None:
         model_config = load_config(folder)
-        tokenizer: Tokenizer | str = Tokenizer.load(folder)
-        if (out / LATEST).exists() and run_directory(folder).resolve() != out.resolve():
-            raise QkvError(
-                f"{out} holds another training run; resume into the checkpoint's own run "
-                f"({run_directory(folder)}) or give an --out without one"
-            )
-    else:
-        if (out / LATEST).exists():
-            raise QkvError(
-                f"{out} already holds a training run; pass --resume {out} to continue it, "
-                "or choose another --out"
-            )
-        tokenizer = cfg.tokenizer
+        tokenizer = Tokenizer.load(folder)
     with world.local_first():
         corpus = prepare_corpus(cfg.data, tokenizer, cfg.vocab_size, cfg.val_fraction, progress)
     world.check_same(
@@ -644,7 +520,7 @@ def prepare_run(
         )
     if model_config is None:
         model_config = ModelConfig.preset("tiny")
-    if resume is None:
+    if folder is None:
         model_config = model_config.replace(
             vocab_size=corpus.tokenizer.vocab_size,
             max_seq_len=cfg.context,
@@ -657,10 +533,70 @@ def prepare_run(
         raise QkvError(
             "qkv train trains decoder models; use a decoder preset or --set arch=decoder"
         )
-    trainer = Trainer(
-        model, corpus.tokenizer, corpus.train, corpus.val, cfg, out, world=world, strategy=strategy
-    )
+    trainer = text_trainer(
+        model, corpus.tokenizer, corpus.train, corpus.val, cfg, out, world=world,
+        strategy=strategy,
+    )  # fmt: skip
     if folder is not None:
         trainer.resume(folder)
     out.mkdir(parents=True, exist_ok=True)
     return Run(trainer, corpus, folder)
+
+
+def run_to_end(trainer: Trainer, command: str = "train") -> None:
+    """trainer.run(); a stop by Ctrl-C or SIGTERM (saved) is raised as Interrupted, saying how
+    to continue (`qkv COMMAND --resume RUN`). Processes other than rank 0 stop silently."""
+    try:
+        trainer.run()
+    except KeyboardInterrupt:
+        if not trainer.world.is_main:
+            return
+        saved = (
+            "no checkpoint saved"
+            if trainer.saved_step is None
+            else f"checkpoint at step {trainer.saved_step}"
+        )
+        how = "interrupted" if trainer.stop_signal == signal.SIGINT else "stopped by SIGTERM"
+        raise Interrupted(
+            f"{how} at step {trainer.step}; {saved}. Continue with: "
+            f"qkv {command} --resume {trainer.run_dir}",
+            trainer.stop_signal,
+        ) from None
+
+
+def train(
+    out: Path | None = None,
+    config: TrainConfig | None = None,
+    model_config: ModelConfig | None = None,
+    resume: Path | None = None,
+    *,
+    world: World = ONE_PROCESS,
+    strategy: str = "ddp",
+    progress: Callable[[str], None] | None = None,
+    on_start: Callable[[Run], None] | None = None,
+    **options: Any,
+) -> Run:
+    """`qkv train` of a decoder into the run directory `out` (default runs/train): `options`
+    (TrainConfig fields) over `config`, or over the run's own settings when resuming (into its
+    own run directory unless `out` says otherwise). The run is reported to `on_start` (rank 0),
+    where a caller may set the trainer's on_step / on_eval / on_save; then it trains to
+    cfg.steps and is returned. Under torchrun every process calls this; the global batch is
+    split over them."""
+    if resume is not None:
+        if model_config is not None:
+            raise QkvError("a resumed run keeps its own model: drop the model config")
+        state = read_run(resume)
+        state.require("train")
+        config = TrainConfig(**state.train_config)
+        out = out or state.run_dir
+    cfg = dataclasses.replace(config or TrainConfig(), **options)
+    out = Path(out or "runs/train")
+    split_batch(cfg.batch_size, cfg.grad_accum, world)  # before connecting: it may not divide
+    with distributed.joined(world, cfg.device, out / LATEST):
+        run = prepare_run(
+            out, cfg, model_config, resume, progress if world.is_main else None, world, strategy
+        )
+        if world.is_main and on_start:
+            on_start(run)
+        run_to_end(run.trainer)
+    return run

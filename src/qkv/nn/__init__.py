@@ -6,7 +6,7 @@ from qkv.nn.attention import (
     explicit_attention,
     fused_attention,
 )
-from qkv.nn.block import DecoderBlock, EncoderBlock
+from qkv.nn.block import BlockConfig, DecoderBlock, EncoderBlock
 from qkv.nn.embedding import TokenEmbedding
 from qkv.nn.feedforward import FeedForward, GatedFeedForward, build_feed_forward
 from qkv.nn.kv_cache import KVCache
@@ -18,8 +18,10 @@ from qkv.nn.position import (
     apply_rotary,
     sinusoidal_table,
 )
+from qkv.nn.recording import Record, Recordable, recording
 
 __all__ = [
+    "BlockConfig",
     "DecoderBlock",
     "EncoderBlock",
     "FeedForward",
@@ -29,6 +31,8 @@ __all__ = [
     "LearnedPositionalEmbedding",
     "MultiHeadAttention",
     "RMSNorm",
+    "Record",
+    "Recordable",
     "RotaryEmbedding",
     "SinusoidalPositionalEncoding",
     "TokenEmbedding",
@@ -38,5 +42,6 @@ __all__ = [
     "causal_mask",
     "explicit_attention",
     "fused_attention",
+    "recording",
     "sinusoidal_table",
 ]

@@ -11,6 +11,8 @@ fused kernel.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +21,7 @@ from torch.nn import functional as F
 from qkv.nn.kv_cache import KVCache
 from qkv.nn.linear import Linear
 from qkv.nn.position import apply_rotary
+from qkv.nn.recording import Recordable
 
 
 def causal_mask(q_len: int, k_len: int, device: torch.device | None = None) -> Tensor:
@@ -67,10 +70,17 @@ def explicit_attention(
     mask: Tensor | None = None,
     is_causal: bool = False,
     dropout_p: float = 0.0,
+    record: Callable[[str, Tensor], None] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """A = softmax(Q K^T / sqrt(d_k) + mask), out = dropout(A) V; returns (out, A)."""
+    """A = softmax(Q K^T / sqrt(d_k) + mask), out = dropout(A) V; returns (out, A).
+
+    `record`, when given, receives the "scores" Q K^T / sqrt(d_k) (batch, n_heads, q_len, k_len)
+    before the mask.
+    """
     k, v = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1])
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    if record is not None:
+        record("scores", scores)
     if is_causal:
         mask = _with_causal(mask, q.shape[-2], k.shape[-2], q.device)
     if mask is not None:
@@ -113,11 +123,29 @@ def fused_attention(
     return F.scaled_dot_product_attention(q, k, v, mask, dropout_p=dropout_p, is_causal=is_causal)
 
 
-class MultiHeadAttention(nn.Module):
+class MultiHeadAttention(Recordable, nn.Module):
     """head_h = Attention(X W_Q^h, S W_K^h, S W_V^h); MHA = concat(head_1..head_H) W_O.
 
     S = X for self-attention, S = the encoder's output (memory) for cross-attention.
     """
+
+    FORMULAS: ClassVar[dict[str, str]] = {
+        "query": "Q = X W_Q + b_Q, split into {n_heads} heads of d_k = {head_dim}",
+        "key": "K = S W_K + b_K (S = X; the encoder's output in cross-attention), split into "
+        "{n_kv_heads} key heads for {n_heads} query heads: query head h reads key head "
+        "h // (n_heads / n_kv_heads)",
+        "value": "V = S W_V + b_V, split into {n_kv_heads} heads, shared like the keys",
+        "rotated_query": "RoPE: Q' = Q cos(theta) + rotate_half(Q) sin(theta), each pair "
+        "(i, i + d_k/2) turned by its position's angle",
+        "rotated_key": "RoPE: K' = K cos(theta) + rotate_half(K) sin(theta); Q' K'^T then depends "
+        "on how far apart two positions are",
+        "scores": "S_h = Q_h K_h^T / sqrt(d_k), d_k = {head_dim} (Q and K rotated by RoPE where "
+        "used): how well query i fits key j",
+        "attention_weights": "A_h = softmax(S_h + mask): row i sums to 1 over the keys query i "
+        "may see (j <= i under a causal mask)",
+        "weighted_values": "head_h = A_h V_h: each token's mix of the values, heads side by side",
+        "attention_output": "MultiHead(X) = concat(head_1, ..., head_H) W_O + b_O",
+    }
 
     def __init__(
         self,
@@ -140,7 +168,6 @@ class MultiHeadAttention(nn.Module):
         self.head_dim = d_model // n_heads
         self.dropout = dropout
         self.implementation = implementation
-        self.recorded: list[Tensor] | None = None  # a list: each call appends its weights
         self.q_proj = Linear(d_model, n_heads * self.head_dim, bias=bias)
         self.k_proj = Linear(d_model, self.n_kv_heads * self.head_dim, bias=bias)
         self.v_proj = Linear(d_model, self.n_kv_heads * self.head_dim, bias=bias)
@@ -164,23 +191,34 @@ class MultiHeadAttention(nn.Module):
         """x (batch, q_len, d_model) -> (out (batch, q_len, d_model), weights if need_weights).
 
         `rotary` is RotaryEmbedding's (cos, sin) for x's positions; `cache` receives this call's
-        keys and values and returns all of them, for incremental decoding. While `recorded` is a
-        list, every call appends its attention weights (batch, n_heads, q_len, k_len) to it.
+        keys and values and returns all of them, for incremental decoding. While recording, the
+        per-head tensors are recorded as (batch, heads, seq, d_k), this call's positions only.
         """
+        record = self.recorder
         source = x if memory is None else memory
         q = self.split_heads(self.q_proj(x), self.n_heads)
         k = self.split_heads(self.k_proj(source), self.n_kv_heads)
         v = self.split_heads(self.v_proj(source), self.n_kv_heads)
+        if record is not None:
+            record("query", q)
+            record("key", k)
+            record("value", v)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+            if record is not None:
+                record("rotated_query", q)
+                record("rotated_key", k)
         if cache is not None:
             k, v = cache.update(k, v)
         dropout_p = self.dropout if self.training else 0.0
         weights = None
-        if need_weights or self.implementation == "explicit" or self.recorded is not None:
-            out, weights = explicit_attention(q, k, v, mask, is_causal, dropout_p)
-            if self.recorded is not None:
-                self.recorded.append(weights.detach())
+        if need_weights or self.implementation == "explicit" or record is not None:
+            out, weights = explicit_attention(q, k, v, mask, is_causal, dropout_p, record)
         else:
             out = fused_attention(q, k, v, mask, is_causal, dropout_p)
-        return self.o_proj(out.transpose(1, 2).flatten(-2)), weights if need_weights else None
+        projected = self.o_proj(out.transpose(1, 2).flatten(-2))
+        if record is not None:
+            record("attention_weights", weights)
+            record("weighted_values", out)
+            record("attention_output", projected)
+        return projected, weights if need_weights else None

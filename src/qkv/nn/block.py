@@ -7,50 +7,84 @@ Pre-norm (GPT-2, Llama; trains deeper stacks stably): x = x + Sublayer(Norm(x)).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
 
 from torch import Tensor, nn
 
-from qkv.config import ModelConfig
 from qkv.nn.attention import MultiHeadAttention
 from qkv.nn.feedforward import build_feed_forward
 from qkv.nn.kv_cache import KVCache
-from qkv.nn.norm import build_norm
+from qkv.nn.norm import LayerNorm, RMSNorm, build_norm
+from qkv.nn.recording import Recordable
 
 
-def _attention(config: ModelConfig, n_kv_heads: int | None) -> MultiHeadAttention:
+@dataclass(frozen=True)
+class BlockConfig:
+    """What one block is made of: its widths, which norm and feed-forward, and where the norm sits.
+
+    `n_kv_heads` None means n_heads (no grouped-query attention); `kernels` "fused" runs attention
+    and norms through PyTorch's fused kernels, "explicit" through the formulas as written.
+    """
+
+    d_model: int
+    n_heads: int
+    d_ff: int
+    n_kv_heads: int | None = None
+    feed_forward: str = "gelu"  # relu | gelu | gelu_tanh | swiglu | geglu
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_eps: float = 1e-5
+    norm_first: bool = True
+    bias: bool = True
+    dropout: float = 0.0
+    kernels: str = "fused"
+
+
+def _attention(config: BlockConfig, n_kv_heads: int | None) -> MultiHeadAttention:
     return MultiHeadAttention(
         config.d_model, config.n_heads, n_kv_heads, config.bias, config.dropout, config.kernels
     )
 
 
-class _ResidualBlock(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+def _norm(config: BlockConfig) -> LayerNorm | RMSNorm:
+    fused = config.kernels == "fused"
+    return build_norm(config.norm, config.d_model, config.norm_eps, config.bias, fused)
+
+
+class _ResidualBlock(Recordable, nn.Module):
+    FORMULAS: ClassVar[dict[str, str]] = {
+        "residual": "x + Sublayer(h): the residual connection; h = Norm(x) in a pre-norm block, "
+        "h = x in a post-norm one, which normalises the sum next"
+    }
+
+    def __init__(self, config: BlockConfig) -> None:
         super().__init__()
         self.norm_first = config.norm_first
         self.residual_dropout = nn.Dropout(config.dropout)
         self.feed_forward = build_feed_forward(
             config.feed_forward, config.d_model, config.d_ff, config.bias, config.dropout
         )
-        self.feed_forward_norm = self.make_norm(config)
+        self.feed_forward_norm = _norm(config)
 
-    @staticmethod
-    def make_norm(config: ModelConfig) -> nn.Module:
-        return build_norm(config)
+    def residual(
+        self, x: Tensor, norm: nn.Module, sublayer: Callable[[Tensor], Tensor], name: str
+    ) -> Tensor:
+        """Pre-norm: x + Sublayer(Norm(x)); post-norm: Norm(x + Sublayer(x)).
 
-    def residual(self, x: Tensor, norm: nn.Module, sublayer: Callable[[Tensor], Tensor]) -> Tensor:
-        """Pre-norm: x + Sublayer(Norm(x)); post-norm: Norm(x + Sublayer(x))."""
-        if self.norm_first:
-            return x + self.residual_dropout(sublayer(norm(x)))
-        return norm(x + self.residual_dropout(sublayer(x)))
+        `name` (attention, cross_attention, feed_forward) labels the recorded sum."""
+        x = x + self.residual_dropout(sublayer(norm(x) if self.norm_first else x))
+        if self.recorder is not None:
+            self.recorder("residual", x, name)
+        return x if self.norm_first else norm(x)
 
 
 class EncoderBlock(_ResidualBlock):
     """Self-attention over the whole sequence, then the feed-forward network."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: BlockConfig) -> None:
         super().__init__(config)
         self.self_attention = _attention(config, config.n_kv_heads)
-        self.attention_norm = self.make_norm(config)
+        self.attention_norm = _norm(config)
 
     def forward(
         self,
@@ -63,19 +97,19 @@ class EncoderBlock(_ResidualBlock):
         def attend(h: Tensor) -> Tensor:
             return self.self_attention(h, mask=mask, rotary=rotary)[0]
 
-        x = self.residual(x, self.attention_norm, attend)
-        return self.residual(x, self.feed_forward_norm, self.feed_forward)
+        x = self.residual(x, self.attention_norm, attend, "attention")
+        return self.residual(x, self.feed_forward_norm, self.feed_forward, "feed_forward")
 
 
 class DecoderBlock(_ResidualBlock):
     """Masked self-attention, optional cross-attention to the encoder's memory, feed-forward."""
 
-    def __init__(self, config: ModelConfig, cross_attention: bool = False) -> None:
+    def __init__(self, config: BlockConfig, cross_attention: bool = False) -> None:
         super().__init__(config)
         self.self_attention = _attention(config, config.n_kv_heads)
-        self.attention_norm = self.make_norm(config)
+        self.attention_norm = _norm(config)
         self.cross_attention = _attention(config, None) if cross_attention else None
-        self.cross_attention_norm = self.make_norm(config) if cross_attention else None
+        self.cross_attention_norm = _norm(config) if cross_attention else None
 
     def forward(
         self,
@@ -94,7 +128,7 @@ class DecoderBlock(_ResidualBlock):
             out = self.self_attention(h, mask=mask, is_causal=is_causal, rotary=rotary, cache=cache)
             return out[0]
 
-        x = self.residual(x, self.attention_norm, attend)
+        x = self.residual(x, self.attention_norm, attend, "attention")
         if self.cross_attention is not None:
             if memory is None:
                 raise ValueError("this decoder block has cross-attention: pass the encoder memory")
@@ -102,5 +136,5 @@ class DecoderBlock(_ResidualBlock):
             def attend_memory(h: Tensor) -> Tensor:
                 return self.cross_attention(h, memory, mask=memory_mask)[0]
 
-            x = self.residual(x, self.cross_attention_norm, attend_memory)
-        return self.residual(x, self.feed_forward_norm, self.feed_forward)
+            x = self.residual(x, self.cross_attention_norm, attend_memory, "cross_attention")
+        return self.residual(x, self.feed_forward_norm, self.feed_forward, "feed_forward")

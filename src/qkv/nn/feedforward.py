@@ -7,11 +7,13 @@ projects up from d_model to the hidden size d_ff and W2 projects back down to d_
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import ClassVar
 
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from qkv.nn.linear import Linear
+from qkv.nn.recording import Recordable
 
 
 def gelu_tanh(x: Tensor) -> Tensor:
@@ -27,8 +29,14 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 }
 
 
-class FeedForward(nn.Module):
+class FeedForward(Recordable, nn.Module):
     """FFN(x) = act(x W1 + b1) W2 + b2, act = max(0, .) or GELU; d_model -> d_ff -> d_model."""
+
+    FORMULAS: ClassVar[dict[str, str]] = {
+        "feed_forward_hidden": "hidden = {activation_name}(x W1 + b1): W1 projects up from "
+        "d_model to d_ff = {d_ff}",
+        "feed_forward": "FFN(x) = hidden W2 + b2: W2 projects back down to d_model",
+    }
 
     def __init__(
         self,
@@ -39,17 +47,30 @@ class FeedForward(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
+        self.d_ff = d_ff
         self.w1 = Linear(d_model, d_ff, bias=bias)
         self.w2 = Linear(d_ff, d_model, bias=bias)
+        self.activation_name = activation
         self.activation = ACTIVATIONS[activation]
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(self.dropout(self.activation(self.w1(x))))
+        hidden = self.activation(self.w1(x))
+        out = self.w2(self.dropout(hidden))
+        if self.recorder is not None:
+            self.recorder("feed_forward_hidden", hidden)
+            self.recorder("feed_forward", out)
+        return out
 
 
-class GatedFeedForward(nn.Module):
+class GatedFeedForward(Recordable, nn.Module):
     """FFN(x) = down(act(gate(x)) * up(x)): SwiGLU with act = SiLU, GeGLU with act = GELU."""
+
+    FORMULAS: ClassVar[dict[str, str]] = {
+        "feed_forward_hidden": "hidden = {activation_name}(x W_gate) * (x W_up): gate and up "
+        "project from d_model to d_ff = {d_ff}",
+        "feed_forward": "FFN(x) = hidden W_down: W_down projects back down to d_model",
+    }
 
     def __init__(
         self,
@@ -60,14 +81,21 @@ class GatedFeedForward(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
+        self.d_ff = d_ff
         self.gate = Linear(d_model, d_ff, bias=bias)
         self.up = Linear(d_model, d_ff, bias=bias)
         self.down = Linear(d_ff, d_model, bias=bias)
+        self.activation_name = activation
         self.activation = ACTIVATIONS[activation]
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down(self.dropout(self.activation(self.gate(x)) * self.up(x)))
+        hidden = self.activation(self.gate(x)) * self.up(x)
+        out = self.down(self.dropout(hidden))
+        if self.recorder is not None:
+            self.recorder("feed_forward_hidden", hidden)
+            self.recorder("feed_forward", out)
+        return out
 
 
 def build_feed_forward(

@@ -9,19 +9,26 @@ Half-precision inputs (float16, bfloat16) are normalized in float32 and cast bac
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from qkv.config import ModelConfig
+from qkv.nn.recording import Recordable
 
 
 def _upcast(x: Tensor) -> Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-class LayerNorm(nn.Module):
+class LayerNorm(Recordable, nn.Module):
     """LayerNorm(x) = gamma * (x - mean) / sqrt(var + eps) + beta, var biased, over d_model."""
+
+    FORMULAS: ClassVar[dict[str, str]] = {
+        "layer_norm": "LayerNorm(x) = gamma * (x - mean) / sqrt(var + eps) + beta, over each "
+        "token's d_model values, eps = {eps:g}"
+    }
 
     def __init__(
         self, d_model: int, eps: float = 1e-5, bias: bool = True, fused: bool = False
@@ -33,18 +40,27 @@ class LayerNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.fused and x.dtype == self.weight.dtype:
-            return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
-        h = _upcast(x)
-        mean = h.mean(dim=-1, keepdim=True)
-        var = (h - mean).pow(2).mean(dim=-1, keepdim=True)
-        y = (h - mean) * torch.rsqrt(var + self.eps) * self.weight
-        if self.bias is not None:
-            y = y + self.bias
-        return y.to(x.dtype)
+            y = F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+        else:
+            h = _upcast(x)
+            mean = h.mean(dim=-1, keepdim=True)
+            var = (h - mean).pow(2).mean(dim=-1, keepdim=True)
+            y = (h - mean) * torch.rsqrt(var + self.eps) * self.weight
+            if self.bias is not None:
+                y = y + self.bias
+            y = y.to(x.dtype)
+        if self.recorder is not None:
+            self.recorder("layer_norm", y)
+        return y
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(Recordable, nn.Module):
     """RMSNorm(x) = gamma * x / sqrt(mean(x^2) + eps): LayerNorm without centring or beta."""
+
+    FORMULAS: ClassVar[dict[str, str]] = {
+        "layer_norm": "RMSNorm(x) = gamma * x / sqrt(mean(x^2) + eps), over each token's "
+        "d_model values, eps = {eps:g}"
+    }
 
     def __init__(self, d_model: int, eps: float = 1e-5, fused: bool = False) -> None:
         super().__init__()
@@ -53,15 +69,20 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.fused and x.dtype == self.weight.dtype:
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        h = _upcast(x)
-        y = h * torch.rsqrt(h.pow(2).mean(dim=-1, keepdim=True) + self.eps) * self.weight
-        return y.to(x.dtype)
+            y = F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        else:
+            h = _upcast(x)
+            y = h * torch.rsqrt(h.pow(2).mean(dim=-1, keepdim=True) + self.eps) * self.weight
+            y = y.to(x.dtype)
+        if self.recorder is not None:
+            self.recorder("layer_norm", y)
+        return y
 
 
-def build_norm(config: ModelConfig) -> LayerNorm | RMSNorm:
-    """The norm ModelConfig.norm names, fused when config.kernels is "fused"."""
-    fused = config.kernels == "fused"
-    if config.norm == "rmsnorm":
-        return RMSNorm(config.d_model, config.norm_eps, fused)
-    return LayerNorm(config.d_model, config.norm_eps, config.bias, fused)
+def build_norm(
+    kind: str, d_model: int, eps: float, bias: bool = True, fused: bool = False
+) -> LayerNorm | RMSNorm:
+    """`kind` is layernorm | rmsnorm (RMSNorm has no beta, so `bias` applies to LayerNorm)."""
+    if kind == "rmsnorm":
+        return RMSNorm(d_model, eps, fused)
+    return LayerNorm(d_model, eps, bias, fused)

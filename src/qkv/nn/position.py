@@ -7,8 +7,12 @@ use 10000. With the "none" choice a model gets no positional signal at all.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
+
+from qkv.nn.recording import Recordable
 
 
 def sinusoidal_table(
@@ -27,39 +31,61 @@ def sinusoidal_table(
     return table.to(dtype)
 
 
-class SinusoidalPositionalEncoding(nn.Module):
+class SinusoidalPositionalEncoding(Recordable, nn.Module):
     """Fixed PE table, looked up by position: (batch, seq) positions -> (batch, seq, d_model)."""
+
+    FORMULAS: ClassVar[dict[str, str]] = {
+        "positional_encoding": "PE(pos, 2i) = sin(pos / {base:g}^(2i/d_model)), "
+        "PE(pos, 2i+1) = cos(same angle)"
+    }
 
     def __init__(self, max_seq_len: int, d_model: int, base: float = 10000.0) -> None:
         super().__init__()
+        self.base = base
         self.register_buffer(
             "table", sinusoidal_table(max_seq_len, d_model, base), persistent=False
         )
 
     def forward(self, positions: Tensor) -> Tensor:
-        return self.table[positions]
+        pe = self.table[positions]
+        if self.recorder is not None:
+            self.recorder("positional_encoding", pe)
+        return pe
 
 
-class LearnedPositionalEmbedding(nn.Module):
+class LearnedPositionalEmbedding(Recordable, nn.Module):
     """P[pos], a learned table (GPT-2, BERT): (batch, seq) positions -> (batch, seq, d_model)."""
+
+    FORMULAS: ClassVar[dict[str, str]] = {
+        "positional_encoding": "PE(pos) = P[pos]: row pos of a learned table"
+    }
 
     def __init__(self, max_seq_len: int, d_model: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.randn(max_seq_len, d_model))
 
     def forward(self, positions: Tensor) -> Tensor:
-        return nn.functional.embedding(positions, self.weight)
+        pe = nn.functional.embedding(positions, self.weight)
+        if self.recorder is not None:
+            self.recorder("positional_encoding", pe)
+        return pe
 
 
-class RotaryEmbedding(nn.Module):
+class RotaryEmbedding(Recordable, nn.Module):
     """RoPE angles theta_{pos,i} = pos * base^(-2i/d_head), returned as (cos, sin) per position.
 
     Dimension i is paired with i + d_head/2 (the "rotate half" layout Llama checkpoints use).
     Angles are computed in float32 the way Hugging Face's Llama does, so long contexts match it.
     """
 
+    FORMULAS: ClassVar[dict[str, str]] = {
+        "positional_encoding": "RoPE angle theta(pos, i) = pos * {base:g}^(-2i/d_k), in radians: "
+        "attention turns each pair (i, i + d_k/2) of q and k by it"
+    }
+
     def __init__(self, head_dim: int, max_seq_len: int, base: float = 10000.0) -> None:
         super().__init__()
+        self.base = base
         exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
         self.register_buffer("inv_freq", 1.0 / base**exponents, persistent=False)
         angle = self.angles(torch.arange(max_seq_len))
@@ -72,7 +98,11 @@ class RotaryEmbedding(nn.Module):
         return positions.float()[..., None] * self.inv_freq
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """(batch, seq) positions -> cos, sin (batch, 1, seq, d_head), broadcast over heads."""
+        """(batch, seq) positions -> cos, sin (batch, 1, seq, d_head), broadcast over heads.
+
+        Records the angles (batch, seq, d_head / 2) whose cos and sin these are."""
+        if self.recorder is not None:
+            self.recorder("positional_encoding", self.angles(positions))
         return self.cos[positions].unsqueeze(-3), self.sin[positions].unsqueeze(-3)
 
 

@@ -1,0 +1,105 @@
+"""`qkv chat`: talk with a fine-tuned model in the terminal (interactive, piped, or -p)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from qkv.cli.options import (
+    add_command,
+    add_device,
+    add_model,
+    add_sampling,
+    sampling,
+    warnings_to_stderr,
+)
+from qkv.errors import QkvError
+
+EXAMPLES = """examples:
+  qkv chat --model runs/qa                            interactive: /reset, /exit, Ctrl-D
+  qkv chat --model runs/qa -p "What does json.dumps do?"    one question, one answer
+  printf 'hello\\nwhat next?\\n' | qkv chat --model runs/qa   one reply per input line
+"""
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    chat = add_command(
+        commands,
+        "chat",
+        "chat with a fine-tuned model in the terminal",
+        "Chat with a model fine-tuned by `qkv finetune`. Replies stream as they are\n"
+        "generated; the conversation so far is part of each prompt, the oldest exchanges\n"
+        "dropped when it outgrows the context window. /reset forgets the history, /exit or\n"
+        "Ctrl-D ends, Ctrl-C stops a reply. With piped input every line is a message.",
+        EXAMPLES,
+    )
+    add_model(chat)
+    chat.add_argument("-p", "--prompt", help="answer this one message and exit")
+    chat.add_argument("--system", help="a system message kept at the start of the conversation")
+    add_sampling(chat, temperature=0.7, repetition_penalty=1.1, max_new_tokens=200)
+    add_device(chat)
+
+
+def run(args: argparse.Namespace) -> None:
+    from qkv.chat import Chat
+
+    chat = Chat.load(args.model, args.device, args.system, **sampling(args))
+    interactive = sys.stdin.isatty() and args.prompt is None
+
+    def dropped(count: int) -> None:
+        print(
+            f"(the {count} oldest exchange(s) no longer fit the context window of "
+            f"{chat.window} tokens and were left out)",
+            file=sys.stderr,
+        )
+
+    def reply(message: str) -> None:
+        if interactive:
+            print("assistant> ", end="", flush=True)
+        with warnings_to_stderr("chat"):
+            chat.reply(message, lambda text: print(text, end="", flush=True), dropped)
+        print(flush=True)
+
+    if args.prompt is not None:
+        if not args.prompt.strip():
+            raise QkvError("the message (-p) is empty")
+        reply(args.prompt)
+        return
+    if interactive:
+        print(
+            f"chatting with {args.model} ({chat.window}-token context). /reset forgets the "
+            "conversation, /exit or Ctrl-D ends, Ctrl-C stops a reply.",
+            file=sys.stderr,
+        )
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            if interactive:
+                print(file=sys.stderr)
+            return
+        except KeyboardInterrupt:  # at the prompt: a fresh line, as in a shell
+            print(file=sys.stderr)
+            continue
+        except UnicodeDecodeError as err:
+            raise QkvError(f"standard input is not UTF-8 text (byte {err.start})") from None
+        message = line.strip()
+        if not message:
+            continue
+        if message in ("/exit", "/quit"):
+            return
+        if message == "/reset":
+            chat.conversation.reset()
+            print("(the conversation is forgotten)", file=sys.stderr)
+        elif message.startswith("/"):
+            print(
+                f"unknown command {message}: /reset forgets the conversation, /exit ends",
+                file=sys.stderr,
+            )
+        else:
+            try:
+                reply(message)
+            except KeyboardInterrupt:
+                print("\n(reply stopped)", file=sys.stderr)
+            except QkvError as err:  # this message only: the conversation goes on
+                print(f"qkv chat: error: {err}", file=sys.stderr)

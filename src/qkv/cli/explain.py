@@ -1,0 +1,95 @@
+"""`qkv explain`: a sentence through a Transformer stage by stage, every number shown: the notes'
+untrained worked example, or any trained or Hugging Face model with --model."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from qkv.cli.options import add_command, positive, seed
+from qkv.errors import ConfigError, QkvError
+
+EXAMPLES = """examples:
+  qkv explain                                   the notes' sentence, d_model = 4, 2 heads
+  qkv explain "The quick brown fox jumps over the lazy dog" --heads 1
+  qkv explain "Attention is all you need" --d-model 8 --layers 2 --seed 3
+  qkv explain --json | python -m json.tool      every stage as one JSON object
+  qkv explain --plot attention.png              heatmaps of attention weights and positions
+  qkv explain --model runs/quickstart "Return the value"        every stage of a trained model
+  qkv explain --model gpt2-dir "The fox" --layer 3 --head 5    one block, one head
+"""
+# Config fields as the explain command's options call them, for error messages.
+FIELDS = {"d_model": "--d-model", "n_heads": "--heads", "n_layers": "--layers"}
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    explain = add_command(
+        commands,
+        "explain",
+        "walk a sentence through a Transformer, stage by stage",
+        "Walk a sentence through a decoder the way the notes do: tokens, embeddings,\n"
+        "positions, Q/K/V, attention weights, feed-forward, norms, logits and next-word\n"
+        "probabilities, each stage with its formula and a table with one row per token.\n"
+        "The numbers are what the model's own modules computed. Without --model: a freshly\n"
+        "initialised (seeded) model of the notes' size; with --model: a trained qkv\n"
+        "checkpoint or a Hugging Face GPT-2, Llama or BERT directory.",
+        EXAMPLES,
+    )
+    explain.add_argument(
+        "text", nargs="*", help="the sentence (default: the notes' 'The quick brown fox ...')"
+    )
+    explain.add_argument("--d-model", type=positive, default=4, help="embedding size (default 4)")
+    explain.add_argument("--heads", type=positive, default=2, help="attention heads (default 2)")
+    explain.add_argument("--layers", type=positive, default=1, help="decoder blocks (default 1)")
+    explain.add_argument(
+        "--seed", type=seed, default=0, help="seed for the random weights (default 0)"
+    )
+    explain.add_argument(
+        "--json", action="store_true", help="print one JSON object instead of tables"
+    )
+    explain.add_argument("--plot", metavar="FILE.png", help="also save heatmaps to this image file")
+    explain.add_argument(
+        "--model", type=Path, help="a trained or Hugging Face model: walk the text through it"
+    )
+    explain.add_argument(
+        "--layer", type=int, help="show this block's stages only (default: every block)"
+    )
+    explain.add_argument(
+        "--head", type=int, help="show this head (default: every head of a model with few)"
+    )
+
+
+def run(args: argparse.Namespace) -> None:
+    from qkv import explain
+    from qkv.checkpoint import load_model
+
+    if args.model is not None:
+        if args.plot is not None:
+            raise QkvError("--plot draws the worked example; with --model, use --json")
+        if not args.text:
+            raise QkvError("give the text to explain, e.g. qkv explain --model DIR 'The fox'")
+        model, tokenizer = load_model(args.model)
+        walkthrough = explain.explain_model(model, tokenizer, " ".join(args.text))
+    else:
+        if args.d_model > 256 or args.layers > 12:
+            raise QkvError("explain prints every number: keep --d-model <= 256 and --layers <= 12")
+        text = " ".join(args.text) if args.text else explain.NOTES_SENTENCE
+        try:
+            walkthrough = explain.explain_text(
+                text, args.d_model, args.heads, args.layers, args.seed
+            )
+        except ConfigError as err:
+            message = str(err).replace("invalid config field ", "invalid ")
+            for name, option in FIELDS.items():
+                message = message.replace(name, option)
+            raise QkvError(message) from None
+    plotted = None if args.plot is None else explain.plot(walkthrough, args.plot)
+    if args.json:
+        print(explain.render_json(walkthrough))
+        return
+    try:
+        print(explain.render_text(walkthrough, args.layer, args.head))
+    except QkvError as err:  # --layer / --head out of range
+        raise QkvError(f"--{err}") from None
+    if plotted is not None:
+        print(f"\nplot saved to {plotted}")

@@ -1,0 +1,124 @@
+"""What several commands share: the parser class, value types, and the option groups for the
+device, model loading and token sampling. Nothing here imports PyTorch or the library."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line: the problem and where to get help."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 2**63 - 1, got {value}")
+    return value
+
+
+def add_command(
+    commands: argparse._SubParsersAction, name: str, help: str, description: str, examples: str
+) -> argparse.ArgumentParser:
+    """A sub-command whose --help shows its description and examples as written."""
+    return commands.add_parser(
+        name,
+        help=help,
+        description=description,
+        epilog=examples,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def add_model(parser: argparse.ArgumentParser, what: str = "run or checkpoint directory") -> None:
+    parser.add_argument("--model", type=Path, required=True, help=what)
+
+
+def add_device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+
+def add_sampling(
+    parser: argparse.ArgumentParser,
+    temperature: float,
+    repetition_penalty: float,
+    max_new_tokens: int,
+) -> None:
+    """--temperature, --top-k, --top-p, --repetition-penalty, --seed and --max-new-tokens, with
+    the command's own defaults."""
+    parser.add_argument(
+        "--max-new-tokens",
+        type=positive,
+        default=max_new_tokens,
+        help=f"tokens to add at most (default {max_new_tokens})",
+    )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=temperature,
+        help=f"0 = greedy, higher = more random (default {temperature:g})",
+    )
+    parser.add_argument(
+        "--top-k", type=int, default=50, help="sample among the k likeliest; 0 = all (50)"
+    )
+    parser.add_argument(
+        "--top-p", type=float, default=1.0, help="nucleus: likeliest tokens up to this mass (1)"
+    )
+    parser.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=repetition_penalty,
+        help=f"> 1 discourages tokens already in the text (CTRL's penalty; default "
+        f"{repetition_penalty:g}, 1 is off)",
+    )
+    parser.add_argument("--seed", type=seed, default=0, help="sampling seed (default 0)")
+
+
+def sampling(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampling options as GenerationConfig's fields."""
+    return {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "repetition_penalty": args.repetition_penalty,
+        "seed": args.seed,
+    }
+
+
+def say(message: str) -> None:
+    """A progress message: on standard error, so that standard output stays the result."""
+    print(message, file=sys.stderr)
+
+
+@contextlib.contextmanager
+def warnings_to_stderr(command: str) -> Iterator[None]:
+    """Python warnings inside the block as one line each: 'qkv COMMAND: warning: ...'."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, *_: print(
+            f"qkv {command}: warning: {message}", file=sys.stderr
+        )
+        yield

@@ -1,0 +1,87 @@
+"""The main job, `qkv quickstart`: the whole life of a small language model on 2 CPU cores.
+
+builtin:stdlib-docs -> a BPE tokenizer -> the tiny preset trained for the steps that fit the time
+budget (each step timed first; at most 1,500) -> validation loss and bits per byte -> samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qkv.checkpoint import LATEST
+from qkv.config import ModelConfig, TrainConfig
+from qkv.errors import QkvError
+from qkv.generate import Generator
+from qkv.train import Run, Trainer, last_evaluation, prepare_run, run_to_end
+
+CONFIG = TrainConfig(
+    data=["builtin:stdlib-docs"],
+    tokenizer="bpe",
+    vocab_size=4096,
+    steps=1500,
+    batch_size=16,
+    context=128,
+    lr=2e-3,
+    warmup_steps=100,
+    eval_every=500,
+)
+MODEL = ModelConfig.preset("tiny")
+MINUTES = 4.0
+RESERVE_S = 20  # evaluations, the final save and the samples
+PROMPTS = ["Return the", "This module provides", "If the file", "Raise ValueError if"]
+
+
+@dataclass
+class Quickstart:
+    """What the main job made: its run, the seconds a step took, and samples of the model."""
+
+    run: Run
+    seconds_per_step: float
+    budgeted: bool  # the steps were cut to fit the time
+    samples: list[tuple[str, str]] = field(default_factory=list)  # (prompt, continuation)
+
+    @property
+    def trainer(self) -> Trainer:
+        return self.run.trainer
+
+    @property
+    def final(self) -> dict[str, float]:
+        return last_evaluation(self.run.trainer)
+
+
+def quickstart(
+    out: Path = Path("runs/quickstart"),
+    steps: int | None = None,
+    minutes: float = MINUTES,
+    device: str = "auto",
+    progress: Callable[[str], None] | None = None,
+    on_start: Callable[[Quickstart], None] | None = None,
+) -> Quickstart:
+    """Train the tiny preset on builtin:stdlib-docs into `out` for `steps`, or for as many steps
+    as fit in `minutes` (at most CONFIG.steps), then sample PROMPTS (temperature 0.8, top-k 50).
+    `on_start` hears of the run before it trains."""
+    out = Path(out)
+    if (out / LATEST).exists():
+        raise QkvError(f"{out} already holds a quickstart run; delete it or pass another --out")
+    if minutes <= 0:
+        raise QkvError("--minutes must be positive")
+    started = time.perf_counter()
+    cfg = dataclasses.replace(CONFIG, steps=steps or CONFIG.steps, device=device)
+    run = prepare_run(out, cfg, MODEL, progress=progress)
+    per_step = run.trainer.seconds_per_step() if steps is None else 0.0
+    if steps is None:
+        budget = 60 * minutes - (time.perf_counter() - started) - RESERVE_S
+        cfg.steps = max(1, min(CONFIG.steps, int(budget / per_step)))
+    cfg.eval_every = min(cfg.eval_every, cfg.steps)
+    job = Quickstart(run, per_step, cfg.steps < CONFIG.steps)
+    if on_start:
+        on_start(job)
+    run_to_end(run.trainer, "train")
+    generator = Generator.load(out)  # the saved checkpoint, as `qkv generate` will read it
+    for seed, prompt in enumerate(PROMPTS):
+        job.samples.append((prompt, generator.generate(prompt, max_new_tokens=60, seed=seed).text))
+    return job
