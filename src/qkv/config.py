@@ -214,6 +214,9 @@ def _choice(config: ModelConfig, name: str, choices: tuple[str, ...]) -> None:
     _require(value in choices, name, f"{value!r} is not one of {list(choices)}")
 
 
+# The original paper's (and the notes') design: Norm(x + Sublayer(x)), sinusoids, ReLU FFN.
+ORIGINAL: dict[str, Any] = {"position": "sinusoidal", "norm_first": False, "feed_forward": "relu"}
+
 PRESETS: dict[str, ModelConfig] = {
     # The notes' worked example: 4-dimensional embeddings, post-norm, ReLU FFN, sinusoids.
     "notes-demo": ModelConfig(
@@ -223,10 +226,8 @@ PRESETS: dict[str, ModelConfig] = {
         d_ff=16,
         vocab_size=16,
         max_seq_len=64,
-        position="sinusoidal",
-        norm_first=False,
-        feed_forward="relu",
         init_std=None,
+        **ORIGINAL,
     ),
     # A model that trains in minutes on 2 CPU cores.
     "tiny": ModelConfig(d_model=128, n_heads=4, n_layers=4, max_seq_len=256, vocab_size=256),
@@ -264,10 +265,8 @@ PRESETS: dict[str, ModelConfig] = {
         d_ff=2048,
         max_seq_len=512,
         dropout=0.1,
-        position="sinusoidal",
-        norm_first=False,
-        feed_forward="relu",
         scale_embeddings=True,
+        **ORIGINAL,
     ),
 }
 

@@ -43,32 +43,32 @@ def _reason(err: BaseException) -> str:
     return lines[0] if lines else type(err).__name__
 
 
-def read_safetensors(path: Path, label: str = "weight file") -> dict[str, Tensor]:
-    """Every tensor of a safetensors file, on the CPU; `label` names the file in errors."""
+@contextmanager
+def _reading(path: Path, label: str) -> Iterator[None]:
+    """A safetensors file's read errors as one QkvError: missing, corrupt or unreadable."""
     try:
-        return load_file(path)
+        yield
     except FileNotFoundError:
         raise QkvError(f"{label} {path} is missing") from None
     except (SafetensorError, ValueError) as err:
         raise QkvError(f"{label} {path} is corrupt ({_reason(err)})") from None
     except OSError as err:
         raise QkvError(f"{label} {path} is unreadable ({_reason(err)})") from None
+
+
+def read_safetensors(path: Path, label: str = "weight file") -> dict[str, Tensor]:
+    """Every tensor of a safetensors file, on the CPU; `label` names the file in errors."""
+    with _reading(path, label):
+        return load_file(path)
 
 
 def read_safetensors_header(path: Path, label: str = "weight file") -> dict[str, TensorInfo]:
     """Name -> (shape, dtype) of every tensor in a safetensors file, read from its header alone
     (the data is never loaded), e.g. to check a config against the shapes before building."""
-    try:
-        with safe_open(path, framework="pt") as file:
-            slices = {name: file.get_slice(name) for name in file.keys()}  # noqa: SIM118
-            return {name: TensorInfo(tuple(s.get_shape()), s.get_dtype())
-                    for name, s in slices.items()}  # fmt: skip
-    except FileNotFoundError:
-        raise QkvError(f"{label} {path} is missing") from None
-    except (SafetensorError, ValueError) as err:
-        raise QkvError(f"{label} {path} is corrupt ({_reason(err)})") from None
-    except OSError as err:
-        raise QkvError(f"{label} {path} is unreadable ({_reason(err)})") from None
+    with _reading(path, label), safe_open(path, framework="pt") as file:
+        slices = {name: file.get_slice(name) for name in file.keys()}  # noqa: SIM118
+        return {name: TensorInfo(tuple(s.get_shape()), s.get_dtype())
+                for name, s in slices.items()}  # fmt: skip
 
 
 def read_pickled_tensors(path: Path) -> dict[str, Tensor]:

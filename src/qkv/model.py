@@ -202,18 +202,26 @@ class _Model(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-class DecoderLM(_Model):
-    """Decoder-only LM: logits for token t+1 from tokens <= t."""
+class _Stack(_Model):
+    """Embedder -> n_layers blocks of `block` -> final norm -> head: a decoder or an encoder."""
+
+    block: type[DecoderBlock] | type[EncoderBlock]
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
         self.embedder = Embedder(config)
         self.blocks = nn.ModuleList(
-            DecoderBlock(block_config(config)) for _ in range(config.n_layers)
+            self.block(block_config(config)) for _ in range(config.n_layers)
         )
         self.final_norm = _final_norm(config)
         self.head = self.make_head(self.embedder)
         self.init_weights()
+
+
+class DecoderLM(_Stack):
+    """Decoder-only LM: logits for token t+1 from tokens <= t."""
+
+    block = DecoderBlock
 
     def hidden_states(
         self,
@@ -260,18 +268,10 @@ class DecoderLM(_Model):
         ]
 
 
-class Encoder(_Model):
+class Encoder(_Stack):
     """Encoder-only model: every position attends to every other (non-padding) position."""
 
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__(config)
-        self.embedder = Embedder(config)
-        self.blocks = nn.ModuleList(
-            EncoderBlock(block_config(config)) for _ in range(config.n_layers)
-        )
-        self.final_norm = _final_norm(config)
-        self.head = self.make_head(self.embedder)
-        self.init_weights()
+    block = EncoderBlock
 
     def hidden_states(
         self,

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from qkv.checkpoint import load_config, read_run, resolve
-from qkv.config import ModelConfig, TrainConfig
+from qkv.config import ORIGINAL, ModelConfig, TrainConfig
 from qkv.data import absolute_specs, held_out_indices, pad_rows, read_jsonl
 from qkv.distributed import World
 from qkv.errors import QkvError
@@ -282,10 +282,8 @@ def seq2seq_model_config(vocab_size: int, longest: int) -> ModelConfig:
         n_layers=2,
         d_ff=512,
         max_seq_len=longest,
-        position="sinusoidal",
-        norm_first=False,
-        feed_forward="relu",
         scale_embeddings=True,
+        **ORIGINAL,
     )
 
 
