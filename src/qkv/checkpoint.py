@@ -129,6 +129,25 @@ def run_directory(checkpoint: Path) -> Path:
     return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint
 
 
+def check_run_directory(out: Path, resumed: Path | None = None) -> None:
+    """`out` may take this run: a directory (or nothing yet) that holds no other run; resuming,
+    it may be the checkpoint's own run."""
+    if out.exists() and not out.is_dir():
+        raise QkvError(f"--out {out} is a file; give a directory for the run")
+    if not (out / LATEST).exists():
+        return
+    if resumed is None:
+        raise QkvError(
+            f"{out} already holds a training run; pass --resume {out} to continue it, "
+            "or choose another --out"
+        )
+    if run_directory(resumed).resolve() != out.resolve():
+        raise QkvError(
+            f"{out} holds another training run; resume into the checkpoint's own run "
+            f"({run_directory(resumed)}) or give an --out without one"
+        )
+
+
 def resolve(path: str | Path) -> Path:
     """A checkpoint directory, or a run directory (its `latest` checkpoint)."""
     path = Path(path)

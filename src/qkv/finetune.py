@@ -25,6 +25,7 @@ from qkv.checkpoint import (
     ADAPTER,
     ADAPTER_CONFIG,
     WEIGHTS,
+    check_run_directory,
     load_adapter_model,
     load_model,
     read_adapter_config,
@@ -43,7 +44,7 @@ from qkv.generate import Generator
 from qkv.model import DecoderLM
 from qkv.nn.lora import DEFAULT_TARGETS, add_lora, merge_lora
 from qkv.tokenizer import Tokenizer
-from qkv.train import Trainer, check_run_directory, last_evaluation, run_to_end
+from qkv.train import Trainer, last_evaluation, run_to_end
 
 # A new run's defaults: 300 steps of 16 examples at lr 3e-4 (1e-3 measured worse on held-out
 # stdlib-qa: 2% vs 8% lower response loss), or 1e-3 for a LoRA adapter; the model's context.

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from qkv.checkpoint import load_config, read_run, resolve
+from qkv.checkpoint import check_run_directory, load_config, read_run, resolve
 from qkv.config import ORIGINAL, ModelConfig, TrainConfig
 from qkv.data import absolute_specs, held_out_indices, pad_rows, read_jsonl
 from qkv.distributed import World
@@ -32,7 +32,7 @@ from qkv.errors import QkvError
 from qkv.evaluation import IGNORE, EvalResult, score
 from qkv.model import EncoderDecoder, build_model
 from qkv.tokenizer import Tokenizer
-from qkv.train import Trainer, check_run_directory, run_to_end
+from qkv.train import Trainer, run_to_end
 
 TASK_LENGTH = 16  # reverse / sort: sequences of 1..16 digits
 ADD_DIGITS = 4  # add: operands 0..9999

@@ -27,13 +27,13 @@ from qkv.checkpoint import (
     ADAPTER,
     LATEST,
     WEIGHTS,
+    check_run_directory,
     load_adapter_weights,
     load_config,
     load_training_state,
     load_weights,
     read_run,
     resolve,
-    run_directory,
     save_training_checkpoint,
 )
 from qkv.config import ModelConfig, TrainConfig
@@ -463,25 +463,6 @@ def _processes(trainer: Trainer) -> str:
         f"{'NCCL' if trainer.device.type == 'cuda' else 'Gloo'}), each {trainer.accum} x "
         f"{trainer.micro_batch} sequences a step"
     )
-
-
-def check_run_directory(out: Path, resumed: Path | None = None) -> None:
-    """`out` may take this run: a directory (or nothing yet) that holds no other run; resuming,
-    it may be the checkpoint's own run."""
-    if out.exists() and not out.is_dir():
-        raise QkvError(f"--out {out} is a file; give a directory for the run")
-    if not (out / LATEST).exists():
-        return
-    if resumed is None:
-        raise QkvError(
-            f"{out} already holds a training run; pass --resume {out} to continue it, "
-            "or choose another --out"
-        )
-    if run_directory(resumed).resolve() != out.resolve():
-        raise QkvError(
-            f"{out} holds another training run; resume into the checkpoint's own run "
-            f"({run_directory(resumed)}) or give an --out without one"
-        )
 
 
 def prepare_run(
