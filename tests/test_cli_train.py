@@ -174,6 +174,7 @@ def test_quickstart_runs_end_to_end(tmp_path):
     assert "bits/byte" in result.stdout and "samples" in result.stdout
     assert (tmp_path / "qs" / "latest" / "tokenizer.json").is_file()
     assert len([line for line in result.stdout.splitlines() if line.startswith("--- ")]) == 4
+    assert "steps fit in" not in result.stderr  # --steps given: no time budget
 
 
 def test_quickstart_fits_its_steps_to_the_time_given(tmp_path):

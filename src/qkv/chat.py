@@ -6,8 +6,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from qkv.chat_template import ROLE_TOKENS, answer_prompt
+from qkv.config import CHAT
 from qkv.device import resolve_device
 from qkv.errors import QkvError
 from qkv.generate import GenerationConfig, Generator
@@ -77,11 +79,12 @@ class Chat:
 
     @classmethod
     def load(
-        cls, path: str | Path, device: str = "auto", system: str | None = None, **options: object
+        cls, path: str | Path, device: str = "auto", system: str | None = None, **options: Any
     ) -> Chat:
-        """A chat with the model at `path`; `options` are GenerationConfig's fields."""
+        """A chat with the model at `path`; `options` are GenerationConfig's fields over chat's
+        defaults (config.CHAT: temperature 0.7, repetition penalty 1.1, replies of 200 tokens)."""
         generator = Generator.load(path, resolve_device(device))
-        return cls(generator, GenerationConfig(**options), system)  # type: ignore[arg-type]
+        return cls(generator, GenerationConfig(**{**CHAT, **options}), system)
 
     def reply(
         self,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from safetensors.torch import save_file
 
 from qkv import files, hf
 from qkv.chat_template import grow_vocabulary
-from qkv.config import ModelConfig
+from qkv.config import ModelConfig, TrainConfig
 from qkv.distributed import shard_as
 from qkv.errors import QkvError
 from qkv.model import build_model
@@ -42,12 +43,11 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER = "adapter.safetensors"
 ADAPTER_FIELDS = ("base", "base_sha256", "rank", "alpha", "dropout", "targets")
 LATEST = "latest"
-# The command that continues a run of each kind (trainer_state.json's "kind"), and its name.
-RESUMED_BY = {"train": "train", "seq2seq": "train", "finetune": "finetune"}
-KIND_NAMES = {
-    "train": "a training run",
-    "seq2seq": "an encoder-decoder training run",
-    "finetune": "a fine-tuning run",
+# Each kind of run (trainer_state.json's "kind"): what it is, and what continues it.
+KINDS = {
+    "train": ("a training run", "qkv train --resume (train.train)"),
+    "seq2seq": ("an encoder-decoder run", "qkv train --resume (seq2seq.train_seq2seq)"),
+    "finetune": ("a fine-tuning run", "qkv finetune --resume (finetune.finetune)"),
 }
 
 
@@ -179,6 +179,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[An
         model, tokenizer = hf.load_hf_directory(folder)
         return model.to(device).eval(), tokenizer
     config = load_config(folder)
+    check_weights_fit(config, folder / WEIGHTS)
     model = build_model(config)
     load_weights(model, folder / WEIGHTS)
     tokenizer = Tokenizer.load(folder / TOKENIZER)
@@ -188,6 +189,27 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[An
             f"{config.vocab_size}; the checkpoint's files do not belong together"
         )
     return model.to(device).eval(), tokenizer
+
+
+def check_weights_fit(config: ModelConfig, path: Path) -> None:
+    """The tensors a safetensors file's header lists fit the model `config` describes: checked
+    on a model built on the meta device (no memory) before a real one is built, after the
+    number of blocks (so that a config asking for 100,000 layers fails at once)."""
+    header = files.read_safetensors_header(path, "checkpoint weight file")
+    stacks: dict[str, set[int]] = {}
+    for name in header:
+        found = re.match(r"(\w*blocks)\.(\d+)\.", name)
+        if found:
+            stacks.setdefault(found[1], set()).add(int(found[2]))
+    for stack, layers in stacks.items():
+        if len(layers) != config.n_layers:
+            raise QkvError(
+                f"{path.parent / CONFIG} says n_layers={config.n_layers} but {path} holds "
+                f"{len(layers)} of its {stack}: the files do not belong together"
+            )
+    with torch.device("meta"):
+        expected = build_model(config).state_dict()
+    files.check_fit(header, expected, "checkpoint", "the config", f"checkpoint weights {path}")
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
@@ -285,23 +307,21 @@ class RunInfo:
     """What a training checkpoint's trainer_state.json says about its run.
 
     folder: the checkpoint directory; run_dir: the run it belongs to; kind: "train", "finetune"
-    or "seq2seq"; step: the optimizer steps taken; train_config: the run's TrainConfig fields.
+    or "seq2seq"; step: the optimizer steps taken; train_config: the run's settings.
     """
 
     folder: Path
     run_dir: Path
     kind: str
     step: int
-    train_config: dict[str, Any]
+    train_config: TrainConfig
 
     def require(self, kind: str) -> None:
-        """Raise a QkvError naming the command that continues this run unless it is a `kind`
-        run (what the caller resumes: "train", "finetune" or "seq2seq")."""
+        """Raise a QkvError naming what continues this run unless it is a `kind` run (what the
+        caller resumes: "train", "finetune" or "seq2seq")."""
         if self.kind != kind:
-            raise QkvError(
-                f"{self.run_dir} is {KIND_NAMES[self.kind]}: continue it with "
-                f"qkv {RESUMED_BY[self.kind]} --resume"
-            )
+            what, continued_by = KINDS[self.kind]
+            raise QkvError(f"{self.run_dir} is {what}: continue it with {continued_by}")
 
 
 def read_run(path: str | Path) -> RunInfo:
@@ -331,7 +351,11 @@ def _run_info(folder: Path) -> RunInfo:
         config = folder / CONFIG
         seq2seq = config.is_file() and load_config(folder).arch == "encoder-decoder"
         kind = "seq2seq" if seq2seq else "train"
-    if kind not in RESUMED_BY:
+    if kind not in KINDS:
         raise QkvError(f"{path} names an unknown kind of run {kind!r}; qkv knows "
-                       f"{', '.join(RESUMED_BY)}")  # fmt: skip
-    return RunInfo(folder, run_directory(folder), kind, step, train_config)
+                       f"{', '.join(KINDS)}")  # fmt: skip
+    try:
+        settings = TrainConfig(**train_config)
+    except TypeError:  # a field this version does not have
+        raise QkvError(f"{path} was not written by this version of qkv train") from None
+    return RunInfo(folder, run_directory(folder), kind, step, settings)

@@ -45,9 +45,6 @@ def pad_rows(rows: list[list[int]], pad_id: int, left: bool = False) -> tuple[Te
     return ids, mask
 
 
-BUILTINS = ("stdlib-docs",)
-
-
 @dataclass(frozen=True)
 class Document:
     source: str

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from qkv.checkpoint import load_model
 from qkv.config import ModelConfig
 from qkv.errors import QkvError
 from qkv.model import PROBABILITIES_FORMULA, DecoderLM, Encoder, probabilities
@@ -120,7 +121,10 @@ def explain_text(
     n_layers: int = 1,
     seed: int = 0,
 ) -> Walkthrough:
-    """The notes' example: word tokens through a fresh post-norm decoder (preset notes-demo)."""
+    """The notes' example: word tokens through a fresh post-norm decoder (preset notes-demo),
+    small enough to print every number (d_model <= 256, n_layers <= 12)."""
+    if d_model > 256 or n_layers > 12:
+        raise QkvError("explain prints every number: keep --d-model <= 256 and --layers <= 12")
     tokens = word_tokens(text)
     if not tokens:
         raise QkvError("the text to explain is empty; give a sentence, e.g. qkv explain 'The fox'")
@@ -149,6 +153,13 @@ def explain_text(
         0, Stage("token_ids", formula, torch.tensor(token_ids)[:, None], ["id"])
     )
     return walkthrough
+
+
+def explain_checkpoint(path: str | Path, text: str) -> Walkthrough:
+    """`qkv explain --model`: `text` through the model at `path` (a qkv checkpoint or run, or a
+    Hugging Face directory), every stage recorded."""
+    model, tokenizer = load_model(path)
+    return explain_model(model, tokenizer, text)
 
 
 def explain_model(model: DecoderLM | Encoder, tokenizer: Tokenizer, text: str) -> Walkthrough:
@@ -230,8 +241,7 @@ def render_text(
     else head 0; at most `max_columns` columns per table, vocabulary-wide tables as top 5.
     """
     config = walkthrough.config
-    _check_choice("layer", layer, config.n_layers)
-    _check_choice("head", head, config.n_heads)
+    check_choices(config, layer, head)
     labels = [_label(t) for t in walkthrough.tokens]
     if head is not None:
         heads, which = [head], f"head {head} of {config.n_heads}"
@@ -266,11 +276,13 @@ def render_text(
     return "\n".join(lines)
 
 
-def _check_choice(name: str, value: int | None, count: int) -> None:
-    if value is not None and not 0 <= value < count:
-        raise QkvError(
-            f"{name} must be in 0..{count - 1} (the model has {count} {name}s); got {value}"
-        )
+def check_choices(config: ModelConfig, layer: int | None, head: int | None) -> None:
+    """A --layer and --head the model has (None: all)."""
+    for name, value, count in (("layer", layer, config.n_layers), ("head", head, config.n_heads)):
+        if value is not None and not 0 <= value < count:
+            raise QkvError(
+                f"--{name} must be in 0..{count - 1} (the model has {count} {name}s); got {value}"
+            )
 
 
 def _label(token: str) -> str:

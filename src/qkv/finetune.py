@@ -34,7 +34,7 @@ from qkv.checkpoint import (
     weights_digest,
     write_checkpoint,
 )
-from qkv.config import TrainConfig
+from qkv.config import FINETUNE, FINETUNE_LR, LORA_LR, TrainConfig
 from qkv.data import absolute_specs, held_out_indices, read_jsonl, stdlib_docs
 from qkv.distributed import World
 from qkv.errors import QkvError
@@ -44,12 +44,8 @@ from qkv.generate import Generator
 from qkv.model import DecoderLM
 from qkv.nn.lora import DEFAULT_TARGETS, add_lora, merge_lora
 from qkv.tokenizer import Tokenizer
-from qkv.train import Trainer, last_evaluation, run_to_end
+from qkv.train import Trainer, run_to_end
 
-# A new run's defaults: 300 steps of 16 examples at lr 3e-4 (1e-3 measured worse on held-out
-# stdlib-qa: 2% vs 8% lower response loss), or 1e-3 for a LoRA adapter; the model's context.
-DEFAULTS = {"steps": 300, "batch_size": 16, "eval_every": 100, "save_every": 100}
-LR, LORA_LR = 3e-4, 1e-3
 # What a resumed run may change; the rest comes from its checkpoint.
 OPTIONS = ("steps", "batch_size", "context", "lr", "eval_every", "save_every", "seed", "device")
 
@@ -399,10 +395,10 @@ def finetune(
 ) -> FinetuneRun:
     """`qkv finetune`: fine-tune the decoder in `model_dir` on `data` (a JSONL file; default
     builtin:stdlib-qa) into the run directory `out`, or continue the run at `resume`. `options`
-    are TrainConfig fields (OPTIONS); a new run's defaults are DEFAULTS, lr LR (LORA_LR with
-    `lora`), warmup a tenth of the steps (at most 100). Reports the run to `on_start` once its
-    held-out scores before training are known (where a caller may set the trainer's on_step /
-    on_eval / on_save), then trains."""
+    are TrainConfig fields (OPTIONS); a new run's defaults are config.FINETUNE, lr FINETUNE_LR
+    (LORA_LR with `lora`), the model's context, warmup a tenth of the steps (at most 100).
+    Reports the run to `on_start` once its held-out scores before training are known (where a
+    caller may set the trainer's on_step / on_eval / on_save), then trains."""
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise QkvError(f"fine-tuning has no option {unknown[0]}; it takes {', '.join(OPTIONS)}")
@@ -412,16 +408,15 @@ def finetune(
                 "--resume continues a run with its own model and data: drop "
                 "--model/--data/--lora-rank"
             )
-        run = read_run(resume)
-        run.require("finetune")
-        base = TrainConfig(**run.train_config)
-        out = out or run.run_dir
+        state = read_run(resume)
+        state.require("finetune")
+        base, out = state.train_config, out or state.run_dir
     else:
         if model_dir is None or out is None:
             raise QkvError("give --model (the checkpoint to start from) and --out, or --resume RUN")
         specs = absolute_specs([data or "builtin:stdlib-qa"])
-        lr = LORA_LR if lora else LR
-        base = TrainConfig(data=specs, context=10**9, lr=lr, **DEFAULTS)
+        lr = LORA_LR if lora else FINETUNE_LR
+        base = TrainConfig(data=specs, context=10**9, lr=lr, **FINETUNE)
     cfg = dataclasses.replace(base, **options)
     if resume is None:
         cfg.warmup_steps = min(100, cfg.steps // 10)
@@ -431,11 +426,6 @@ def finetune(
         on_start(run)
     run_to_end(run.trainer, "finetune")
     return run
-
-
-def final_loss(run: FinetuneRun) -> float:
-    """The held-out response loss at the run's last evaluation."""
-    return last_evaluation(run.trainer)["val_loss"]
 
 
 @dataclass

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from qkv.checkpoint import load_model
+from qkv.config import GENERATION
 from qkv.data import pad_rows, parse_json_lines, read_text, text_lines
 from qkv.errors import QkvError
 from qkv.model import DecoderLM
@@ -39,7 +40,7 @@ class GenerationConfig(SamplingConfig):
     """How to continue a prompt: how each token is chosen (SamplingConfig: temperature 0 is
     greedy), how many to add, where to stop, the seed, and whether to keep a KV cache."""
 
-    max_new_tokens: int = 128
+    max_new_tokens: int = GENERATION["max_new_tokens"]
     stop: tuple[str, ...] = ()
     seed: int = 0
     use_cache: bool = True

@@ -13,24 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qkv.checkpoint import LATEST
-from qkv.config import ModelConfig, TrainConfig
+from qkv.config import QUICKSTART, QUICKSTART_MINUTES, ModelConfig
 from qkv.errors import QkvError
 from qkv.generate import Generator
-from qkv.train import Run, Trainer, last_evaluation, prepare_run, run_to_end
+from qkv.train import Run, Trainer, prepare_run, run_to_end
 
-CONFIG = TrainConfig(
-    data=["builtin:stdlib-docs"],
-    tokenizer="bpe",
-    vocab_size=4096,
-    steps=1500,
-    batch_size=16,
-    context=128,
-    lr=2e-3,
-    warmup_steps=100,
-    eval_every=500,
-)
 MODEL = ModelConfig.preset("tiny")
-MINUTES = 4.0
 RESERVE_S = 20  # evaluations, the final save and the samples
 PROMPTS = ["Return the", "This module provides", "If the file", "Raise ValueError if"]
 
@@ -46,23 +34,20 @@ class Quickstart:
 
     @property
     def trainer(self) -> Trainer:
+        """The run's trainer (what a progress bar follows)."""
         return self.run.trainer
-
-    @property
-    def final(self) -> dict[str, float]:
-        return last_evaluation(self.run.trainer)
 
 
 def quickstart(
     out: Path = Path("runs/quickstart"),
     steps: int | None = None,
-    minutes: float = MINUTES,
+    minutes: float = QUICKSTART_MINUTES,
     device: str = "auto",
     progress: Callable[[str], None] | None = None,
     on_start: Callable[[Quickstart], None] | None = None,
 ) -> Quickstart:
     """Train the tiny preset on builtin:stdlib-docs into `out` for `steps`, or for as many steps
-    as fit in `minutes` (at most CONFIG.steps), then sample PROMPTS (temperature 0.8, top-k 50).
+    as fit in `minutes` (at most QUICKSTART.steps), then sample PROMPTS (temperature 0.8, top-k 50).
     `on_start` hears of the run before it trains."""
     out = Path(out)
     if (out / LATEST).exists():
@@ -70,14 +55,14 @@ def quickstart(
     if minutes <= 0:
         raise QkvError("--minutes must be positive")
     started = time.perf_counter()
-    cfg = dataclasses.replace(CONFIG, steps=steps or CONFIG.steps, device=device)
+    cfg = dataclasses.replace(QUICKSTART, steps=steps or QUICKSTART.steps, device=device)
     run = prepare_run(out, cfg, MODEL, progress=progress)
     per_step = run.trainer.seconds_per_step() if steps is None else 0.0
     if steps is None:
         budget = 60 * minutes - (time.perf_counter() - started) - RESERVE_S
-        cfg.steps = max(1, min(CONFIG.steps, int(budget / per_step)))
+        cfg.steps = max(1, min(QUICKSTART.steps, int(budget / per_step)))
     cfg.eval_every = min(cfg.eval_every, cfg.steps)
-    job = Quickstart(run, per_step, cfg.steps < CONFIG.steps)
+    job = Quickstart(run, per_step, steps is None and cfg.steps < QUICKSTART.steps)
     if on_start:
         on_start(job)
     run_to_end(run.trainer, "train")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from qkv.config import GENERATION
 from qkv.errors import QkvError
 
 # Temperatures below this are greedy: the draw would be argmax anyway, and dividing by a
@@ -57,10 +58,10 @@ class SamplingConfig:
     """How the next token is chosen; temperature 0 is greedy, top_k None (or 0) and top_p 1
     keep every token, repetition_penalty 1 is none."""
 
-    temperature: float = 0.8
-    top_k: int | None = 50
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
+    temperature: float = GENERATION["temperature"]
+    top_k: int | None = GENERATION["top_k"]
+    top_p: float = GENERATION["top_p"]
+    repetition_penalty: float = GENERATION["repetition_penalty"]
 
     def __post_init__(self) -> None:
         if self.top_k == 0:

@@ -389,9 +389,13 @@ def train_seq2seq(
         raise QkvError("--task trains an encoder-decoder: drop --preset/--set arch=... or use "
                        "an encoder-decoder preset such as transformer-base")  # fmt: skip
     if resume is not None:
+        if model_config is not None:
+            raise QkvError("a resumed run keeps its own model: drop the model config")
         state = read_run(resume)
         state.require("seq2seq")
-        base, out = TrainConfig(**state.train_config), out or state.run_dir
+        base, out = state.train_config, out or state.run_dir
+        if data:
+            base = dataclasses.replace(base, data=data)
     else:
         if task is not None and data:
             raise QkvError("give --task (a built-in task) or --data (a JSONL file), not both")

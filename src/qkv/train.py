@@ -566,10 +566,11 @@ def train(
     if resume is not None:
         if model_config is not None:
             raise QkvError("a resumed run keeps its own model: drop the model config")
+        if {"tokenizer", "vocab_size"} & set(options):
+            raise QkvError("a resumed run keeps its own tokenizer: drop --tokenizer/--vocab-size")
         state = read_run(resume)
         state.require("train")
-        config = TrainConfig(**state.train_config)
-        out = out or state.run_dir
+        config, out = state.train_config, out or state.run_dir
     cfg = dataclasses.replace(config or TrainConfig(), **options)
     out = Path(out or "runs/train")
     split_batch(cfg.batch_size, cfg.grad_accum, world)  # before connecting: it may not divide

@@ -13,6 +13,7 @@ from qkv.cli.options import (
     sampling,
     warnings_to_stderr,
 )
+from qkv.config import CHAT
 from qkv.errors import QkvError
 
 EXAMPLES = """examples:
@@ -36,7 +37,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     add_model(chat)
     chat.add_argument("-p", "--prompt", help="answer this one message and exit")
     chat.add_argument("--system", help="a system message kept at the start of the conversation")
-    add_sampling(chat, temperature=0.7, repetition_penalty=1.1, max_new_tokens=200)
+    add_sampling(chat, CHAT)
     add_device(chat)
 
 

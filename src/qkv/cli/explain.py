@@ -61,18 +61,16 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from qkv import explain
-    from qkv.checkpoint import load_model
 
+    if args.json and (args.layer is not None or args.head is not None):
+        raise QkvError("--json prints every stage of every layer and head: drop --layer/--head")
     if args.model is not None:
         if args.plot is not None:
             raise QkvError("--plot draws the worked example; with --model, use --json")
         if not args.text:
             raise QkvError("give the text to explain, e.g. qkv explain --model DIR 'The fox'")
-        model, tokenizer = load_model(args.model)
-        walkthrough = explain.explain_model(model, tokenizer, " ".join(args.text))
+        walkthrough = explain.explain_checkpoint(args.model, " ".join(args.text))
     else:
-        if args.d_model > 256 or args.layers > 12:
-            raise QkvError("explain prints every number: keep --d-model <= 256 and --layers <= 12")
         text = " ".join(args.text) if args.text else explain.NOTES_SENTENCE
         try:
             walkthrough = explain.explain_text(
@@ -87,9 +85,6 @@ def run(args: argparse.Namespace) -> None:
     if args.json:
         print(explain.render_json(walkthrough))
         return
-    try:
-        print(explain.render_text(walkthrough, args.layer, args.head))
-    except QkvError as err:  # --layer / --head out of range
-        raise QkvError(f"--{err}") from None
+    print(explain.render_text(walkthrough, args.layer, args.head))
     if plotted is not None:
         print(f"\nplot saved to {plotted}")

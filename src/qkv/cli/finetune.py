@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from qkv.cli.options import add_command, add_model, positive, say, seed
+from qkv.config import FINETUNE, FINETUNE_LR, LORA_LR
 from qkv.errors import QkvError
 
 EXAMPLES = """examples:
@@ -19,15 +20,15 @@ MERGE_EXAMPLES = """examples:
   qkv merge --model runs/qa-lora --out runs/qa-merged
   qkv chat --model runs/qa-merged
 """
-# (flag, type, help, default shown); the defaults themselves are the library's (qkv.finetune).
+# (flag, type, help, default shown); the defaults themselves are the library's (config.FINETUNE).
 OPTIONS = [
-    ("--steps", positive, "optimizer steps", "300"),
-    ("--batch-size", positive, "examples per step", "16"),
+    ("--steps", positive, "optimizer steps", FINETUNE["steps"]),
+    ("--batch-size", positive, "examples per step", FINETUNE["batch_size"]),
     ("--context", positive, "longest example in tokens", "the model's"),
-    ("--lr", float, "peak learning rate", "3e-4; 1e-3 with LoRA"),
-    ("--eval-every", positive, "evaluate every N steps", "100"),
-    ("--save-every", positive, "checkpoint every N steps", "100"),
-    ("--seed", seed, "random seed", "0"),
+    ("--lr", float, "peak learning rate", f"{FINETUNE_LR:g}; {LORA_LR:g} with LoRA"),
+    ("--eval-every", positive, "evaluate every N steps", FINETUNE["eval_every"]),
+    ("--save-every", positive, "checkpoint every N steps", FINETUNE["save_every"]),
+    ("--seed", seed, "random seed", 0),
 ]
 LORA_OPTIONS = [
     ("--lora-rank", positive, "train a LoRA adapter of this rank, not all weights", None),
@@ -83,29 +84,35 @@ def add_merge_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    from qkv import finetune as library
     from qkv.cli.progress import training_bar
-    from qkv.finetune import OPTIONS as GIVEN
-    from qkv.finetune import FinetuneRun, LoRASettings, final_loss, finetune
+    from qkv.train import last_evaluation
 
     lora = None
-    lora_options = (args.lora_alpha, args.lora_dropout, args.lora_targets)
-    if args.lora_rank is None and any(o is not None for o in lora_options):
+    given = {
+        name: value
+        for name in ("alpha", "dropout", "targets")
+        if (value := getattr(args, f"lora_{name}")) is not None
+    }
+    if args.lora_rank is None and given:
         raise QkvError("--lora-alpha, --lora-dropout and --lora-targets need --lora-rank")
+    if "targets" in given:
+        given["targets"] = tuple(t.strip() for t in given["targets"].split(",") if t.strip())
     if args.lora_rank is not None:
-        targets = [t.strip() for t in (args.lora_targets or "q_proj,v_proj").split(",")]
-        lora = LoRASettings(args.lora_rank, args.lora_alpha, args.lora_dropout or 0.0,
-                            tuple(t for t in targets if t))  # fmt: skip
-    options = {name: getattr(args, name) for name in GIVEN if getattr(args, name) is not None}
+        lora = library.LoRASettings(args.lora_rank, **given)
+    options = {
+        name: getattr(args, name) for name in library.OPTIONS if getattr(args, name) is not None
+    }
 
-    def describe(run: FinetuneRun) -> str:
+    def describe(run: library.FinetuneRun) -> str:
         word = "now" if run.resumed else "before"
         return f"{run.summary()}\n{word}: held-out response loss {run.before.loss:.4f}"
 
     with training_bar(describe) as started:
-        run = finetune(args.model, args.data, args.out, lora=lora, resume=args.resume,
-                       progress=say, on_start=started, **options)  # fmt: skip
+        run = library.finetune(args.model, args.data, args.out, lora=lora, resume=args.resume,
+                               progress=say, on_start=started, **options)  # fmt: skip
     out = run.trainer.run_dir
-    after = final_loss(run)
+    after = last_evaluation(run.trainer)["val_loss"]
     print(
         f"after: held-out response loss {after:.4f} ({1 - after / run.before.loss:.0%} lower); "
         f"checkpoint {out / 'latest'}"

@@ -17,6 +17,7 @@ from qkv.cli.options import (
     sampling,
     warnings_to_stderr,
 )
+from qkv.config import GENERATION
 from qkv.errors import QkvError
 
 EXAMPLES = """examples:
@@ -46,7 +47,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help='more prompts: one per line, or JSON Lines with a "prompt" field; - for stdin',
     )
-    add_sampling(generate, temperature=0.8, repetition_penalty=1.0, max_new_tokens=128)
+    add_sampling(generate, GENERATION)
     generate.add_argument(
         "--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)"
     )

@@ -60,39 +60,19 @@ def add_device(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
 
-def add_sampling(
-    parser: argparse.ArgumentParser,
-    temperature: float,
-    repetition_penalty: float,
-    max_new_tokens: int,
-) -> None:
-    """--temperature, --top-k, --top-p, --repetition-penalty, --seed and --max-new-tokens, with
-    the command's own defaults."""
-    parser.add_argument(
-        "--max-new-tokens",
-        type=positive,
-        default=max_new_tokens,
-        help=f"tokens to add at most (default {max_new_tokens})",
-    )
-    parser.add_argument(
-        "--temperature",
-        type=float,
-        default=temperature,
-        help=f"0 = greedy, higher = more random (default {temperature:g})",
-    )
-    parser.add_argument(
-        "--top-k", type=int, default=50, help="sample among the k likeliest; 0 = all (50)"
-    )
-    parser.add_argument(
-        "--top-p", type=float, default=1.0, help="nucleus: likeliest tokens up to this mass (1)"
-    )
-    parser.add_argument(
-        "--repetition-penalty",
-        type=float,
-        default=repetition_penalty,
-        help=f"> 1 discourages tokens already in the text (CTRL's penalty; default "
-        f"{repetition_penalty:g}, 1 is off)",
-    )
+def add_sampling(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+    """--max-new-tokens, --temperature, --top-k, --top-p, --repetition-penalty and --seed, with
+    the command's defaults (config.GENERATION or config.CHAT)."""
+    options = [
+        ("--max-new-tokens", positive, "tokens to add at most"),
+        ("--temperature", float, "0 = greedy, higher = more random"),
+        ("--top-k", int, "sample among the k likeliest; 0 = all"),
+        ("--top-p", float, "nucleus: the likeliest tokens up to this probability mass; 1 = all"),
+        ("--repetition-penalty", float, "> 1 discourages tokens already in the text; 1 = off"),
+    ]
+    for flag, kind, text in options:
+        default = defaults[flag[2:].replace("-", "_")]
+        parser.add_argument(flag, type=kind, default=default, help=f"{text} (default {default:g})")
     parser.add_argument("--seed", type=seed, default=0, help="sampling seed (default 0)")
 
 

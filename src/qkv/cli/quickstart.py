@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from qkv.cli.options import add_command, add_device, positive, say
+from qkv.config import QUICKSTART, QUICKSTART_MINUTES
 
 EXAMPLES = """examples:
   qkv quickstart
@@ -35,12 +36,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     quickstart.add_argument(
         "--steps",
         type=positive,
-        help="training steps (default: as many as fit in --minutes, at most 1500)",
+        help=f"training steps (default: as many as fit in --minutes, at most {QUICKSTART.steps})",
     )
     quickstart.add_argument(
         "--minutes",
         type=float,
-        default=4.0,
+        default=QUICKSTART_MINUTES,
         help="time for the whole job; sets the steps on a slow machine (default %(default)s)",
     )
     add_device(quickstart)
@@ -49,6 +50,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> None:
     from qkv.cli.progress import training_bar
     from qkv.quickstart import Quickstart, quickstart
+    from qkv.train import last_evaluation
 
     started = time.perf_counter()
 
@@ -64,7 +66,7 @@ def run(args: argparse.Namespace) -> None:
 
     with training_bar(describe) as on_start:
         job = quickstart(args.out, args.steps, args.minutes, args.device, say, on_start)
-    final = job.final
+    final = last_evaluation(job.trainer)
     print(
         f"\nvalidation: loss {final['val_loss']:.4f}, perplexity {final['val_perplexity']:.2f}, "
         f"bits/byte {final['val_bits_per_byte']:.3f}"
