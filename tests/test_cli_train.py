@@ -146,7 +146,10 @@ def test_sigterm_saves_the_step_it_stopped_at(corpus_dir, tmp_path):
             ["train", "--data", "{corpus}", "--context", "100000", "--out", "{tmp}/r"],
             "validation split",
         ),
-        (["train", "--data", "{corpus}", "--config", "{tmp}", "--out", "{tmp}/r"], "cannot read"),
+        (
+            ["train", "--data", "{corpus}", "--config", "{tmp}", "--out", "{tmp}/r"],
+            "is a directory",
+        ),
     ],
 )
 def test_bad_training_input_gets_one_clear_line(args, message, corpus_dir, tmp_path):

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from qkv.errors import ConfigError, QkvError
+from qkv.text import read_text_file
 
 ARCHS = ("decoder", "encoder", "encoder-decoder")
 POSITIONS = ("sinusoidal", "learned", "rope", "none")
@@ -162,15 +163,10 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> ModelConfig:
-        path = Path(path)
         try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist; check the path") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"config file {path} is not UTF-8 text; save it as UTF-8") from None
-        except OSError as err:
-            raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+            text = read_text_file(Path(path), "config file")
+        except QkvError as err:  # a config's error, whatever the reason
+            raise ConfigError(str(err)) from None
         return cls.from_json(text)
 
     @classmethod

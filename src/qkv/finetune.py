@@ -35,7 +35,7 @@ from qkv.checkpoint import (
     write_checkpoint,
 )
 from qkv.config import FINETUNE, FINETUNE_LR, LORA_LR, TrainConfig
-from qkv.data import absolute_specs, held_out_indices, read_jsonl, stdlib_docs
+from qkv.data import absolute_specs, held_out_indices, stdlib_docs
 from qkv.distributed import World
 from qkv.errors import QkvError
 from qkv.evaluation import IGNORE, EvalResult, score
@@ -43,6 +43,7 @@ from qkv.files import check_new_directory
 from qkv.generate import Generator
 from qkv.model import DecoderLM
 from qkv.nn.lora import DEFAULT_TARGETS, add_lora, merge_lora
+from qkv.text import read_jsonl
 from qkv.tokenizer import Tokenizer
 from qkv.train import Trainer, run_to_end
 

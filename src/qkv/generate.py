@@ -28,10 +28,11 @@ from torch import Tensor
 
 from qkv.checkpoint import load_model
 from qkv.config import GENERATION
-from qkv.data import pad_rows, parse_json_lines, read_text, text_lines
+from qkv.data import pad_rows
 from qkv.errors import QkvError
 from qkv.model import DecoderLM
 from qkv.sampling import SamplingConfig, select
+from qkv.text import parse_json_lines, read_text, text_lines
 from qkv.tokenizer import Tokenizer
 
 

@@ -26,11 +26,12 @@ from torch.nn import functional as F
 
 from qkv.checkpoint import check_run_directory, load_config, read_run, resolve
 from qkv.config import ORIGINAL, ModelConfig, TrainConfig
-from qkv.data import absolute_specs, held_out_indices, pad_rows, read_jsonl
+from qkv.data import absolute_specs, held_out_indices, pad_rows
 from qkv.distributed import World
 from qkv.errors import QkvError
 from qkv.evaluation import IGNORE, EvalResult, score
 from qkv.model import EncoderDecoder, build_model
+from qkv.text import read_jsonl
 from qkv.tokenizer import Tokenizer
 from qkv.train import Trainer, run_to_end
 
