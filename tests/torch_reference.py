@@ -9,27 +9,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from qkv.config import ModelConfig
 from qkv.nn.attention import MultiHeadAttention
 from qkv.nn.block import DecoderBlock, EncoderBlock
 
 TOLERANCE = 1e-5
-
-
-def block_config(norm_first: bool, **changes: object) -> ModelConfig:
-    """A tiny post-/pre-norm ReLU config matching nn.TransformerEncoderLayer's defaults."""
-    fields: dict[str, object] = dict(
-        d_model=16,
-        n_heads=4,
-        d_ff=32,
-        feed_forward="relu",
-        norm_first=norm_first,
-        dropout=0.0,
-        norm="layernorm",
-        norm_eps=1e-5,
-    )
-    fields.update(changes)
-    return ModelConfig(**fields)
 
 
 @torch.no_grad()
