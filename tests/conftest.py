@@ -1,9 +1,13 @@
 """Shared fixtures: a private cache directory and small corpora made from local text."""
 
+import subprocess
 import sysconfig
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+from qkv.cli import main
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
@@ -25,3 +29,19 @@ def corpus_dir(tmp_path_factory) -> Path:
         source = STDLIB / name
         (folder / name.replace("/", "_")).write_text(source.read_text(encoding="utf-8"))
     return folder
+
+
+@pytest.fixture
+def qkv_here(capsys) -> Callable[..., subprocess.CompletedProcess]:
+    """`qkv ARGS` run in this process (no interpreter to start): its exit status and output, as
+    subprocess.run reports them. For errors and quick commands; end-to-end runs use a process."""
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        try:
+            code = main(list(args))
+        except SystemExit as stop:  # argparse's usage errors and --help
+            code = stop.code
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(["qkv", *args], code, out.out, out.err)
+
+    return run

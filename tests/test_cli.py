@@ -83,8 +83,8 @@ def test_explain_json_is_one_object_with_valid_numbers(tmp_path):
         (["frobnicate"], "invalid choice"),
     ],
 )
-def test_bad_input_gets_one_clear_line_and_nonzero_exit(args, message):
-    result = qkv(*args)
+def test_bad_input_gets_one_clear_line_and_nonzero_exit(args, message, qkv_here):
+    result = qkv_here(*args)
     assert result.returncode != 0
     assert message in result.stderr
     assert "Traceback" not in result.stderr

@@ -152,9 +152,9 @@ def test_sigterm_saves_the_step_it_stopped_at(corpus_dir, tmp_path):
         ),
     ],
 )
-def test_bad_training_input_gets_one_clear_line(args, message, corpus_dir, tmp_path):
+def test_bad_training_input_gets_one_clear_line(args, message, corpus_dir, tmp_path, qkv_here):
     args = [a.format(tmp=tmp_path, corpus=corpus_dir) for a in args]
-    result = qkv(*args)
+    result = qkv_here(*args)
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if "error" in line]
     assert len(lines) == 1 and message in lines[0], result.stderr

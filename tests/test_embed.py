@@ -84,10 +84,10 @@ def test_bert_hidden_states_match_transformers_on_a_padded_batch(tmp_path: Path)
     assert (actual[real] - expected[real]).abs().max() <= TOLERANCE
 
 
-def test_embed_needs_an_encoder(tmp_path: Path) -> None:
+def test_embed_needs_an_encoder(tmp_path: Path, qkv_here) -> None:
     from test_cli_generate import checkpoint
 
-    result = qkv("embed", "--model", str(checkpoint(tmp_path / "d", "decoder")), "hello")
+    result = qkv_here("embed", "--model", str(checkpoint(tmp_path / "d", "decoder")), "hello")
     assert result.returncode == 2 and "need an encoder" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 

@@ -175,7 +175,9 @@ def test_qkv_generate_runs_a_hugging_face_directory(llama) -> None:
         ("corrupt", "model.safetensors is corrupt ("),
     ],
 )
-def test_a_broken_directory_gets_one_clear_message(llama, tmp_path: Path, change, message) -> None:
+def test_a_broken_directory_gets_one_clear_message(
+    llama, tmp_path: Path, change, message, qkv_here
+) -> None:
     from safetensors.torch import load_file, save_file
 
     _, source = llama
@@ -194,7 +196,7 @@ def test_a_broken_directory_gets_one_clear_message(llama, tmp_path: Path, change
     else:
         config["model_type"] = "mamba"
     (folder / "config.json").write_text(json.dumps(config))
-    result = qkv("generate", "--model", str(folder), "w1")
+    result = qkv_here("generate", "--model", str(folder), "w1")
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
