@@ -150,6 +150,9 @@ def test_sigterm_saves_the_step_it_stopped_at(corpus_dir, tmp_path):
             ["train", "--data", "{corpus}", "--config", "{tmp}", "--out", "{tmp}/r"],
             "is a directory",
         ),
+        (["train", "--data", "{corpus}", "--seed", "99999999999999999999999"], "--seed"),
+        (["quickstart", "--minutes", "nan", "--out", "{tmp}/q"], "--minutes"),
+        (["quickstart", "--minutes", "inf", "--out", "{tmp}/q"], "--minutes"),
     ],
 )
 def test_bad_training_input_gets_one_clear_line(args, message, corpus_dir, tmp_path, qkv_here):
@@ -201,3 +204,21 @@ def test_eval_without_data_uses_the_models_own_validation_split(corpus_dir, tmp_
     corpus = prepare_corpus([str(corpus_dir)], Tokenizer.load(out / "latest"), val_fraction=0.2)
     windows = (len(corpus.val.tokens) - 1) // 32
     assert json.loads(result.stdout)["tokens"] == windows * 32
+
+
+def test_a_second_writer_of_a_run_directory_is_refused(corpus_dir, tmp_path, qkv_here):
+    run = tmp_path / "run"
+    options = "--steps 100000 --batch-size 8 --context 32 --save-every 5 --eval-every 1000"
+    first = train_until_first_checkpoint(small_training(corpus_dir, options), run)
+    try:
+        second = qkv_here("train", "--resume", str(run), "--save-every", "1")
+        assert second.returncode == 2, second.stderr
+        assert f"is in use by another qkv process (pid {first.pid})" in second.stderr
+        assert len(second.stderr.strip().splitlines()) == 1
+    finally:
+        first.send_signal(signal.SIGTERM)
+        _, stderr = first.communicate(timeout=120)
+    assert first.returncode == 143 and "checkpoint at step" in stderr  # the first saved its work
+    stopped = len(_losses(run))
+    again = qkv_here("train", "--resume", str(run), "--steps", str(stopped + 2))
+    assert again.returncode == 0, again.stderr  # the lock went with the first process

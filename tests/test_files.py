@@ -16,6 +16,7 @@ from qkv.files import (
     TensorInfo,
     atomic_directory,
     check_fit,
+    one_writer,
     read_pickled_tensors,
     read_safetensors,
     read_safetensors_header,
@@ -107,3 +108,25 @@ def test_check_fit_names_missing_and_unexpected_tensors() -> None:
     expected = {"a": torch.zeros(2), "b": torch.zeros(2)}
     with pytest.raises(QkvError, match=r"missing \['b'\], unexpected \['c'\]"):
         check_fit({"a": torch.zeros(2), "c": torch.zeros(2)}, expected, "adapter", "the model")
+
+
+def test_one_writer_refuses_a_second_process_and_nests_in_one(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    folder = tmp_path / "run"
+    holder = "from qkv.files import one_writer; import sys, pathlib\n" \
+             "with one_writer(pathlib.Path(sys.argv[1])):\n    print('held', flush=True)\n" \
+             "    sys.stdin.read()"  # fmt: skip
+    process = subprocess.Popen([sys.executable, "-c", holder, str(folder)], text=True,
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # fmt: skip
+    try:
+        assert process.stdout.readline().strip() == "held"
+        busy = f"in use by another qkv process \\(pid {process.pid}\\)"
+        with pytest.raises(QkvError, match=busy), one_writer(folder):
+            pass
+    finally:
+        process.communicate("", timeout=60)
+    with one_writer(folder), one_writer(folder):  # free again, and nested in this process
+        (folder / "written").write_text("ok")
+    assert (folder / "written").read_text() == "ok"

@@ -312,6 +312,8 @@ class TrainConfig:
                 raise QkvError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
         if self.warmup_steps < 0:
             raise QkvError("--warmup-steps must be 0 or more")
+        if not 0 <= self.seed < 2**63:
+            raise QkvError(f"--seed must be between 0 and 2**63 - 1, got {self.seed}")
         if not 0 < self.val_fraction < 1:
             raise QkvError(f"--val-fraction must be between 0 and 1, got {self.val_fraction}")
         if self.dtype not in DTYPES:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from filelock import FileLock, Timeout
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import Tensor
@@ -178,3 +179,44 @@ def check_new_directory(folder: Path) -> None:
     without touching what is already saved."""
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise QkvError(f"{folder} already exists and is not empty; choose another --out")
+
+
+_HELD: dict[Path, int] = {}  # run directories this process holds the lock of, and how often
+
+
+@contextmanager
+def one_writer(folder: Path) -> Iterator[None]:
+    """The block holds an advisory lock on `folder` (FOLDER/.lock, released however the block
+    ends, even by SIGKILL): a second writer, another process, is refused with the pid that holds
+    it. Within one process the lock nests (a run prepared under it, then trained under it)."""
+    if folder.exists() and not folder.is_dir():
+        raise QkvError(f"--out {folder} is a file; give a directory for the run")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise QkvError(f"cannot write to {folder}: {err.strerror}; give another --out") from None
+    key = folder.resolve()
+    if key in _HELD:
+        _HELD[key] += 1
+        try:
+            yield
+        finally:
+            _HELD[key] -= 1
+        return
+    owner = folder / ".lock.pid"
+    lock = FileLock(folder / ".lock", timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        holder = owner.read_text(encoding="utf-8").strip() if owner.is_file() else "unknown"
+        raise QkvError(
+            f"{folder} is in use by another qkv process (pid {holder}); wait for it to finish, "
+            "or give another --out"
+        ) from None
+    _HELD[key] = 1
+    try:
+        owner.write_text(str(os.getpid()), encoding="utf-8")
+        yield
+    finally:
+        del _HELD[key]
+        lock.release()

@@ -39,7 +39,7 @@ from qkv.data import absolute_specs, held_out_indices, stdlib_docs
 from qkv.distributed import World
 from qkv.errors import QkvError
 from qkv.evaluation import IGNORE, EvalResult, score
-from qkv.files import check_new_directory
+from qkv.files import check_new_directory, one_writer
 from qkv.generate import Generator
 from qkv.model import DecoderLM
 from qkv.nn.lora import DEFAULT_TARGETS, add_lora, merge_lora
@@ -421,11 +421,12 @@ def finetune(
     cfg = dataclasses.replace(base, **options)
     if resume is None:
         cfg.warmup_steps = min(100, cfg.steps // 10)
-    run = prepare_finetune(model_dir, cfg.data[0], cfg, Path(out), progress, lora, resume)
-    run.before = run.trainer.evaluate()
-    if on_start:
-        on_start(run)
-    run_to_end(run.trainer, "finetune")
+    with one_writer(Path(out)):
+        run = prepare_finetune(model_dir, cfg.data[0], cfg, Path(out), progress, lora, resume)
+        run.before = run.trainer.evaluate()
+        if on_start:
+            on_start(run)
+        run_to_end(run.trainer, "finetune")
     return run
 
 

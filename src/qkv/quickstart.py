@@ -7,6 +7,7 @@ budget (each step timed first; at most 1,500) -> validation loss and bits per by
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from pathlib import Path
 from qkv.checkpoint import LATEST
 from qkv.config import QUICKSTART, QUICKSTART_MINUTES, ModelConfig
 from qkv.errors import QkvError
+from qkv.files import one_writer
 from qkv.generate import Generator
 from qkv.train import Run, Trainer, prepare_run, run_to_end
 
@@ -52,20 +54,21 @@ def quickstart(
     out = Path(out)
     if (out / LATEST).exists():
         raise QkvError(f"{out} already holds a quickstart run; delete it or pass another --out")
-    if minutes <= 0:
-        raise QkvError("--minutes must be positive")
+    if not 0 < minutes < math.inf:
+        raise QkvError(f"--minutes must be a positive number of minutes, got {minutes}")
     started = time.perf_counter()
-    cfg = dataclasses.replace(QUICKSTART, steps=steps or QUICKSTART.steps, device=device)
-    run = prepare_run(out, cfg, MODEL, progress=progress)
-    per_step = run.trainer.seconds_per_step() if steps is None else 0.0
-    if steps is None:
-        budget = 60 * minutes - (time.perf_counter() - started) - RESERVE_S
-        cfg.steps = max(1, min(QUICKSTART.steps, int(budget / per_step)))
-    cfg.eval_every = min(cfg.eval_every, cfg.steps)
-    job = Quickstart(run, per_step, steps is None and cfg.steps < QUICKSTART.steps)
-    if on_start:
-        on_start(job)
-    run_to_end(run.trainer, "train")
+    with one_writer(out):
+        cfg = dataclasses.replace(QUICKSTART, steps=steps or QUICKSTART.steps, device=device)
+        run = prepare_run(out, cfg, MODEL, progress=progress)
+        per_step = run.trainer.seconds_per_step() if steps is None else 0.0
+        if steps is None:
+            budget = 60 * minutes - (time.perf_counter() - started) - RESERVE_S
+            cfg.steps = max(1, min(QUICKSTART.steps, int(budget / per_step)))
+        cfg.eval_every = min(cfg.eval_every, cfg.steps)
+        job = Quickstart(run, per_step, steps is None and cfg.steps < QUICKSTART.steps)
+        if on_start:
+            on_start(job)
+        run_to_end(run.trainer, "train")
     generator = Generator.load(out)  # the saved checkpoint, as `qkv generate` will read it
     for seed, prompt in enumerate(PROMPTS):
         job.samples.append((prompt, generator.generate(prompt, max_new_tokens=60, seed=seed).text))

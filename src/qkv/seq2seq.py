@@ -30,6 +30,7 @@ from qkv.data import absolute_specs, held_out_indices, pad_rows
 from qkv.distributed import World
 from qkv.errors import QkvError
 from qkv.evaluation import IGNORE, EvalResult, score
+from qkv.files import one_writer
 from qkv.model import EncoderDecoder, build_model
 from qkv.text import read_jsonl
 from qkv.tokenizer import Tokenizer
@@ -409,10 +410,12 @@ def train_seq2seq(
         specs = [f"task:{task}"] if task else data
         base = dataclasses.replace(DEFAULTS, data=specs, steps=steps, batch_size=batch_size)
     cfg = dataclasses.replace(base, **options)
-    run = prepare_seq2seq_run(Path(out or "runs/train"), cfg, model_config, resume)
-    if on_start:
-        on_start(run)
-    run_to_end(run.trainer)
+    out = Path(out or "runs/train")
+    with one_writer(out):
+        run = prepare_seq2seq_run(out, cfg, model_config, resume)
+        if on_start:
+            on_start(run)
+        run_to_end(run.trainer)
     model, held_out, tokenizer = run.trainer.model, run.source.held_out, run.trainer.tokenizer
     run.greedy, run.predictions = evaluate_pairs(model, held_out, tokenizer)
     if beams > 1:

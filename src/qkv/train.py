@@ -8,6 +8,7 @@ writes metrics.jsonl and loss.png (qkv.metrics) beside its checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -51,6 +52,7 @@ from qkv.distributed import (
 )
 from qkv.errors import QkvError
 from qkv.evaluation import EvalResult, Inputs, evaluate, next_token_loss
+from qkv.files import one_writer
 from qkv.metrics import record
 from qkv.model import DecoderLM, build_model
 from qkv.optim import lookup_tables, lr_at, parameter_groups
@@ -272,7 +274,14 @@ class Trainer:
     def run(self) -> list[dict[str, Any]]:
         """Train to cfg.steps; returns the history (train and eval records). Ctrl-C (SIGINT)
         and SIGTERM (a scheduler's preemption, torchrun stopping) finish the step, save it and
-        raise KeyboardInterrupt (`stop_signal` says which)."""
+        raise KeyboardInterrupt (`stop_signal` says which). Rank 0 holds the run directory's
+        lock meanwhile: a second run into it is refused."""
+        if not self.world.is_main:
+            return self._run()
+        with one_writer(self.run_dir):
+            return self._run()
+
+    def _run(self) -> list[dict[str, Any]]:
         previous = {}
         try:
             for signum in (signal.SIGINT, signal.SIGTERM):
@@ -574,7 +583,8 @@ def train(
     cfg = dataclasses.replace(config or TrainConfig(), **options)
     out = Path(out or "runs/train")
     split_batch(cfg.batch_size, cfg.grad_accum, world)  # before connecting: it may not divide
-    with distributed.joined(world, cfg.device, out / LATEST):
+    writing = one_writer(out) if world.is_main else contextlib.nullcontext()
+    with writing, distributed.joined(world, cfg.device, out / LATEST):
         run = prepare_run(
             out, cfg, model_config, resume, progress if world.is_main else None, world, strategy
         )

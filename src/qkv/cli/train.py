@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qkv.cli.options import add_command, positive, say
+from qkv.cli.options import add_command, positive, say, seed
 from qkv.config import PRESETS, STRATEGIES, TOKENIZERS, TrainConfig
 from qkv.errors import QkvError
 
@@ -39,7 +39,7 @@ OPTIONS = [
     ("--eval-every", positive, "evaluate every N steps"),
     ("--eval-windows", positive, "validation windows per evaluation"),
     ("--save-every", positive, "checkpoint every N steps"),
-    ("--seed", int, "random seed"),
+    ("--seed", seed, "random seed"),
     ("--device", str, "auto, cpu, cuda or cuda:N"),
     ("--dtype", str, "auto, float32 or bfloat16 (autocast)"),
     ("--val-fraction", float, "share of documents held out for validation"),
