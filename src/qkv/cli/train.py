@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from qkv.cli.options import add_command, positive, say, seed
-from qkv.config import PRESETS, STRATEGIES, TOKENIZERS, TrainConfig
+from qkv.config import PRESETS, STRATEGIES, TOKENIZERS, ModelConfig, TrainConfig
 from qkv.errors import QkvError
 
 EXAMPLES = """examples:
@@ -129,7 +129,6 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> None:
     from qkv.checkpoint import read_run
     from qkv.cli.progress import training_bar
-    from qkv.config import ModelConfig
     from qkv.distributed import launched_world
     from qkv.seq2seq import seq2seq_model_config
     from qkv.train import last_evaluation, train
