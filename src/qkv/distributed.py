@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -269,5 +270,6 @@ def split_batch(batch_size: int, grad_accum: int, world: World) -> tuple[int, in
             f"of {world.size}"
         )
     share = total // world.size
-    micro = max(d for d in range(1, min(batch_size, share) + 1) if share % d == 0)
+    small = [d for d in range(1, math.isqrt(share) + 1) if share % d == 0]
+    micro = max(d for d in small + [share // d for d in small] if d <= batch_size)
     return micro, share // micro

@@ -20,6 +20,7 @@ and tokenizer.json (or BERT's vocab.txt).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ from torch import Tensor
 from qkv import files
 from qkv.config import ModelConfig
 from qkv.errors import QkvError
+from qkv.memory import check_model_fits
 from qkv.model import DecoderLM, Encoder, build_model
 from qkv.tokenizer import Tokenizer
 
@@ -414,15 +416,30 @@ def weight_files(folder: Path) -> list[Path]:
     )
 
 
-def read_hf_weights(folder: Path) -> dict[str, Tensor]:
-    """Every tensor of a model directory's weight files."""
+def read_hf_weights(folder: Path, shapes_only: bool = False) -> dict[str, Tensor]:
+    """Every tensor of a model directory's weight files; with `shapes_only`, safetensors files
+    give meta tensors of the shapes their headers list (nothing is read but the headers)."""
     tensors: dict[str, Tensor] = {}
     for path in weight_files(folder):
         if path.suffix == ".bin":
             tensors.update(files.read_pickled_tensors(path))
+        elif shapes_only:
+            header = files.read_safetensors_header(path)
+            tensors.update({n: torch.empty(t.shape, device="meta") for n, t in header.items()})
         else:
             tensors.update(files.read_safetensors(path))
     return tensors
+
+
+def count_layers(family: Family, names: Collection[str]) -> int:
+    """How many layers the tensors `names` hold: the distinct numbers in the place of "{}" in
+    the family's per-layer names."""
+    template = next(name for name in family.weight_map if "{}" in name)
+    pattern = re.compile(
+        re.escape(template.removeprefix(family.base_prefix)).replace(r"\{\}", r"(\d+)")
+    )
+    found = (pattern.fullmatch(name.removeprefix(family.base_prefix)) for name in names)
+    return len({match[1] for match in found if match})
 
 
 def _special(config: dict[str, Any], extra: dict[str, Any], backend: tokenizers.Tokenizer,
@@ -493,10 +510,22 @@ def load_hf_directory(folder: Path) -> tuple[DecoderLM | Encoder, Tokenizer]:
         config = family.config_from_hf(hf)
     except KeyError as err:
         raise QkvError(f"{folder}/config.json lacks the field {err}") from None
+    stored = read_hf_weights(folder, shapes_only=True)
+    layers = count_layers(family, stored)
+    if layers != config.n_layers:
+        raise QkvError(
+            f"{folder}/config.json asks for {config.n_layers} layers but the weights hold "
+            f"{layers}: the files do not belong together"
+        )
+    with torch.device("meta"):
+        expected = build_model(config.replace(init_std=None)).state_dict()
+    wanted = from_hf_tensors(family, stored, expected, config.n_layers)
+    files.check_fit(wanted, expected, f"{folder}:", "config.json")
+    check_model_fits(config, str(folder))
     model = build_model(config)
-    expected = model.state_dict()
-    tensors = from_hf_tensors(family, read_hf_weights(folder), expected, config.n_layers)
-    files.check_fit(tensors, expected, f"{folder}:", "config.json")
+    if any(t.is_meta for t in stored.values()):
+        stored = read_hf_weights(folder)
+    tensors = from_hf_tensors(family, stored, expected, config.n_layers)
     model.load_state_dict({k: v.float().contiguous() for k, v in tensors.items()})
     return model.eval(), load_hf_tokenizer(folder, hf)
 

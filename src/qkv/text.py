@@ -4,43 +4,84 @@ configs) and standard input, each failure one message naming the file and the fi
 from __future__ import annotations
 
 import json
+import os
+import stat
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from qkv.errors import QkvError
 
+CHUNK = 1 << 24  # bytes read at a time, each checked before the next is read
+STREAM_LIMIT = 1 << 30  # most bytes taken from a pipe or standard input (a file: its size)
+
 
 def read_text_file(path: Path, what: str = "data file") -> str:
-    """The file's text, or a QkvError naming (as `what`) a missing, empty, binary or non-UTF-8
-    file."""
+    """The text of a regular file or a pipe, or a QkvError naming (as `what`) a missing, empty,
+    binary (a NUL byte anywhere) or non-UTF-8 file, a directory or a device (/dev/zero)."""
     try:
-        data = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO without a writer: no hang
     except FileNotFoundError:
         raise QkvError(f"{what} {path} does not exist; check the path") from None
-    except IsADirectoryError:
-        raise QkvError(f"{what} {path} is a directory where a file was expected") from None
     except OSError as err:
         raise QkvError(f"cannot read {what} {path}: {err.strerror}") from None
+    mode = os.fstat(fd).st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+        os.close(fd)
+        if stat.S_ISDIR(mode):
+            raise QkvError(f"{what} {path} is a directory where a file was expected")
+        raise QkvError(f"{what} {path} is a device, not a text file; give a file of text")
+    os.set_blocking(fd, True)  # a pipe with no writer reads as empty
+    with os.fdopen(fd, "rb", buffering=0) as file:
+        data = _read_bounded(file, f"{what} {path}", None if stat.S_ISREG(mode) else STREAM_LIMIT)
     if not data.strip():
-        raise QkvError(f"{what} {path} is empty; give files that contain text")
-    if b"\x00" in data[:8192]:
-        raise QkvError(f"{what} {path} looks binary (it contains NUL bytes); give text files")
+        pipe = " (a pipe no one wrote to)" if stat.S_ISFIFO(mode) else ""
+        raise QkvError(f"{what} {path} is empty{pipe}; give files that contain text")
+    return _decode(data, f"{what} {path}")
+
+
+def _read_bounded(file: BinaryIO, name: str, limit: int | None) -> bytes:
+    """All of `file`'s bytes, chunk by chunk: a NUL byte, more than `limit` bytes (a stream) or
+    more than memory holds is a QkvError naming `name` at once."""
+    chunks, total = [], 0
+    try:
+        while chunk := file.read(CHUNK):
+            nul = chunk.find(b"\x00")
+            if nul >= 0:
+                raise QkvError(
+                    f"{name} looks binary (a NUL byte at offset {total + nul}); give text files"
+                )
+            total += len(chunk)
+            if limit is not None and total > limit:
+                raise QkvError(
+                    f"{name} gives more than {limit >> 20} MiB; save the text to a file first"
+                )
+            chunks.append(chunk)
+        return b"".join(chunks)
+    except MemoryError:
+        raise QkvError(f"{name} is too large to hold in memory ({total:,} bytes read)") from None
+    except OSError as err:
+        raise QkvError(f"cannot read {name}: {err.strerror}") from None
+
+
+def _decode(data: bytes, name: str) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
         raise QkvError(
-            f"{what} {path} is not UTF-8: byte 0x{data[err.start]:02x} at offset {err.start} "
+            f"{name} is not UTF-8: byte 0x{data[err.start]:02x} at offset {err.start} "
             "cannot be decoded; convert it, e.g. iconv -f latin1 -t utf-8"
         ) from None
 
 
 def read_text(path: str | Path) -> tuple[str, str]:
-    """(name, text) of a file (read_text_file's checks), or of standard input for '-'."""
+    """(name, text) of a file (read_text_file's checks), or of standard input for '-' (at most
+    STREAM_LIMIT bytes, no NUL)."""
     if str(path) != "-":
         return str(path), read_text_file(Path(path))
+    data = _read_bounded(sys.stdin.buffer, "standard input", STREAM_LIMIT)
     try:
-        return "standard input", sys.stdin.buffer.read().decode("utf-8")
+        return "standard input", data.decode("utf-8")
     except UnicodeDecodeError as err:
         raise QkvError(
             f"standard input is not UTF-8 text (byte {err.start}); save it as UTF-8"

@@ -12,8 +12,11 @@ import contextlib
 import copy
 import dataclasses
 import math
+import os
 import signal
 import statistics
+import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -53,6 +56,7 @@ from qkv.distributed import (
 from qkv.errors import QkvError
 from qkv.evaluation import EvalResult, Inputs, evaluate, next_token_loss
 from qkv.files import one_writer
+from qkv.memory import check_fits, check_model_fits, training_parts
 from qkv.metrics import record
 from qkv.model import DecoderLM, build_model
 from qkv.optim import lookup_tables, lr_at, parameter_groups
@@ -138,6 +142,7 @@ class Trainer:
     adapter: dict[str, Any] | None = None  # LoRA: checkpoints hold only the adapter (its config)
     world: World = ONE_PROCESS
     strategy: str = "ddp"
+    stop_grace: float = 30.0  # seconds a step may run on after Ctrl-C / SIGTERM
 
     def __post_init__(self) -> None:
         self.cfg.validate()
@@ -152,6 +157,19 @@ class Trainer:
         else:
             self.device = device_for(self.world, self.cfg.device)
         self.dtype = resolve_dtype(self.cfg.dtype, self.device, self.model.config.d_model)
+        self.micro_batch, self.accum = split_batch(
+            self.cfg.batch_size, self.cfg.grad_accum, self.world
+        )
+        check_fits(
+            training_parts(
+                self.model, self.micro_batch, self.cfg.context, self.dtype,
+                on_device=self.device.type == "cpu",
+            ),
+            f"a training step of {self.micro_batch} x {self.cfg.context} tokens "
+            f"(--batch-size {self.cfg.batch_size}, --context {self.cfg.context})",
+            "lower --batch-size (--grad-accum N keeps the tokens per step) or --context",
+            self.device,
+        )  # fmt: skip
         self.model.to(self.device).train()
         self.wrapped = wrap(self.model, self.strategy, self.world, self.device)
         self.optimizer = torch.optim.AdamW(
@@ -161,14 +179,12 @@ class Trainer:
             fused=self.device.type in ("cpu", "cuda"),  # one kernel for all parameters
         )
         self.forward = torch.compile(self.wrapped) if self.cfg.compile else self.wrapped
-        self.micro_batch, self.accum = split_batch(
-            self.cfg.batch_size, self.cfg.grad_accum, self.world
-        )
         self.batches = self.make_batches(self.micro_batch, self.accum, self.world)
         self.step = 0
         self.tokens_per_step = self.cfg.batch_size * self.cfg.context * self.cfg.grad_accum
         self.flops_per_step = flops_per_token(self.model, self.cfg.context) * self.tokens_per_step
         self._stop_requested = False
+        self._grace: threading.Timer | None = None
         self.stop_signal = signal.SIGINT
         self._snapshot = self._rng_state()
         self.saved_step: int | None = None
@@ -265,11 +281,28 @@ class Trainer:
         self._snapshot = self._rng_state()
 
     def _request_stop(self, signum: int, frame: Any) -> None:
+        """Stop after this step; a step still running `stop_grace` seconds later is abandoned
+        (the process exits at once, the last checkpoint kept), as is one a second signal hits."""
+        if self._stop_requested:
+            return
         self._stop_requested = True
         self.stop_signal = signal.Signals(signum)
+        self._grace = threading.Timer(self.stop_grace, self._abandon)
+        self._grace.daemon = True
+        self._grace.start()
         if self.world.size == 1:  # a second signal acts at once; under torchrun the terminal's
             immediate = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
             signal.signal(signum, immediate)  # Ctrl-C and torchrun's forwarded one both come
+
+    def _abandon(self) -> None:
+        kept = "none was saved" if self.saved_step is None else f"step {self.saved_step} is kept"
+        print(
+            f"qkv: step {self.step + 1} did not end within {self.stop_grace:g} s of "
+            f"{self.stop_signal.name}; exiting now. The last checkpoint: {kept}",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(128 + self.stop_signal)
 
     def run(self) -> list[dict[str, Any]]:
         """Train to cfg.steps; returns the history (train and eval records). Ctrl-C (SIGINT)
@@ -301,6 +334,8 @@ class Trainer:
     def _loop(self) -> None:
         while self.step < self.cfg.steps:
             if self.world.any(self._stop_requested):  # every process stops at the same step
+                if self._grace is not None:
+                    self._grace.cancel()  # the step ended: saving it is not abandoned
                 self.save()
                 raise KeyboardInterrupt
             step_start = time.perf_counter()
@@ -518,6 +553,8 @@ def prepare_run(
     elif model_config.vocab_size != corpus.tokenizer.vocab_size:
         raise QkvError(f"checkpoint {folder} has a tokenizer that does not fit its model")
     torch.manual_seed(cfg.seed)
+    source = "--preset / --set" if folder is None else str(folder)
+    check_model_fits(model_config, source, resolve_device(cfg.device))
     model = build_model(model_config)
     if not isinstance(model, DecoderLM):
         raise QkvError(
