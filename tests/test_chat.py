@@ -50,10 +50,12 @@ def test_rendered_conversations_tokenize_as_fine_tuning_encodes_them() -> None:
     turns = [("system", "be brief"), ("user", "the fox?"), ("assistant", "jumps over"),
              ("user", "the dog?"), ("assistant", "lazy")]  # fmt: skip
     ids, _ = encode_example(Example(tuple(turns)), tokenizer)
-    assert tokenizer.encode(render(turns, "<|endoftext|>")) == ids
-    prompt = answer_prompt(turns[:3], "<|endoftext|>")
-    assert prompt == "<|system|>be brief<|user|>the fox?<|assistant|>jumps over<|endoftext|>" + (
-        "<|assistant|>"
+    spelled = ("<|system|>be brief<|user|>the fox?<|assistant|>jumps over<|endoftext|>"
+               "<|user|>the dog?<|assistant|>lazy<|endoftext|>")  # fmt: skip
+    assert render(turns, tokenizer) == ids == tokenizer.encode(spelled)
+    prompt = answer_prompt(turns[:3], tokenizer)
+    assert prompt == tokenizer.encode(
+        "<|system|>be brief<|user|>the fox?<|assistant|>jumps over<|endoftext|><|assistant|>"
     )
 
 
@@ -64,8 +66,9 @@ def test_the_conversation_drops_its_oldest_exchanges_to_fit_but_keeps_the_system
     conversation = Conversation(tokenizer, window=60, reserve=10, system="be kind")
     for i in range(4):
         conversation.add(f"question {i}", f"answer {i}")
-    prompt, dropped = conversation.prompt("last one")
-    assert len(tokenizer.encode(prompt)) <= 50
+    ids, dropped = conversation.prompt("last one")
+    prompt = tokenizer.decode(ids)
+    assert len(ids) <= 50
     assert dropped >= 1 and prompt.startswith("<|system|>be kind<|user|>question ")
     assert "answer 3<|endoftext|><|user|>last one<|assistant|>" in prompt
     assert "question 0" not in prompt
@@ -144,10 +147,35 @@ def test_chat_refuses_bad_messages_one_line_each_and_goes_on(chat_dir: Path) -> 
     script = b"the fox \xff\n" + b"fox " * 60 + b"\nthe fox\n"
     result = sp.run([sys.executable, "-m", "qkv", "chat", "--model", str(chat_dir), *GREEDY],
                     input=script, capture_output=True, timeout=120)  # fmt: skip
-    err = result.stderr.decode()
-    assert result.returncode == 0 and "Traceback" not in err
-    assert "not valid UTF-8" in err and "shorten it" in err
+    err = result.stderr.decode().splitlines()
+    assert result.returncode == 1 and "Traceback" not in result.stderr.decode()
+    assert err[0] == (
+        "qkv chat: error: input line 1 is not UTF-8 text (byte 0xff at offset 8); skipped"
+    )
+    assert err[1].startswith("qkv chat: error: input line 2: the message needs")
+    assert err[1].endswith("shorten it")
+    assert err[2] == (
+        "qkv chat: error: no reply to input lines 1, 2 (see above); the other lines were answered"
+    )
+    assert len(err) == 3
     expected = expected_reply(chat_dir, "<|user|>the fox<|assistant|>", 6)
     assert result.stdout.decode() == expected + "\n"
     long = qkv("chat", "--model", str(chat_dir), "-p", "fox " * 60)
     assert long.returncode == 2 and "shorten it" in long.stderr
+
+
+def test_every_piped_line_gets_its_slot_when_one_is_not_utf8(chat_dir: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "qkv", "chat", "--model", str(chat_dir), *GREEDY],
+        input=b"hello\n\xff\xfe\nbye\n", capture_output=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.decode().splitlines() == [
+        "qkv chat: error: input line 2 is not UTF-8 text (byte 0xff at offset 0); skipped",
+        "qkv chat: error: no reply to input line 2 (see above); the other lines were answered",
+    ]
+    hello = expected_reply(chat_dir, "<|user|>hello<|assistant|>", 6)
+    bye = expected_reply(
+        chat_dir, f"<|user|>hello<|assistant|>{hello}<|endoftext|><|user|>bye<|assistant|>", 6
+    )
+    assert result.stdout.decode() == f"{hello}\n{bye}\n"

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from test_cli_generate import checkpoint, qkv
+from torch import nn
 
 from qkv.checkpoint import load_model, write_checkpoint
 from qkv.cli import main
@@ -161,7 +162,7 @@ def test_full_fine_tuning_from_an_adapter_trains_its_merged_weights(tmp_path: Pa
     [
         (["--lora-targets", "q_proj"], "need --lora-rank"),
         (["--lora-rank", "999"], "rank must be from 1 to"),
-        (["--lora-rank", "2", "--lora-targets", "nope"], "it has ["),
+        (["--lora-rank", "2", "--lora-targets", "nope"], "--lora-targets names nope, which"),
         (["--lora-rank", "2", "--lora-alpha", "-1"], "--lora-alpha must be positive"),
     ],
 )
@@ -173,6 +174,22 @@ def test_bad_lora_options_are_one_line(tmp_path: Path, capsys, args, message) ->
                  str(tmp_path / "o"), *args])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_lora_targets_naming_a_layer_the_model_lacks_are_refused(tmp_path: Path, qkv_here) -> None:
+    base = checkpoint(tmp_path / "base", "decoder")
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps(p) for p in PAIRS), encoding="utf-8")
+    model, _ = load_model(base)
+    names = [n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    lora = ["--lora-rank", "2", "--lora-targets", "q_proj,bogus"]
+    result = qkv_here("finetune", "--model", str(base), "--data", str(data), "--out",
+                      str(tmp_path / "o"), *lora)  # fmt: skip
+    assert result.returncode == 2 and not (tmp_path / "o" / "latest").exists()
+    assert result.stderr == (
+        "qkv finetune: error: --lora-targets names bogus, which this model does not have; its "
+        f"linear layers are: {', '.join(dict.fromkeys(names))}\n"
+    )
 
 
 def test_runs_resume_only_with_their_own_command(tmp_path: Path, capsys) -> None:

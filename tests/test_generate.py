@@ -230,6 +230,22 @@ def test_empty_or_invalid_prompts_and_encoders_are_refused(tokenizer: Tokenizer)
         Generator(encoder, tokenizer)  # type: ignore[arg-type]
 
 
+def test_token_id_prompts_generate_what_their_text_does(tokenizer: Tokenizer) -> None:
+    generator = make_generator(tokenizer)
+    texts = ["the quick", "a"]
+    ids = [tokenizer.encode(t) for t in texts]
+    by_text = generator.generate(texts, max_new_tokens=8, temperature=0)
+    by_ids = generator.generate([ids[0], texts[1]], max_new_tokens=8, temperature=0)
+    assert [c.to_dict() for c in by_ids] == [c.to_dict() for c in by_text]
+    one = generator.generate(ids[0], max_new_tokens=8, temperature=0)
+    assert one.prompt == "the quick" and one.token_ids == by_text[0].token_ids
+    assert "".join(generator.stream(ids[0], max_new_tokens=8, temperature=0)) == one.text
+    with pytest.raises(QkvError, match="prompt 2 must be text or a list of token ids from 0 to"):
+        generator.generate([ids[0], [tokenizer.vocab_size]])
+    with pytest.raises(QkvError, match="prompt 1 is empty"):
+        generator.generate([[]])
+
+
 def test_prompt_files_are_lines_unless_json_objects(tmp_path) -> None:
     from qkv.generate import read_prompts
 
@@ -239,3 +255,16 @@ def test_prompt_files_are_lines_unless_json_objects(tmp_path) -> None:
     records = tmp_path / "records.txt"
     records.write_text('\ufeff{"prompt": "a"}\n{"prompt": "b"}\n', encoding="utf-8")  # with a BOM
     assert read_prompts(records) == ["a", "b"]
+
+
+@torch.no_grad()
+def test_ids_past_the_tokenizer_are_never_chosen(tokenizer: Tokenizer) -> None:
+    """A model vocabulary padded past its tokenizer (as Hugging Face models often are): the
+    padding rows, made the likeliest, are still never sampled or picked greedily."""
+    model = make_decoder("rope-gqa", tokenizer.vocab_size + 8)
+    model.head.weight[tokenizer.vocab_size :] = 10 * model.head.weight.abs().max()
+    generator = Generator(model, tokenizer)
+    for temperature in (0.0, 1.0):
+        completion = generator.generate("the quick", max_new_tokens=12, temperature=temperature)
+        assert len(completion.token_ids) == 12
+        assert max(completion.token_ids) < tokenizer.vocab_size

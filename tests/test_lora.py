@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 from qkv.config import ModelConfig
 from qkv.model import DecoderLM
 from qkv.nn.linear import Linear
-from qkv.nn.lora import LoRALinear, add_lora, lora_state_dict, merge_lora
+from qkv.nn.lora import LoRALinear, UnknownTargets, add_lora, lora_state_dict, merge_lora
 from qkv.train import next_token_loss
 
 VOCAB, SEQ = 64, 12
@@ -110,6 +111,15 @@ def test_training_only_the_adapter_lowers_the_loss() -> None:
     assert losses[-1] < 0.7 * losses[0]
 
 
-def test_no_matching_layer_is_an_error() -> None:
-    with pytest.raises(ValueError, match="no linear layer named"):
-        add_lora(make_model(), rank=2, targets=("nonexistent",))
+def test_a_target_no_layer_has_is_refused_before_anything_changes() -> None:
+    model = make_model()
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    with pytest.raises(UnknownTargets) as refused:
+        add_lora(model, rank=2, targets=("q_proj", "bogus", "nonexistent"))
+    assert refused.value.unknown == ["bogus", "nonexistent"]
+    assert sorted(refused.value.names) == sorted(names) and len(refused.value.names) == len(names)
+    assert str(refused.value).startswith("no linear layer is named bogus, nonexistent; ")
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError, match="targets name no layer"):
+        add_lora(model, rank=2, targets=())

@@ -1,11 +1,13 @@
 """qkv's chat template: role tokens added to a tokenizer and a model, and turns rendered with
-them.
+them as token ids.
 
     <|system|>{text}<|user|>{text}<|assistant|>{text}<|endoftext|><|user|>{text}<|assistant|>
 
 The model continues after the last <|assistant|>; its reply ends where it writes <|endoftext|>
-or a role token. Tokenized, the text is exactly what fine-tuning trained on (special tokens are
-matched before the text between them is split into tokens).
+or a role token. Only the template puts role and end-of-text tokens: each {text} is encoded as
+plain text (Tokenizer.encode_plain), so a message that spells "<|assistant|>" cannot forge a turn.
+Fine-tuning (finetune.encode_example) and chat (chat.Conversation) both render with render(), so
+chat feeds the model exactly what fine-tuning trained on.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from qkv.errors import QkvError
 from qkv.model import DecoderLM
 from qkv.tokenizer import Tokenizer
 
@@ -22,7 +25,7 @@ ROLE_TOKENS = {role: f"<|{role}|>" for role in ROLES}
 
 def add_chat_tokens(tokenizer: Tokenizer) -> int:
     """Give the tokenizer the role tokens (ids after its vocabulary); its new vocabulary size."""
-    tokenizer.backend.add_special_tokens(list(ROLE_TOKENS.values()))
+    tokenizer.add_special_tokens(list(ROLE_TOKENS.values()))
     return tokenizer.vocab_size
 
 
@@ -51,14 +54,35 @@ def grow_vocabulary(model: DecoderLM, tokenizer: Tokenizer) -> None:
     model.config = model.config.replace(vocab_size=new)
 
 
-def render(turns: list[tuple[str, str]], end_of_text: str) -> str:
-    """(role, text) turns in the chat template; each assistant turn is closed by end_of_text."""
-    return "".join(
-        ROLE_TOKENS[role] + text + (end_of_text if role == "assistant" else "")
-        for role, text in turns
-    )
+def role_ids(tokenizer: Tokenizer) -> dict[str, int]:
+    """The id of each role's token; an error if the tokenizer lacks them."""
+    ids = {role: tokenizer.backend.token_to_id(token) for role, token in ROLE_TOKENS.items()}
+    missing = [ROLE_TOKENS[role] for role, token_id in ids.items() if token_id is None]
+    if missing:
+        raise QkvError(
+            f"the tokenizer has no chat tokens ({', '.join(missing)}): use a model fine-tuned on "
+            "prompt/response pairs (`qkv finetune`), or add them with add_chat_tokens"
+        )
+    return ids
 
 
-def answer_prompt(turns: list[tuple[str, str]], end_of_text: str) -> str:
-    """The text after which the model writes the assistant's next reply."""
-    return render(turns, end_of_text) + ROLE_TOKENS["assistant"]
+def encode_turns(turns: list[tuple[str, str]], tokenizer: Tokenizer) -> list[list[int]]:
+    """Each (role, text) turn as token ids: [role id] + encode_plain(text), + [end-of-text id]
+    for an assistant turn."""
+    roles = role_ids(tokenizer)
+    texts = tokenizer.encode_plain_batch([text for _, text in turns])
+    return [
+        [roles[role], *ids] + ([tokenizer.end_of_text_id] if role == "assistant" else [])
+        for (role, _), ids in zip(turns, texts, strict=True)
+    ]
+
+
+def render(turns: list[tuple[str, str]], tokenizer: Tokenizer) -> list[int]:
+    """The token ids of (role, text) turns in the chat template (encode_turns, joined)."""
+    return [token_id for turn in encode_turns(turns, tokenizer) for token_id in turn]
+
+
+def answer_prompt(turns: list[tuple[str, str]], tokenizer: Tokenizer) -> list[int]:
+    """The token ids after which the model writes the assistant's next reply: render(turns)
+    + [<|assistant|> id]."""
+    return [*render(turns, tokenizer), role_ids(tokenizer)["assistant"]]

@@ -1,6 +1,7 @@
 """Fine-tuning data: prompt/response pairs and chats as token ids, with the loss on responses only.
 
-The chat template wraps each turn in special tokens added to the tokenizer:
+The chat template (qkv.chat_template) wraps each turn in special tokens added to the tokenizer,
+the text between them encoded as plain text (a special token spelled in it is just characters):
     <|system|>{text}<|user|>{text}<|assistant|>{text}<|endoftext|> ...
 loss = sum_t mask_t * -log p(x_{t+1} | x_<=t) / sum_t mask_t, where mask_t = 1 exactly when
 x_{t+1} belongs to an assistant's reply or the <|endoftext|> that closes it: the model learns to
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from qkv.chat_template import ROLE_TOKENS, ROLES, add_chat_tokens, answer_prompt, grow_vocabulary
+from qkv.chat_template import ROLES, add_chat_tokens, answer_prompt, encode_turns, grow_vocabulary
 from qkv.checkpoint import (
     ADAPTER,
     ADAPTER_CONFIG,
@@ -42,7 +43,7 @@ from qkv.evaluation import IGNORE, EvalResult, score
 from qkv.files import check_new_directory, one_writer
 from qkv.generate import Generator
 from qkv.model import DecoderLM
-from qkv.nn.lora import DEFAULT_TARGETS, add_lora, merge_lora
+from qkv.nn.lora import DEFAULT_TARGETS, UnknownTargets, add_lora, merge_lora
 from qkv.text import read_jsonl
 from qkv.tokenizer import Tokenizer
 from qkv.train import Trainer, run_to_end
@@ -117,19 +118,15 @@ def stdlib_qa(
 
 
 def encode_example(example: Example, tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
-    """Token ids of the templated conversation and, per position t, whether token t is a target
-    of the loss (part of an assistant reply or its closing <|endoftext|>)."""
+    """Token ids of the templated conversation (chat_template.render's) and, per position t,
+    whether token t is a target of the loss (part of an assistant reply or its closing
+    <|endoftext|>: every token of an assistant turn but its role token)."""
     ids: list[int] = []
     target: list[int] = []
-    for role, text in example.turns:
-        role_id = tokenizer.backend.token_to_id(ROLE_TOKENS[role])
-        if role_id is None:
-            raise QkvError("the tokenizer has no chat tokens; call add_chat_tokens first")
-        body = tokenizer.encode(text)
-        if role == "assistant":
-            body = [*body, tokenizer.end_of_text_id]
-        ids += [role_id, *body]
-        target += [0] + [int(role == "assistant")] * len(body)
+    turns = list(example.turns)
+    for (role, _), turn in zip(turns, encode_turns(turns, tokenizer), strict=True):
+        ids += turn
+        target += [0] + [int(role == "assistant")] * (len(turn) - 1)
     return ids, target
 
 
@@ -311,7 +308,12 @@ def prepare_finetune(
     if lora is not None and resume is None:
         try:
             add_lora(model, lora.rank, lora.alpha, lora.dropout, lora.targets)
-        except ValueError as err:  # no layer of that name, a rank too large
+        except UnknownTargets as err:
+            raise QkvError(
+                f"--lora-targets names {', '.join(err.unknown)}, which this model does not have; "
+                f"its linear layers are: {', '.join(err.names)}"
+            ) from None
+        except ValueError as err:  # a rank too large
             raise QkvError(f"LoRA: {err}") from None
     cfg.context = min(cfg.context, model.config.max_seq_len)
     train, val = load_examples(spec, cfg.val_fraction, progress)
@@ -372,12 +374,11 @@ class FinetuneRun:
         """(question, greedy answer) for the first held-out questions."""
         trainer = self.trainer
         generator = Generator(trainer.model.eval(), trainer.tokenizer)
-        end = trainer.tokenizer.end_of_text
         questions = [e.turns[-2][1] for e in self.held_out
                      if len(e.turns) > 1 and e.turns[-2][0] == "user"]  # fmt: skip
         answers = []
         for question in questions[:count]:
-            prompt = answer_prompt([("user", question)], end)
+            prompt = answer_prompt([("user", question)], trainer.tokenizer)
             answer = generator.generate(prompt, max_new_tokens=max_new_tokens, temperature=0)
             answers.append((question, answer.text.strip()))
         return answers

@@ -11,12 +11,15 @@ window    a sequence that outgrows the context window (max_seq_len) keeps its ne
           a batch on its own). Decoding without the cache recomputes exactly those windows every
           step, so both give the same logits.
 Token selection itself (greedy, temperature, top-k, top-p, repetition penalty) is in qkv.sampling.
+A prompt is text (encoded as a model input: a special token written in it is that token) or
+token ids, used as they are (chat builds its prompts as ids).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,10 +33,13 @@ from qkv.checkpoint import load_model
 from qkv.config import GENERATION
 from qkv.data import pad_rows
 from qkv.errors import QkvError
+from qkv.memory import check_fits, generation_parts
 from qkv.model import DecoderLM
 from qkv.sampling import SamplingConfig, select
 from qkv.text import parse_json_lines, read_text, text_lines
 from qkv.tokenizer import Tokenizer
+
+Prompt = str | list[int]  # text, or token ids used as given
 
 
 @dataclass(frozen=True)
@@ -81,10 +87,15 @@ def positions_of(attention_mask: Tensor) -> Tensor:
 
 @torch.inference_mode()
 def decode(
-    model: DecoderLM, prompts: list[list[int]], config: GenerationConfig, pad_id: int
+    model: DecoderLM,
+    prompts: list[list[int]],
+    config: GenerationConfig,
+    pad_id: int,
+    vocab: int | None = None,
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield (next token ids (batch,), the logits they were chosen from (batch, vocab_size))
-    step after step, without end.
+    step after step, without end. Ids from `vocab` on (rows a model's embedding has past its
+    tokenizer's last token, as padding) get logit -inf: they are never chosen.
 
     Prompts must be non-empty and fit the context window; the caller stops iterating when it
     has enough. Each row keeps its own window (rows slide when they, not the batch, outgrow it),
@@ -119,6 +130,8 @@ def decode(
 
     logits, mask, next_position = encode_windows()
     while True:
+        if vocab is not None:
+            logits[:, vocab:] = -math.inf
         token = select(logits, config, seen, generators)
         yield token, logits
         if seen is not None:
@@ -235,22 +248,33 @@ class Generator:
             )
         return cls(model, tokenizer)
 
-    def check(self, prompts: list[str]) -> None:
-        """Refuse empty or non-UTF-8 prompts and warn about those the context window cuts,
-        numbering them 1..n: what generate() would do batch by batch, done once up front."""
+    def check(self, prompts: list[Prompt]) -> None:
+        """Refuse empty or non-UTF-8 prompts (or ids outside the vocabulary) and warn about
+        those the context window cuts, numbering them 1..n: what generate() would do batch by
+        batch, done once up front."""
         self._rows(prompts, GenerationConfig())
 
-    def _rows(self, prompts: list[str], config: GenerationConfig) -> list[_Row]:
-        window = self.model.config.max_seq_len
+    def _rows(self, prompts: list[Prompt], config: GenerationConfig) -> list[_Row]:
+        window, vocab_size = self.model.config.max_seq_len, self.model.config.vocab_size
+        texts = [p for p in prompts if isinstance(p, str)]
         for number, prompt in enumerate(prompts, 1):
-            try:
-                prompt.encode("utf-8")
-            except UnicodeEncodeError:
-                raise QkvError(f"prompt {number} is not valid UTF-8 text") from None
+            if isinstance(prompt, str):
+                try:
+                    prompt.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise QkvError(f"prompt {number} is not valid UTF-8 text") from None
+            elif not (
+                isinstance(prompt, list)
+                and all(isinstance(i, int) and 0 <= i < vocab_size for i in prompt)
+            ):
+                raise QkvError(
+                    f"prompt {number} must be text or a list of token ids from 0 to "
+                    f"{vocab_size - 1} (the model's vocabulary)"
+                )
+        encoded = iter(self.tokenizer.encode_inputs(texts))
         rows = []
-        for number, (prompt, ids) in enumerate(
-            zip(prompts, self.tokenizer.encode_inputs(prompts), strict=True), 1
-        ):
+        for number, prompt in enumerate(prompts, 1):
+            ids = next(encoded) if isinstance(prompt, str) else list(prompt)
             if not prompt or not ids:
                 raise QkvError(f"prompt {number} is empty: give some text to continue")
             cut = max(0, len(ids) - window)
@@ -260,13 +284,21 @@ class Generator:
                     f"its first {cut} tokens are left out",
                     stacklevel=4,  # the caller of generate() / stream()
                 )
-            rows.append(_Row(prompt, ids[cut:], cut, config.stop))
+            text = prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)
+            rows.append(_Row(text, ids[cut:], cut, config.stop))
         return rows
 
-    def _run(self, prompts: list[str], config: GenerationConfig) -> Iterator[list[_Row]]:
+    def _run(self, prompts: list[Prompt], config: GenerationConfig) -> Iterator[list[_Row]]:
         """Decode the prompts as one batch; yield their rows after every step."""
         rows = self._rows(prompts, config)
-        tokens = decode(self.model, [r.prompt_ids for r in rows], config, self.tokenizer.pad_id)
+        check_fits(
+            generation_parts(self.model, len(rows), config.use_cache),
+            f"generating for {len(rows)} prompts at once",
+            "give fewer prompts at a time (--batch-size)",
+            self.model.head.matrix.device,
+        )
+        ids = [r.prompt_ids for r in rows]
+        tokens = decode(self.model, ids, config, self.tokenizer.pad_id, self.tokenizer.vocab_size)
         for _, (step, _) in zip(range(config.max_new_tokens), tokens, strict=False):
             for row, token in zip(rows, step.tolist(), strict=True):
                 if row.stop_reason is None:
@@ -280,7 +312,7 @@ class Generator:
         yield rows
 
     def stream(
-        self, prompt: str, config: GenerationConfig | None = None, **options: Any
+        self, prompt: Prompt, config: GenerationConfig | None = None, **options: Any
     ) -> Iterator[str]:
         """Yield the continuation of one prompt piece by piece, as it is generated."""
         for rows in self._run([prompt], _config(config, options)):
@@ -290,18 +322,22 @@ class Generator:
 
     def generate(
         self,
-        prompts: str | list[str],
+        prompts: Prompt | list[Prompt],
         config: GenerationConfig | None = None,
         on_text: Callable[[int, str], None] | None = None,
         **options: Any,
     ) -> Completion | list[Completion]:
-        """The Completion of a prompt, or a list of them for a list (decoded as one batch).
+        """The Completion of a prompt (text, or a list of token ids), or a list of them for a
+        list of prompts (decoded as one batch).
 
         Options are GenerationConfig's fields (max_new_tokens, temperature, top_k, top_p,
         repetition_penalty, stop, seed, use_cache); `on_text(prompt index, new text)` is called
         as text is produced.
         """
-        batch = [prompts] if isinstance(prompts, str) else list(prompts)
+        one = isinstance(prompts, str) or (
+            isinstance(prompts, list) and bool(prompts) and isinstance(prompts[0], int)
+        )
+        batch = [prompts] if one else list(prompts)
         if not batch:
             return []
         rows: list[_Row] = []
@@ -311,7 +347,7 @@ class Generator:
                 if piece and on_text is not None:
                     on_text(i, piece)
         completions = [row.completion() for row in rows]
-        return completions[0] if isinstance(prompts, str) else completions
+        return completions[0] if one else completions
 
 
 def _config(config: GenerationConfig | None, options: dict[str, Any]) -> GenerationConfig:

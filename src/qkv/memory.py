@@ -33,10 +33,8 @@ def parameter_count(config: ModelConfig) -> int:
     """P of the model `config` describes, exactly, without allocating it: models of one and two
     layers are built on the meta device; each further layer adds what the second did."""
     with torch.device("meta"):
-        one, two = (
-            sum(p.numel() for p in build_model(config.replace(n_layers=n, init_std=None)).parameters())
-            for n in (1, 2)
-        )
+        models = [build_model(config.replace(n_layers=n, init_std=None)) for n in (1, 2)]
+    one, two = (sum(p.numel() for p in model.parameters()) for model in models)
     return one + (config.n_layers - 1) * (two - one)
 
 
@@ -112,9 +110,10 @@ def training_parts(
     }
 
 
-def generation_parts(model: torch.nn.Module, batch: int) -> dict[str, int]:
-    """Bytes a batch of `batch` rows adds to a loaded decoder: its KV cache and logits."""
+def generation_parts(model: torch.nn.Module, batch: int, cached: bool = True) -> dict[str, int]:
+    """Bytes a batch of `batch` rows adds to a loaded decoder: its KV cache (when `cached`) and
+    logits."""
     config: ModelConfig = model.config
     width = next(model.parameters()).element_size()
     cache = batch * config.max_seq_len * config.n_layers * 2 * config.n_kv_heads * config.head_dim
-    return {"KV cache": cache * width, "logits": batch * config.vocab_size * FLOAT32}
+    return {"KV cache": cache * width * cached, "logits": batch * config.vocab_size * FLOAT32}

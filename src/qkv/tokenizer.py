@@ -4,7 +4,9 @@
   every string maps to bytes, so nothing is ever unknown.
 - "char": one token per character seen in the corpus, and UTF-8 byte tokens (<0x00>..<0xFF>) as
   the fallback for characters it has not seen (the byte-fallback scheme of Llama's tokenizer).
-Both are lossless: decode(encode(s)) == s for every Unicode string s.
+Both are lossless: decode(encode(s)) == s for every Unicode string s. encode() reads a special
+token written in the text (<|endoftext|>) as that token; encode_plain() reads it as the characters
+it is spelled with, for text that must not make its own special tokens (chat messages).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class Tokenizer:
         backend.no_padding()  # batches are padded by the code that makes them
         backend.no_truncation()
         self.end_of_text, self.pad = end_of_text, pad or end_of_text
+        self._plain: tokenizers.Tokenizer | None = None  # see encode_plain
 
     @classmethod
     def train(cls, kind: str, texts: Iterable[str], vocab_size: int = 4096) -> Tokenizer:
@@ -110,6 +113,12 @@ class Tokenizer:
                 raise QkvError(f"{specials} is unreadable ({err})") from None
         return cls(backend)
 
+    def add_special_tokens(self, tokens: list[str]) -> None:
+        """Add tokens (ids after the vocabulary; those already there keep theirs) that encode()
+        matches in text and encode_plain() does not."""
+        self.backend.add_special_tokens(tokens)
+        self._plain = None
+
     def to_str(self) -> str:
         return self.backend.to_str()
 
@@ -140,6 +149,26 @@ class Tokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         encodings = self.backend.encode_batch(texts, add_special_tokens=False)
         return [e.ids for e in encodings]
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Token ids of `text` with every special token in it spelled out as ordinary text, so
+        that no id of a special token comes from the text; decode(encode_plain(s)) == s."""
+        return self._plain_backend().encode(text, add_special_tokens=False).ids
+
+    def encode_plain_batch(self, texts: list[str]) -> list[list[int]]:
+        """encode_plain of each text, in one call."""
+        encodings = self._plain_backend().encode_batch(texts, add_special_tokens=False)
+        return [e.ids for e in encodings]
+
+    def _plain_backend(self) -> tokenizers.Tokenizer:
+        """A copy of the backend with encode_special_tokens set: the flag is the backend's own
+        state, so setting it on the shared one would change encode() for other threads. Made
+        on first use, again after add_special_tokens (two threads may both make one: same)."""
+        if self._plain is None:
+            plain = tokenizers.Tokenizer.from_str(self.backend.to_str())
+            plain.encode_special_tokens = True
+            self._plain = plain
+        return self._plain
 
     def encode_inputs(self, texts: list[str]) -> list[list[int]]:
         """Token ids of whole model inputs: with the template's special tokens for a model's

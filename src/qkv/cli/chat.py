@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
 
 from qkv.cli.options import (
     add_command,
@@ -31,7 +32,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "Chat with a model fine-tuned by `qkv finetune`. Replies stream as they are\n"
         "generated; the conversation so far is part of each prompt, the oldest exchanges\n"
         "dropped when it outgrows the context window. /reset forgets the history, /exit or\n"
-        "Ctrl-D ends, Ctrl-C stops a reply. With piped input every line is a message.",
+        "Ctrl-D ends, Ctrl-C stops a reply. With piped input every line is a message, and\n"
+        "one that cannot be answered (not UTF-8, too long) gets one error line on stderr in\n"
+        "its place: the other lines are answered, and the exit status is then 1.",
         EXAMPLES,
     )
     add_model(chat)
@@ -39,6 +42,34 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     chat.add_argument("--system", help="a system message kept at the start of the conversation")
     add_sampling(chat, CHAT)
     add_device(chat)
+
+
+class UnansweredLines(QkvError):
+    """Piped lines that got an error instead of a reply: exit status 1, after the others."""
+
+    exit_code = 1
+
+
+def input_lines(interactive: bool) -> Iterator[str | UnicodeDecodeError]:
+    """Standard input line by line, each line decoded on its own (a line that is not UTF-8
+    comes as its UnicodeDecodeError); at the terminal, read with the prompt "you> "."""
+    if not interactive:
+        for line in sys.stdin.buffer:
+            try:
+                yield line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield err
+        return
+    while True:
+        try:
+            yield input("you> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        except KeyboardInterrupt:  # at the prompt: a fresh line, as in a shell
+            print(file=sys.stderr)
+        except UnicodeDecodeError as err:
+            yield err
 
 
 def run(args: argparse.Namespace) -> None:
@@ -72,23 +103,22 @@ def run(args: argparse.Namespace) -> None:
             "conversation, /exit or Ctrl-D ends, Ctrl-C stops a reply.",
             file=sys.stderr,
         )
-    while True:
-        try:
-            line = input("you> " if interactive else "")
-        except EOFError:
-            if interactive:
-                print(file=sys.stderr)
-            return
-        except KeyboardInterrupt:  # at the prompt: a fresh line, as in a shell
-            print(file=sys.stderr)
+    unanswered = []
+    for number, line in enumerate(input_lines(interactive), 1):
+        if isinstance(line, UnicodeDecodeError):
+            byte, offset = line.object[line.start], line.start
+            print(
+                f"qkv chat: error: input line {number} is not UTF-8 text (byte 0x{byte:02x} at "
+                f"offset {offset}); skipped",
+                file=sys.stderr,
+            )
+            unanswered.append(number)
             continue
-        except UnicodeDecodeError as err:
-            raise QkvError(f"standard input is not UTF-8 text (byte {err.start})") from None
         message = line.strip()
         if not message:
             continue
         if message in ("/exit", "/quit"):
-            return
+            break
         if message == "/reset":
             chat.conversation.reset()
             print("(the conversation is forgotten)", file=sys.stderr)
@@ -103,4 +133,12 @@ def run(args: argparse.Namespace) -> None:
             except KeyboardInterrupt:
                 print("\n(reply stopped)", file=sys.stderr)
             except QkvError as err:  # this message only: the conversation goes on
-                print(f"qkv chat: error: {err}", file=sys.stderr)
+                where = "" if interactive else f"input line {number}: "
+                print(f"qkv chat: error: {where}{err}", file=sys.stderr)
+                unanswered.append(number)
+    if unanswered and not interactive:
+        lines = ", ".join(map(str, unanswered))
+        raise UnansweredLines(
+            f"no reply to input line{'s' if len(unanswered) > 1 else ''} {lines} (see above); "
+            "the other lines were answered"
+        )

@@ -62,6 +62,24 @@ class LoRALinear(nn.Module):
         return layer
 
 
+class UnknownTargets(ValueError):
+    """LoRA targets that name no linear layer of the model (`unknown`), and those it has."""
+
+    def __init__(self, unknown: list[str], names: list[str]) -> None:
+        super().__init__(
+            f"no linear layer is named {', '.join(unknown)}; the model's linear layers are: "
+            f"{', '.join(names)}"
+        )
+        self.unknown, self.names = unknown, names
+
+
+def linear_layer_names(model: nn.Module) -> list[str]:
+    """The names LoRA targets can give: the last part of each linear layer's module name, once
+    each, in the model's order (e.g. w1, w2, q_proj, k_proj, v_proj, o_proj)."""
+    names = (n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear))
+    return list(dict.fromkeys(names))
+
+
 def add_lora(
     model: nn.Module,
     rank: int,
@@ -71,7 +89,14 @@ def add_lora(
 ) -> list[str]:
     """Freeze every parameter of `model` and wrap its linear layers named in `targets` (the last
     part of the module name, e.g. q_proj) in LoRALinear; alpha defaults to rank (scale 1).
+    Every target must name a linear layer (UnknownTargets otherwise, before anything changes).
     Returns the names of the adapted layers."""
+    if not targets:
+        raise ValueError("targets name no layer; name at least one, e.g. q_proj")
+    names = linear_layer_names(model)
+    unknown = [t for t in dict.fromkeys(targets) if t not in names]
+    if unknown:
+        raise UnknownTargets(unknown, names)
     model.requires_grad_(False)
     adapted = []
     for name, module in list(model.named_modules()):
@@ -79,12 +104,6 @@ def add_lora(
             if child_name in targets and isinstance(child, nn.Linear):
                 setattr(module, child_name, LoRALinear(child, rank, alpha or rank, dropout))
                 adapted.append(f"{name}.{child_name}" if name else child_name)
-    if not adapted:
-        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                        if isinstance(m, nn.Linear)})  # fmt: skip
-        raise ValueError(
-            f"no linear layer named any of {list(targets)} in the model; it has {names}"
-        )
     return adapted
 
 

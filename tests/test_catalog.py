@@ -1,0 +1,231 @@
+"""The catalog of bad inputs and faults (issue 14): each case is one command that must end with
+its exit status and one error line on stderr naming the problem (the last line, after any
+progress lines; no traceback), leaving every
+saved run as it was (hashed before and after). Cases that could allocate without bound run in a
+child process under a memory limit (RLIMIT_AS), so a regression fails here, not the machine."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from qkv.cli import main
+
+MEMORY_LIMIT = 6 * 2**30  # address space of a child: torch and a tiny model fit in ~2 GB
+
+
+@pytest.fixture(scope="module")
+def place(tmp_path_factory) -> Path:
+    """A folder with notes.txt (real text) and a tiny trained run, `run`."""
+    folder = tmp_path_factory.mktemp("catalog")
+    text = "".join((Path(__file__).parent.parent / name).read_text() for name in ("README.md",))
+    (folder / "notes.txt").write_text(text)
+    tiny = "--set d_model=32 --set n_layers=2 --set n_heads=2 --tokenizer char"
+    args = f"train --data notes.txt {tiny} --steps 4 --batch-size 4 --context 32 --out run"
+    here = Path.cwd()
+    os.chdir(folder)
+    try:
+        assert main(args.split()) == 0
+    finally:
+        os.chdir(here)
+    return folder
+
+
+def digest(folder: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every file under `folder` (links by their target)."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != ".lock.pid"
+    }
+
+
+def copy_with_config(place: Path, name: str, **changes: object) -> str:
+    """A copy of the run's latest checkpoint whose config.json has `changes`."""
+    target = place / name
+    if not target.exists():
+        shutil.copytree((place / "run" / "latest").resolve(), target)
+        config = json.loads((target / "config.json").read_text())
+        (target / "config.json").write_text(json.dumps({**config, **changes}))
+    return name
+
+
+def hf_with_config(place: Path, name: str, **changes: object) -> str:
+    """The run exported as a Hugging Face GPT-2 directory, its config.json changed."""
+    exported = place / "hf"
+    if not exported.exists():
+        assert main(["export", "--model", str(place / "run"), "--out", str(exported)]) == 0
+    target = place / name
+    if not target.exists():
+        shutil.copytree(exported, target)
+        config = json.loads((target / "config.json").read_text())
+        (target / "config.json").write_text(json.dumps({**config, **changes}))
+    return name
+
+
+def make_fifo(place: Path) -> str:
+    if not (place / "fifo").exists():
+        os.mkfifo(place / "fifo")
+    return "fifo"
+
+
+def make_late_nul(place: Path) -> str:
+    (place / "late-nul.txt").write_bytes(b"plain text\n" * 5000 + b"\x00 and more\n")
+    return "late-nul.txt"
+
+
+@dataclass(frozen=True)
+class Case:
+    """`qkv ARGS` (built in the folder by `args`), its exit status and a part of its one line."""
+
+    name: str
+    args: Callable[[Path], list[str]]
+    message: str
+    code: int = 2
+    stdin: str | None = None  # a file for standard input (in a child process)
+    risky: bool = False  # may allocate without bound: run in a child under MEMORY_LIMIT
+
+
+TRAIN = "train --data notes.txt --tokenizer char --steps 2 --context 32 --out new-run"
+CASES = [
+    # 1. work sized before it is started
+    Case(
+        "train-huge-batch",
+        lambda p: f"{TRAIN} --batch-size 100000000".split(),
+        "needs at least",
+        risky=True,
+    ),
+    Case(
+        "train-100000-layers",
+        lambda p: f"{TRAIN} --set n_layers=100000".split(),
+        "parameters",
+        risky=True,
+    ),
+    Case(
+        "train-huge-d-model",
+        lambda p: f"{TRAIN} --set d_model=1048576".split(),
+        "parameters",
+        risky=True,
+    ),
+    Case(
+        "checkpoint-config-100000-layers",
+        lambda p: ["generate", "--model", copy_with_config(p, "deep", n_layers=100000), "hi"],
+        "says n_layers=100000 but",
+        risky=True,
+    ),
+    Case(
+        "checkpoint-config-huge-d-model",
+        lambda p: ["generate", "--model", copy_with_config(p, "wide", d_model=1048576), "hi"],
+        "has shape",
+        risky=True,
+    ),
+    Case(
+        "hf-config-100000-layers",
+        lambda p: ["generate", "--model", hf_with_config(p, "hf-deep", n_layer=100000), "hi"],
+        "asks for 100000 layers but the weights hold 2",
+        risky=True,
+    ),
+    Case(
+        "hf-config-huge-d-model",
+        lambda p: ["generate", "--model", hf_with_config(p, "hf-wide", n_embd=1048576), "hi"],
+        "has shape",
+        risky=True,
+    ),
+    # 2. reads are bounded
+    Case(
+        "train-data-dev-zero",
+        lambda p: [*TRAIN.replace("notes.txt", "/dev/zero").split(), "--batch-size", "4"],
+        "/dev/zero is a device, not a text file",
+        risky=True,
+    ),
+    Case(
+        "generate-prompts-dev-zero",
+        lambda p: ["generate", "--model", "run", "--prompts", "/dev/zero"],
+        "/dev/zero is a device",
+        risky=True,
+    ),
+    Case(
+        "eval-data-dev-zero",
+        lambda p: ["eval", "--model", "run", "--data", "/dev/zero"],
+        "/dev/zero is a device",
+        risky=True,
+    ),
+    Case(
+        "generate-prompts-stdin-dev-zero",
+        lambda p: ["generate", "--model", "run", "--prompts", "-"],
+        "standard input looks binary (a NUL byte at offset 0)",
+        stdin="/dev/zero",
+        risky=True,
+    ),
+    Case(
+        "train-data-fifo-without-writer",
+        lambda p: TRAIN.replace("notes.txt", make_fifo(p)).split(),
+        "is empty (a pipe no one wrote to)",
+        risky=True,
+    ),
+    Case(
+        "train-data-nul-after-8-kb",
+        lambda p: TRAIN.replace("notes.txt", make_late_nul(p)).split(),
+        "looks binary (a NUL byte at offset 55000)",
+    ),
+    # 7. edge values
+    Case(
+        "train-seed-beyond-64-bits",
+        lambda p: [*TRAIN.split(), "--seed", "99999999999999999999999"],
+        "--seed",
+    ),
+    Case("quickstart-minutes-nan", lambda p: ["quickstart", "--minutes", "nan"], "--minutes"),
+    Case("quickstart-minutes-inf", lambda p: ["quickstart", "--minutes", "inf"], "--minutes"),
+]
+
+
+def run_case(case: Case, place: Path, capsys) -> subprocess.CompletedProcess:
+    args = case.args(place)
+    if not (case.risky or case.stdin):
+        here = Path.cwd()
+        os.chdir(place)
+        try:
+            code = main(args)
+        except SystemExit as stop:
+            code = stop.code
+        finally:
+            os.chdir(here)
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+
+    with open(case.stdin or os.devnull, "rb") as stdin:
+        return subprocess.run(
+            [sys.executable, "-m", "qkv", *args],
+            cwd=place,
+            stdin=stdin,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            preexec_fn=limited,
+        )
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+def test_catalog_case(case: Case, place: Path, capsys):
+    before = digest(place / "run")
+    result = run_case(case, place, capsys)
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert result.returncode == case.code, result.stderr
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().endswith(errors[0]), "the error is the last line"
+    assert case.message in errors[0], errors[0]
+    assert digest(place / "run") == before
+    assert not (place / "new-run" / "checkpoints").exists()
