@@ -136,3 +136,15 @@ def test_sampling_options_out_of_range_are_refused() -> None:
     for bad in ({"temperature": -1}, {"top_k": -2}, {"top_p": 0}, {"repetition_penalty": 0}):
         with pytest.raises(QkvError, match=next(iter(bad)).replace("_", "-")):
             SamplingConfig(**bad)
+
+
+@pytest.mark.parametrize("p", [1e-146, 1e-12, 5e-324])
+def test_a_tiny_top_p_keeps_the_likeliest_token(p: float) -> None:
+    """The nucleus always holds the top token, however small p (rounding in the cumulative sum
+    once dropped it too, leaving nothing to sample)."""
+    torch.manual_seed(0)
+    logits = torch.randn(4, 97)
+    kept = top_p_filter(logits, p)
+    assert torch.equal(kept.argmax(-1), logits.argmax(-1))
+    assert bool((torch.isfinite(kept).sum(-1) == 1).all())
+    assert torch.equal(select(logits, SamplingConfig(temperature=1.0, top_p=p)), logits.argmax(-1))

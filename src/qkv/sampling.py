@@ -49,6 +49,7 @@ def top_p_filter(logits: Tensor, p: float) -> Tensor:
     probs = torch.softmax(sorted_logits, dim=-1)
     mass_above = torch.cumsum(probs, dim=-1) - probs
     drop_sorted = mass_above >= p
+    drop_sorted[..., 0] = False  # rounding can make the top token's mass_above exceed a tiny p
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
