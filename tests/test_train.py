@@ -18,7 +18,7 @@ from qkv.errors import QkvError
 from qkv.evaluation import evaluate
 from qkv.model import DecoderLM
 from qkv.optim import lr_at, parameter_groups
-from qkv.train import NonFiniteLoss, Run, Trainer, prepare_run, text_trainer
+from qkv.train import NonFiniteLoss, Run, Trainer, prepare_run, text_trainer, train
 
 SMALL = ModelConfig(d_model=32, n_heads=4, n_layers=2, max_seq_len=32, dropout=0.1)
 
@@ -224,3 +224,44 @@ def test_resume_refuses_a_finished_run_and_another_runs_directory(corpus_dir, tm
     with pytest.raises(QkvError, match="holds another training run"):
         prepare_run(second, TrainConfig(**{**cfg.__dict__, "steps": 8}), resume=first)
     assert resolve(second).name == "step-00000004"
+
+
+GRACE = """
+import sys, time
+from qkv.config import ModelConfig
+from qkv.train import train
+
+def start(run):
+    run.trainer.stop_grace = 0.5
+
+    def on_step(info):
+        if info.step == 2:  # a step that does not end (as one of a huge batch would not)
+            print("long step", flush=True)
+            time.sleep(600)
+
+    run.trainer.on_step = on_step
+
+model = ModelConfig(d_model=32, n_layers=1, n_heads=2)
+train(sys.argv[1], model_config=model, data=[sys.argv[2]], tokenizer="char", steps=5,
+      batch_size=2, context=16, save_every=1, eval_every=100, eval_windows=2, on_start=start)
+"""
+
+
+def test_a_step_running_past_the_grace_period_after_sigterm_exits_at_once(corpus_dir, tmp_path):
+    """SIGTERM during a step that does not end: the process exits after the grace period with
+    128 + 15, saying so; the checkpoint saved before it is whole and the run resumes."""
+    run = tmp_path / "run"
+    child = subprocess.Popen(
+        [sys.executable, "-c", GRACE, str(run), str(corpus_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout.readline() == "long step\n"
+    child.send_signal(signal.SIGTERM)
+    _, stderr = child.communicate(timeout=60)
+    assert child.returncode == 128 + signal.SIGTERM, stderr
+    assert "step 3 did not end within 0.5 s of SIGTERM; exiting now" in stderr
+    assert "step 1 is kept" in stderr
+    assert resolve(run).name == "step-00000001"
+    assert train(resume=run, steps=3).trainer.step == 3  # the lock went with it; it resumes

@@ -236,6 +236,7 @@ class Generator:
             )
         self.model = model.eval()
         self.tokenizer = tokenizer
+        torch.set_flush_denormal(True)  # denormal activations slow fp32 CPU math
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Generator:

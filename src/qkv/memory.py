@@ -5,6 +5,8 @@ config and options before anything is allocated, against what the machine has fr
     training      = gradients + AdamW's two moments (3 x 4 bytes per trainable parameter)
                     + activations of one micro-batch, B x T tokens each keeping at least
                       d_model + n_layers (6 d_model + 2 d_ff) + 2 vocab values
+    scoring       = B x T x (2 vocab + 4 d_model + d_ff) values: logits, their log-softmax and
+                    one layer's activations (no gradients: each layer's are freed after it)
     generation    = the KV cache, B x max_seq_len x n_layers x 2 x n_kv_heads x d_k values,
                     + B x vocab logits
 
@@ -107,6 +109,15 @@ def training_parts(
         "parameters": 0 if on_device else parameters * FLOAT32,
         "gradients and optimizer state": 3 * trainable * FLOAT32,
         "activations of one step": tokens * (per_token * width + 2 * config.vocab_size * FLOAT32),
+    }
+
+
+def scoring_parts(config: ModelConfig, batch: int, context: int) -> dict[str, int]:
+    """Bytes of one batch of a decoder's next-token scores (float32)."""
+    tokens = batch * context
+    return {
+        "logits": tokens * 2 * config.vocab_size * FLOAT32,
+        "activations": tokens * (4 * config.d_model + config.d_ff) * FLOAT32,
     }
 
 
