@@ -118,6 +118,15 @@ CASES = [
         risky=True,
     ),
     Case(
+        "seq2seq-100000-layers",
+        lambda p: (
+            "train --arch encoder-decoder --task reverse --steps 2 --out new-run "
+            "--set n_layers=100000".split()
+        ),
+        "parameters",
+        risky=True,
+    ),
+    Case(
         "checkpoint-config-100000-layers",
         lambda p: ["generate", "--model", copy_with_config(p, "deep", n_layers=100000), "hi"],
         "says n_layers=100000 but",

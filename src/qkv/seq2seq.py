@@ -31,6 +31,7 @@ from qkv.distributed import World
 from qkv.errors import QkvError
 from qkv.evaluation import IGNORE, EvalResult, score
 from qkv.files import one_writer
+from qkv.memory import check_model_fits
 from qkv.model import EncoderDecoder, build_model
 from qkv.text import read_jsonl
 from qkv.tokenizer import Tokenizer
@@ -333,6 +334,7 @@ def prepare_seq2seq_run(
         ).replace(arch="encoder-decoder", vocab_size=tokenizer.vocab_size, max_seq_len=longest)
     cfg.context = model_config.max_seq_len
     torch.manual_seed(cfg.seed)
+    check_model_fits(model_config, "--set" if folder is None else str(folder))
     model = build_model(model_config)
     trainer = seq2seq_trainer(model, tokenizer, source, cfg, out, beams)
     if folder is not None:
