@@ -84,6 +84,33 @@ def make_late_nul(place: Path) -> str:
     return "late-nul.txt"
 
 
+def with_more_vocabulary(place: Path) -> str:
+    """A copy of the run's checkpoint whose config asks for 5 more embedding rows than its
+    tokenizer has tokens."""
+    config = json.loads(((place / "run" / "latest").resolve() / "config.json").read_text())
+    return copy_with_config(place, "vocab", vocab_size=config["vocab_size"] + 5)
+
+
+def make_pairs(place: Path) -> str:
+    lines = [json.dumps({"prompt": f"What is {n}?", "response": f"It is {n}."}) for n in range(40)]
+    (place / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    return "pairs.jsonl"
+
+
+def unwritable() -> str:
+    """A directory no one may create entries in, even root (sysfs)."""
+    return "/sys/kernel/qkv-out"
+
+
+def refuses_entries(path: Path) -> bool:
+    try:
+        path.mkdir()
+    except OSError:
+        return True
+    path.rmdir()
+    return False
+
+
 @dataclass(frozen=True)
 class Case:
     """`qkv ARGS` (built in the folder by `args`), its exit status and a part of its one line."""
@@ -96,6 +123,7 @@ class Case:
     risky: bool = False  # may allocate without bound: run in a child under MEMORY_LIMIT
 
 
+S2S = "train --arch encoder-decoder --task reverse --steps 2 --out new-run"
 TRAIN = "train --data notes.txt --tokenizer char --steps 2 --context 32 --out new-run"
 CASES = [
     # 1. work sized before it is started
@@ -119,10 +147,7 @@ CASES = [
     ),
     Case(
         "seq2seq-100000-layers",
-        lambda p: (
-            "train --arch encoder-decoder --task reverse --steps 2 --out new-run "
-            "--set n_layers=100000".split()
-        ),
+        lambda p: [*S2S.split(), "--set", "n_layers=100000"],
         "parameters",
         risky=True,
     ),
@@ -187,6 +212,42 @@ CASES = [
         lambda p: TRAIN.replace("notes.txt", make_late_nul(p)).split(),
         "looks binary (a NUL byte at offset 55000)",
     ),
+    # 5. mismatched parts
+    Case(
+        "checkpoint-tokenizer-smaller-than-model",
+        lambda p: ["generate", "--model", with_more_vocabulary(p), "hi"],
+        "the model would generate ids the tokenizer cannot decode",
+    ),
+    Case(
+        "finetune-unknown-lora-target",
+        lambda p: [
+            "finetune",
+            "--model",
+            "run",
+            "--data",
+            make_pairs(p),
+            "--lora-rank",
+            "2",
+            "--lora-targets",
+            "q_proj,bogus",
+            "--steps",
+            "1",
+            "--out",
+            "new-run",
+        ],
+        "--lora-targets names bogus, which this model does not have",
+    ),
+    # 6. filesystem failures (a full disk mid-save: tests/test_filesystem_failures.py)
+    Case(
+        "train-out-not-writable",
+        lambda p: [*TRAIN.replace("new-run", unwritable()).split(), "--batch-size", "4"],
+        f"cannot write to {unwritable()}",
+    ),
+    Case(
+        "export-out-not-writable",
+        lambda p: ["export", "--model", "run", "--out", unwritable()],
+        f"cannot write to {unwritable()}",
+    ),
     # 7. edge values
     Case(
         "train-seed-beyond-64-bits",
@@ -229,6 +290,8 @@ def run_case(case: Case, place: Path, capsys) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
 def test_catalog_case(case: Case, place: Path, capsys):
+    if "not-writable" in case.name and not refuses_entries(Path(unwritable())):
+        pytest.skip("sysfs takes new entries here; tests/test_filesystem_failures.py covers it")
     before = digest(place / "run")
     result = run_case(case, place, capsys)
     errors = [line for line in result.stderr.splitlines() if "error:" in line]

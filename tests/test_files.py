@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import struct
 import time
 from pathlib import Path
@@ -32,6 +34,22 @@ def test_atomic_directory_leaves_the_old_folder_whole_when_a_write_fails(tmp_pat
         raise RuntimeError("disk full")  # as if the weights failed to write
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporary left behind
     assert [p.name for p in folder.iterdir()] == ["config.json"]
+    assert (folder / "config.json").read_text(encoding="utf-8") == "old"
+
+
+def test_a_write_that_fails_in_an_atomic_directory_is_one_line(tmp_path: Path) -> None:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("old", encoding="utf-8")
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # what a full disk's write raises
+    with pytest.raises(QkvError) as failed, atomic_directory(folder, "checkpoint", "; a") as tmp:
+        (tmp / "config.json").write_text("new", encoding="utf-8")
+        raise full
+    assert str(failed.value) == (
+        f"cannot write checkpoint {folder}: No space left on device (errno 28); free space or "
+        "pass --out on another disk; a"
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
     assert (folder / "config.json").read_text(encoding="utf-8") == "old"
 
 

@@ -8,7 +8,9 @@ and `adapter.safetensors` in place of `config.json` and `model.safetensors`. A t
 them in RUN/checkpoints/step-NNNNNNNN and points the symlink RUN/latest at the newest. Each is
 written in a hidden temporary directory and renamed into place, then `latest` is swapped
 atomically, so a crash or SIGKILL at any moment leaves the previous checkpoint whole and `latest`
-pointing at it.
+pointing at it; a write that fails (a full or read-only disk) is one QkvError saying so, with
+nothing temporary left behind. Where `latest` is missing or points at nothing, a run's newest
+complete checkpoint is used, with a warning.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,7 @@ from qkv.chat_template import grow_vocabulary
 from qkv.config import ModelConfig, TrainConfig
 from qkv.distributed import shard_as
 from qkv.errors import QkvError
+from qkv.memory import check_model_fits
 from qkv.model import build_model
 from qkv.nn.lora import add_lora, lora_state_dict
 from qkv.tokenizer import Tokenizer
@@ -43,6 +47,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER = "adapter.safetensors"
 ADAPTER_FIELDS = ("base", "base_sha256", "rank", "alpha", "dropout", "targets")
 LATEST = "latest"
+STEP = re.compile(r"step-(\d+)")  # RUN/checkpoints/step-NNNNNNNN
 # Each kind of run (trainer_state.json's "kind"): what it is, and what continues it.
 KINDS = {
     "train": ("a training run", "qkv train --resume (train.train)"),
@@ -63,7 +68,7 @@ def write_checkpoint(
     """Write a checkpoint directory at `folder` atomically (temp dir + rename); returns it.
     With `adapter` (its adapter_config.json), only the model's LoRA tensors are written;
     otherwise `weights` (default: the model's state dict)."""
-    with files.atomic_directory(folder) as tmp:
+    with files.atomic_directory(folder, "checkpoint") as tmp:
         _write_checkpoint_files(tmp, model, tokenizer, tensors, state, adapter, weights)
     return folder
 
@@ -104,20 +109,33 @@ def save_training_checkpoint(
     adapter: dict[str, Any] | None = None,
     weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """RUN/checkpoints/step-NNNNNNNN, then RUN/latest -> it; older ones beyond `keep` removed."""
+    """RUN/checkpoints/step-NNNNNNNN, then RUN/latest -> it; older ones beyond `keep` removed.
+    A write that fails is a QkvError naming the checkpoint and the previous one, left whole."""
     folder = run_dir / "checkpoints" / f"step-{step:08d}"
     if folder.parent.is_dir():  # temporary folders a killed process left behind
         for stale in folder.parent.iterdir():
             if stale.name.startswith((".tmp-", ".old-")):
                 shutil.rmtree(stale, ignore_errors=True)
-    write_checkpoint(folder, model, tokenizer, tensors, state, adapter, weights)
     link = run_dir / LATEST
+    linked = link.is_symlink() and link.exists()
+    previous = run_dir / os.readlink(link) if linked else newest_checkpoint(run_dir)
+    kept = (
+        f"; the previous checkpoint {previous} is untouched"
+        if previous
+        else "; no earlier checkpoint was saved"
+    )
+    with files.atomic_directory(folder, "checkpoint", kept) as tmp:
+        _write_checkpoint_files(tmp, model, tokenizer, tensors, state, adapter, weights)
     tmp_link = run_dir / f".{LATEST}-{os.getpid()}"
-    if tmp_link.is_symlink() or tmp_link.exists():
-        tmp_link.unlink()
-    tmp_link.symlink_to(folder.relative_to(run_dir))
-    os.replace(tmp_link, link)
-    files.fsync(run_dir)
+    try:
+        tmp_link.unlink(missing_ok=True)
+        tmp_link.symlink_to(folder.relative_to(run_dir))
+        os.replace(tmp_link, link)
+        files.fsync(run_dir)
+    except OSError as err:
+        tmp_link.unlink(missing_ok=True)
+        whole = f"; the checkpoint itself is whole: resume from it with --resume {folder}"
+        raise files.write_error(f"the link {link} to {folder}", err, whole) from None
     checkpoints = sorted(p for p in folder.parent.iterdir() if p.name.startswith("step-"))
     for old in checkpoints[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -130,37 +148,68 @@ def run_directory(checkpoint: Path) -> Path:
 
 
 def check_run_directory(out: Path, resumed: Path | None = None) -> None:
-    """`out` may take this run: a directory (or nothing yet) that holds no other run; resuming,
-    it may be the checkpoint's own run."""
+    """`out` may take this run: a directory (or nothing yet) that holds no other run (a
+    `latest` link, even one pointing at nothing, or a checkpoint); resuming, it may be the
+    checkpoint's own run. (Whether it can be written, files.one_writer finds before any work.)"""
     if out.exists() and not out.is_dir():
         raise QkvError(f"--out {out} is a file; give a directory for the run")
-    if not (out / LATEST).exists():
-        return
-    if resumed is None:
-        raise QkvError(
-            f"{out} already holds a training run; pass --resume {out} to continue it, "
-            "or choose another --out"
-        )
-    if run_directory(resumed).resolve() != out.resolve():
-        raise QkvError(
-            f"{out} holds another training run; resume into the checkpoint's own run "
-            f"({run_directory(resumed)}) or give an --out without one"
-        )
+    link = out / LATEST
+    if link.is_symlink() or link.exists() or any((out / "checkpoints").glob("step-*")):
+        if resumed is None:
+            raise QkvError(
+                f"{out} already holds a training run; pass --resume {out} to continue it, "
+                "or choose another --out"
+            )
+        if run_directory(resumed).resolve() != out.resolve():
+            raise QkvError(
+                f"{out} holds another training run; resume into the checkpoint's own run "
+                f"({run_directory(resumed)}) or give an --out without one"
+            )
+
+
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    """The complete RUN/checkpoints/step-N of largest N (holding every file training writes:
+    the model's or the adapter's config and weights, tokenizer, optimizer, trainer state)."""
+    found = []
+    for folder in (run_dir / "checkpoints").glob("step-*"):
+        step = STEP.fullmatch(folder.name)
+        model = (CONFIG, WEIGHTS) if (folder / CONFIG).is_file() else (ADAPTER_CONFIG, ADAPTER)
+        needed = (*model, TOKENIZER, OPTIMIZER, TRAINER_STATE)
+        if step and all((folder / name).is_file() for name in needed):
+            found.append((int(step[1]), folder))
+    return max(found)[1] if found else None
 
 
 def resolve(path: str | Path) -> Path:
-    """A checkpoint directory, or a run directory (its `latest` checkpoint)."""
+    """A checkpoint directory, or a run directory's `latest` checkpoint; where `latest` points
+    at nothing (its checkpoint deleted) or is missing (a run killed before linking its first),
+    the run's newest complete checkpoint, with a warning naming both."""
     path = Path(path)
     if (path / CONFIG).is_file() or (path / ADAPTER_CONFIG).is_file():
         return path
-    if (path / LATEST).exists():
-        return (path / LATEST).resolve()
+    link = path / LATEST
+    if link.exists():
+        return link.resolve()
     if not path.exists():
         raise QkvError(f"no checkpoint at {path}: the path does not exist")
-    raise QkvError(
-        f"{path} is not a qkv checkpoint: it has no {CONFIG} and no '{LATEST}' link; "
-        "give a run directory from `qkv train` or one of its checkpoints"
-    )
+    newest = newest_checkpoint(path)
+    if link.is_symlink():
+        missing = f"{link} points at {os.readlink(link)}, which is missing"
+        if newest is None:
+            raise QkvError(
+                f"{missing}, and {path / 'checkpoints'} holds no complete checkpoint; "
+                "restore that checkpoint, or give another"
+            )
+    elif newest is None:
+        raise QkvError(
+            f"{path} is not a qkv checkpoint: it has no {CONFIG} and no '{LATEST}' link; "
+            "give a run directory from `qkv train` or one of its checkpoints"
+        )
+    else:
+        missing = f"{path} has no '{LATEST}' link"
+    # stacklevel 1: one place, so Python's default filter shows it once however often resolved
+    warnings.warn(f"{missing}; using the newest complete checkpoint, {newest}", stacklevel=1)
+    return newest
 
 
 def load_config(folder: Path) -> ModelConfig:
@@ -177,18 +226,38 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[An
         return model.to(device).eval(), tokenizer
     if hf.is_hf_directory(folder):
         model, tokenizer = hf.load_hf_directory(folder)
+        vocabulary = folder / TOKENIZER if (folder / TOKENIZER).is_file() else folder / "vocab.txt"
+        check_vocabulary(model.config.vocab_size, tokenizer, folder / CONFIG, vocabulary)
         return model.to(device).eval(), tokenizer
     config = load_config(folder)
+    tokenizer = Tokenizer.load(folder / TOKENIZER)
+    check_vocabulary(config.vocab_size, tokenizer, folder / CONFIG, folder / TOKENIZER)
     check_weights_fit(config, folder / WEIGHTS)
+    check_model_fits(config, str(folder))
     model = build_model(config)
     load_weights(model, folder / WEIGHTS)
-    tokenizer = Tokenizer.load(folder / TOKENIZER)
-    if tokenizer.vocab_size > config.vocab_size:
-        raise QkvError(
-            f"{folder}: its tokenizer has {tokenizer.vocab_size} tokens but the model only "
-            f"{config.vocab_size}; the checkpoint's files do not belong together"
-        )
     return model.to(device).eval(), tokenizer
+
+
+def check_vocabulary(
+    vocab_size: int, tokenizer: Tokenizer, config_path: Path, tokenizer_path: Path
+) -> None:
+    """A tokenizer fits a model of `vocab_size` embedding rows: never more tokens (their ids
+    have no row), and as many unless it is a Hugging Face model's own tokenizer (whose model's
+    embedding may be padded past it); qkv trains one row per token."""
+    size = tokenizer.vocab_size
+    if size > vocab_size:
+        raise QkvError(
+            f"the tokenizer {tokenizer_path} has {size} tokens but {config_path} says "
+            f"vocab_size={vocab_size}: ids from {vocab_size} on have no embedding; the files do "
+            "not belong together: put back the model's own tokenizer"
+        )
+    if size < vocab_size and not tokenizer.model_template:
+        raise QkvError(
+            f"the tokenizer {tokenizer_path} has {size} tokens but {config_path} says "
+            f"vocab_size={vocab_size}: the model would generate ids the tokenizer cannot "
+            "decode; the files do not belong together: put back the tokenizer it was trained with"
+        )
 
 
 def check_weights_fit(config: ModelConfig, path: Path) -> None:
@@ -208,7 +277,7 @@ def check_weights_fit(config: ModelConfig, path: Path) -> None:
                 f"{len(layers)} of its {stack}: the files do not belong together"
             )
     with torch.device("meta"):
-        expected = build_model(config).state_dict()
+        expected = build_model(config.replace(init_std=None)).state_dict()
     files.check_fit(header, expected, "checkpoint", "the config", f"checkpoint weights {path}")
 
 
@@ -260,6 +329,7 @@ def load_adapter_model(folder: Path) -> tuple[Any, Tokenizer]:
     model, _ = load_model(base)
     tokenizer = Tokenizer.load(folder / TOKENIZER)
     grow_vocabulary(model, tokenizer)
+    check_vocabulary(model.config.vocab_size, tokenizer, base / CONFIG, folder / TOKENIZER)
     targets = tuple(adapter["targets"])
     add_lora(model, adapter["rank"], adapter["alpha"], adapter["dropout"], targets)
     load_adapter_weights(model, folder / ADAPTER)

@@ -18,6 +18,7 @@ import os
 import sys
 import sysconfig
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from qkv.errors import QkvError
+from qkv.errors import QkvError, describe_os_error
 from qkv.text import read_text_file
 from qkv.tokenizer import Tokenizer
 
@@ -201,10 +202,25 @@ def corpus_digest(documents: list[Document]) -> str:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    with _cache_write(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+@contextmanager
+def _cache_write(path: Path) -> Iterator[Path]:
+    """A temporary file to write `path`'s content into, renamed into place after the block; a
+    write that fails (full or read-only cache) is one QkvError, the temporary file removed."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise QkvError(
+            f"cannot write the cache file {path}: {describe_os_error(err)}; free space, or set "
+            "QKV_CACHE_DIR to a directory you can write to"
+        ) from None
 
 
 @dataclass
@@ -242,10 +258,8 @@ def tokenize_split(documents: list[Document], tokenizer: Tokenizer, name: str) -
             chunks.append(np.asarray([*ids, eot], dtype=dtype))
     tokens = np.concatenate(chunks)
     n_bytes = sum(len(d.text.encode("utf-8")) for d in documents)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{name}.{os.getpid()}.bin"
-    tokens.tofile(tmp)
-    os.replace(tmp, folder / f"{name}.bin")
+    with _cache_write(folder / f"{name}.bin") as tmp:
+        tokens.tofile(tmp)
     _atomic_write_text(meta_path, json.dumps({"dtype": np.dtype(dtype).name, "n_bytes": n_bytes}))
     return TokenFile(np.memmap(folder / f"{name}.bin", dtype=dtype, mode="r"), n_bytes)
 

@@ -24,7 +24,9 @@ class Exported:
 
 def export_hf(path: str | Path, out: Path) -> Exported:
     """`qkv export --format hf`: the checkpoint at `path` as a Hugging Face directory `out`
-    (config.json, model.safetensors, tokenizer.json), written atomically."""
+    (config.json, model.safetensors, tokenizer.json), written atomically; an `out` that cannot
+    be written is refused before the model is loaded, and a write that fails (a full disk)
+    leaves nothing behind."""
     check_new_directory(out)
     model, tokenizer = load_model(path)
     if not isinstance(model, DecoderLM):

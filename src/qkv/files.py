@@ -4,18 +4,22 @@
 - pickled `.bin` weights read only through torch.load(weights_only=True), which refuses any
   pickled object other than tensors and plain containers;
 - tensors checked against the names and shapes a model needs;
-- directories written atomically: into a hidden temporary directory, fsynced, renamed into place.
+- directories written atomically: into a hidden temporary directory, fsynced, renamed into place;
+- somewhere to write checked before any work, by creating (and removing) an entry there.
 
 Every failure is one QkvError naming the file and what is wrong with it (missing, corrupt,
-unreadable, refused).
+unreadable, refused), and a write that fails says the errno's meaning and number and how to fix
+it (free space, or another --out).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import re
 import shutil
+import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,7 +31,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
-from qkv.errors import QkvError
+from qkv.errors import QkvError, describe_os_error
 
 
 @dataclass(frozen=True)
@@ -145,40 +149,85 @@ def fsync(path: Path) -> None:
         os.close(fd)
 
 
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no room: free space, or write elsewhere
+_REFUSED = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR)  # not writable: elsewhere
+
+
+def _os_error(err: BaseException) -> OSError | None:
+    """The operating system's error behind a failed write: `err` itself, or the one a
+    safetensors write reports as "os error N"; None for any other failure."""
+    if isinstance(err, OSError):
+        return err
+    found = re.search(r"os error (\d+)", str(err)) if isinstance(err, SafetensorError) else None
+    return OSError(int(found[1]), os.strerror(int(found[1]))) if found else None
+
+
+def write_error(target: str, err: OSError, after: str = "") -> QkvError:
+    """`cannot write TARGET: MEANING (errno N); FIX` + `after`, the fix by the errno: free space
+    when the disk or a file size limit is full, an --out you can write to when refused."""
+    if err.errno in _FULL:
+        fix = "free space or pass --out on another disk"
+    elif err.errno in _REFUSED:
+        fix = "pass an --out you can write to"
+    else:
+        fix = "check the disk, or pass --out on another one"
+    return QkvError(f"cannot write {target}: {describe_os_error(err)}; {fix}{after}")
+
+
+def check_writable(folder: Path) -> None:
+    """`folder`, or the nearest of its parents that exists, takes a new entry: tried by creating
+    and removing a hidden directory there, since access(2) misses refusals (root passes it where
+    sysfs, a mount's permissions or a full disk still refuse)."""
+    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".qkv-probe-", dir=existing))
+    except OSError as err:
+        raise write_error(f"to {folder}", err) from None
+
+
 @contextmanager
-def atomic_directory(folder: Path) -> Iterator[Path]:
+def atomic_directory(folder: Path, what: str = "directory", after: str = "") -> Iterator[Path]:
     """Yield an empty hidden directory beside `folder` to write into; when the block ends, fsync
     what it holds and rename it to `folder`. An existing `folder` is renamed aside first and
     removed only once the new one is in place, so a crash at any moment leaves the old folder
     whole (under .old-NAME-PID between the two renames). When the block raises, the temporary
-    directory is removed and `folder` is left as it was."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    directory is removed and `folder` is left as it was; a failed write (a full disk, a
+    read-only one) is raised as write_error naming `what` `folder`, with `after` appended."""
     tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}"
     old = folder.parent / f".old-{folder.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    aside = False
     try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
         yield tmp
         for root, _, names in os.walk(tmp):
             for name in names:
                 fsync(Path(root) / name)
             fsync(Path(root))
-    except BaseException:
+        shutil.rmtree(old, ignore_errors=True)
+        if folder.exists() or folder.is_symlink():
+            os.replace(folder, old)
+            aside = True
+        os.replace(tmp, folder)
+        fsync(folder.parent)
+    except BaseException as err:
+        if aside and tmp.exists():  # the new folder never took its place: the old one goes back
+            os.replace(old, folder)
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists() or folder.is_symlink():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    fsync(folder.parent)
+        failed = _os_error(err)
+        if failed is None:
+            raise
+        raise write_error(f"{what} {folder}", failed, after) from None
     shutil.rmtree(old, ignore_errors=True)
 
 
 def check_new_directory(folder: Path) -> None:
     """`folder` does not exist yet, or is an empty directory: somewhere a command may write
-    without touching what is already saved."""
+    without touching what is already saved, and that takes new entries (check_writable)."""
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise QkvError(f"{folder} already exists and is not empty; choose another --out")
+    check_writable(folder)
 
 
 _HELD: dict[Path, int] = {}  # run directories this process holds the lock of, and how often
@@ -194,7 +243,7 @@ def one_writer(folder: Path) -> Iterator[None]:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise QkvError(f"cannot write to {folder}: {err.strerror}; give another --out") from None
+        raise write_error(f"to {folder}", err) from None
     key = folder.resolve()
     if key in _HELD:
         _HELD[key] += 1
@@ -213,9 +262,15 @@ def one_writer(folder: Path) -> Iterator[None]:
             f"{folder} is in use by another qkv process (pid {holder}); wait for it to finish, "
             "or give another --out"
         ) from None
-    _HELD[key] = 1
+    except OSError as err:  # a read-only or full run directory: refused before any work
+        raise write_error(f"to {folder}", err) from None
     try:
         owner.write_text(str(os.getpid()), encoding="utf-8")
+    except OSError as err:
+        lock.release()
+        raise write_error(f"to {folder}", err) from None
+    _HELD[key] = 1
+    try:
         yield
     finally:
         del _HELD[key]

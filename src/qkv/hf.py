@@ -569,7 +569,7 @@ def save_hf_directory(model: DecoderLM, tokenizer: Tokenizer, folder: Path) -> F
     tokenizer.json) atomically; returns the family written (`.hf_class`: the transformers class
     that loads it)."""
     config, tensors = to_hf(model, tokenizer)
-    with files.atomic_directory(folder) as tmp:
+    with files.atomic_directory(folder, "Hugging Face directory") as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
         tokenizer.save(tmp / "tokenizer.json")

@@ -29,9 +29,12 @@ from torch import Tensor, nn
 from qkv import distributed
 from qkv.checkpoint import (
     ADAPTER,
+    CONFIG,
     LATEST,
+    TOKENIZER,
     WEIGHTS,
     check_run_directory,
+    check_vocabulary,
     load_adapter_weights,
     load_config,
     load_training_state,
@@ -550,8 +553,9 @@ def prepare_run(
             vocab_size=corpus.tokenizer.vocab_size,
             max_seq_len=cfg.context,
         )
-    elif model_config.vocab_size != corpus.tokenizer.vocab_size:
-        raise QkvError(f"checkpoint {folder} has a tokenizer that does not fit its model")
+    else:
+        check_vocabulary(model_config.vocab_size, corpus.tokenizer, folder / CONFIG,
+                         folder / TOKENIZER)  # fmt: skip
     torch.manual_seed(cfg.seed)
     source = "--preset / --set" if folder is None else str(folder)
     check_model_fits(model_config, source, resolve_device(cfg.device))

@@ -20,7 +20,7 @@ from qkv.cli import (
     quickstart,
     train,
 )
-from qkv.cli.options import Parser
+from qkv.cli.options import Parser, warnings_to_stderr
 from qkv.errors import QkvError
 
 # Each command's parser and what runs it.
@@ -67,7 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         name += f" (process {world.rank})" if world.rank else ""
         if world.size > 1 and args.command != "train":
             raise QkvError(f"torchrun runs qkv train only; run qkv {args.command} on its own")
-        COMMANDS[args.command][1](args)
+        with warnings_to_stderr(args.command, repeat=False):
+            COMMANDS[args.command][1](args)
     except QkvError as err:
         print(f"{name}: error: {err}", file=sys.stderr)
         return getattr(err, "exit_code", 2)

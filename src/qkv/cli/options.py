@@ -94,10 +94,11 @@ def say(message: str) -> None:
 
 
 @contextlib.contextmanager
-def warnings_to_stderr(command: str) -> Iterator[None]:
-    """Python warnings inside the block as one line each: 'qkv COMMAND: warning: ...'."""
+def warnings_to_stderr(command: str, repeat: bool = True) -> Iterator[None]:
+    """Python warnings inside the block as one line each: 'qkv COMMAND: warning: ...'; each
+    time it is raised, or (`repeat` False) once per message and place."""
     with warnings.catch_warnings():
-        warnings.simplefilter("always")
+        warnings.simplefilter("always" if repeat else "default")
         warnings.showwarning = lambda message, *_: print(
             f"qkv {command}: warning: {message}", file=sys.stderr
         )
