@@ -185,13 +185,13 @@ CASES = [
     Case(
         "generate-prompts-dev-zero",
         lambda p: ["generate", "--model", "run", "--prompts", "/dev/zero"],
-        "/dev/zero is a device",
+        "prompts file /dev/zero is a device",
         risky=True,
     ),
     Case(
         "eval-data-dev-zero",
         lambda p: ["eval", "--model", "run", "--data", "/dev/zero"],
-        "/dev/zero is a device",
+        "data file /dev/zero is a device",
         risky=True,
     ),
     Case(

@@ -358,7 +358,7 @@ def _config(config: GenerationConfig | None, options: dict[str, Any]) -> Generat
 def read_prompts(path: str | Path) -> list[str]:
     """Prompts from a file ('-' is stdin): one per line, or JSON Lines of {"prompt": ...} when
     the file ends in .jsonl or its first line is a JSON object. Blank lines are skipped."""
-    name, text = read_text(path)
+    name, text = read_text(path, "prompts file")
     lines = text_lines(text)
     if not lines:
         raise QkvError(f"{name} holds no prompts")

@@ -74,11 +74,11 @@ def _decode(data: bytes, name: str) -> str:
         ) from None
 
 
-def read_text(path: str | Path) -> tuple[str, str]:
-    """(name, text) of a file (read_text_file's checks), or of standard input for '-' (at most
-    STREAM_LIMIT bytes, no NUL)."""
+def read_text(path: str | Path, what: str = "data file") -> tuple[str, str]:
+    """(name, text) of a file (read_text_file's checks, naming it as `what`), or of standard
+    input for '-' (at most STREAM_LIMIT bytes, no NUL)."""
     if str(path) != "-":
-        return str(path), read_text_file(Path(path))
+        return str(path), read_text_file(Path(path), what)
     data = _read_bounded(sys.stdin.buffer, "standard input", STREAM_LIMIT)
     try:
         return "standard input", data.decode("utf-8")
@@ -106,7 +106,7 @@ def parse_json_lines(name: str, lines: list[tuple[int, str]]) -> list[tuple[int,
     return values
 
 
-def read_jsonl(path: str | Path) -> list[tuple[int, Any]]:
+def read_jsonl(path: str | Path, what: str = "data file") -> list[tuple[int, Any]]:
     """(line number, value) of each non-blank line of a JSON Lines file ('-': standard input)."""
-    name, text = read_text(path)
+    name, text = read_text(path, what)
     return parse_json_lines(name, text_lines(text))
