@@ -33,7 +33,7 @@ from qkv.chat_template import grow_vocabulary
 from qkv.config import ModelConfig, TrainConfig
 from qkv.distributed import shard_as
 from qkv.errors import QkvError
-from qkv.memory import check_model_fits
+from qkv.memory import MORE_MEMORY, check_model_fits
 from qkv.model import build_model
 from qkv.nn.lora import add_lora, lora_state_dict
 from qkv.tokenizer import Tokenizer
@@ -223,19 +223,21 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[An
     folder = resolve(path)
     if (folder / ADAPTER_CONFIG).is_file():
         model, tokenizer = load_adapter_model(folder)
-        return model.to(device).eval(), tokenizer
-    if hf.is_hf_directory(folder):
+    elif hf.is_hf_directory(folder):
         model, tokenizer = hf.load_hf_directory(folder)
         vocabulary = folder / TOKENIZER if (folder / TOKENIZER).is_file() else folder / "vocab.txt"
         check_vocabulary(model.config.vocab_size, tokenizer, folder / CONFIG, vocabulary)
-        return model.to(device).eval(), tokenizer
-    config = load_config(folder)
-    tokenizer = Tokenizer.load(folder / TOKENIZER)
-    check_vocabulary(config.vocab_size, tokenizer, folder / CONFIG, folder / TOKENIZER)
-    check_weights_fit(config, folder / WEIGHTS)
-    check_model_fits(config, str(folder))
-    model = build_model(config)
-    load_weights(model, folder / WEIGHTS)
+    else:
+        config = load_config(folder)
+        tokenizer = Tokenizer.load(folder / TOKENIZER)
+        check_vocabulary(config.vocab_size, tokenizer, folder / CONFIG, folder / TOKENIZER)
+        check_weights_fit(config, folder / WEIGHTS)
+        check_model_fits(config, str(folder), fix=MORE_MEMORY)
+        model = build_model(config)
+        load_weights(model, folder / WEIGHTS)
+    device = torch.device(device)
+    if device.type == "cuda":  # built on the CPU (checked there): does it fit the GPU too?
+        check_model_fits(model.config, str(folder), device, MORE_MEMORY)
     return model.to(device).eval(), tokenizer
 
 

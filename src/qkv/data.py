@@ -215,8 +215,10 @@ def _cache_write(path: Path) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         os.replace(tmp, path)
-    except OSError as err:
+    except BaseException as err:  # Ctrl-C too: no temporary file is left in the cache
         tmp.unlink(missing_ok=True)
+        if not isinstance(err, OSError):
+            raise
         raise QkvError(
             f"cannot write the cache file {path}: {describe_os_error(err)}; free space, or set "
             "QKV_CACHE_DIR to a directory you can write to"

@@ -217,9 +217,11 @@ def finetune_trainer(
     def evaluator(model: nn.Module, dtype: torch.dtype, world: World) -> EvalResult:
         return evaluate_responses(model, val, tokenizer.pad_id, dtype=dtype)
 
+    longest = max((len(ids) for ids, _ in train.rows), default=cfg.context)
     return Trainer(
-        model, tokenizer, cfg, run_dir, make_batches, evaluator, kind="finetune", **options
-    )
+        model, tokenizer, cfg, run_dir, make_batches, evaluator, kind="finetune",
+        row_tokens=longest, **options,
+    )  # fmt: skip
 
 
 def load_examples(

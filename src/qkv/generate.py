@@ -295,7 +295,8 @@ class Generator:
         check_fits(
             generation_parts(self.model, len(rows), config.use_cache),
             f"generating for {len(rows)} prompts at once",
-            "give fewer prompts at a time (--batch-size)",
+            "give fewer prompts at a time (--batch-size), or decode without the KV cache "
+            "(--no-cache)",
             self.model.head.matrix.device,
         )
         ids = [r.prompt_ids for r in rows]

@@ -35,7 +35,7 @@ from torch import Tensor
 from qkv import files
 from qkv.config import ModelConfig
 from qkv.errors import QkvError
-from qkv.memory import check_model_fits
+from qkv.memory import MORE_MEMORY, check_model_fits
 from qkv.model import DecoderLM, Encoder, build_model
 from qkv.tokenizer import Tokenizer
 
@@ -521,7 +521,7 @@ def load_hf_directory(folder: Path) -> tuple[DecoderLM | Encoder, Tokenizer]:
         expected = build_model(config.replace(init_std=None)).state_dict()
     wanted = from_hf_tensors(family, stored, expected, config.n_layers)
     files.check_fit(wanted, expected, f"{folder}:", "config.json")
-    check_model_fits(config, str(folder))
+    check_model_fits(config, str(folder), fix=MORE_MEMORY)
     model = build_model(config)
     if any(t.is_meta for t in stored.values()):
         stored = read_hf_weights(folder)

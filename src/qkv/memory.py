@@ -4,9 +4,9 @@ config and options before anything is allocated, against what the machine has fr
     parameters    = P x 4 bytes (float32; P counted exactly, on the meta device)
     training      = gradients + AdamW's two moments (3 x 4 bytes per trainable parameter)
                     + activations of one micro-batch, B x T tokens each keeping at least
-                      d_model + n_layers (6 d_model + 2 d_ff) + 2 vocab values
-    scoring       = B x T x (2 vocab + 4 d_model + d_ff) values: logits, their log-softmax and
-                    one layer's activations (no gradients: each layer's are freed after it)
+                      d_model + n_layers (6 d_model + 2 d_ff (ReLU: 1)) + 2 vocab values (the logits
+                      alone under torch.compile or with frozen weights)
+    scoring       = B x T x 2 vocab values: the logits and their log-softmax
     generation    = the KV cache, B x max_seq_len x n_layers x 2 x n_kv_heads x d_k values,
                     + B x vocab logits
 
@@ -44,13 +44,16 @@ def available_memory(device: torch.device | None = None) -> int:
     """Bytes this process may still allocate: a GPU's free memory, or on the CPU the least of
     the machine's available memory, the container's (cgroup v2) limit and RLIMIT_AS."""
     if device is not None and device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + cached  # PyTorch reuses what it caches
     free = [psutil.virtual_memory().available]
     try:
         limit = (CGROUP / "memory.max").read_text().strip()
         if limit != "max":
-            free.append(int(limit) - int((CGROUP / "memory.current").read_text()))
-    except (OSError, ValueError):
+            stat = dict(line.split() for line in (CGROUP / "memory.stat").read_text().splitlines())
+            used = int((CGROUP / "memory.current").read_text()) - int(stat["inactive_file"])
+            free.append(int(limit) - used)  # the page cache it may drop is not in use
+    except (OSError, ValueError, KeyError):
         pass
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
     if soft != resource.RLIM_INFINITY:
@@ -82,43 +85,62 @@ def check_fits(
     )
 
 
-def check_model_fits(config: ModelConfig, source: str, device: torch.device | None = None) -> None:
+SMALLER_MODEL = "choose a smaller model (--preset, --set d_model=... n_layers=...)"
+MORE_MEMORY = "use a machine (or --device) with more memory"
+
+
+def check_model_fits(
+    config: ModelConfig,
+    source: str,
+    device: torch.device | None = None,
+    fix: str = SMALLER_MODEL,
+) -> None:
     """Refuse to build a model whose float32 parameters cannot fit, before allocating them."""
     parts = {"parameters": parameter_count(config) * FLOAT32}
     check_fits(
         parts,
         f"the model of {source} (d_model={config.d_model}, n_layers={config.n_layers}, "
         f"vocab_size={config.vocab_size})",
-        "choose a smaller model (--preset, --set d_model=... n_layers=...)",
+        fix,
         device,
     )
 
 
 def training_parts(
-    model: torch.nn.Module, micro_batch: int, context: int, dtype: torch.dtype, on_device: bool
+    model: torch.nn.Module,
+    micro_batch: int,
+    context: int,
+    dtype: torch.dtype,
+    on_device: bool,
+    shards: int = 1,
+    compiled: bool = False,
 ) -> dict[str, int]:
     """Bytes of one training step of `model` (a qkv model: `.config`) at (micro_batch, context)
-    tokens; its parameters are counted unless they are already `on_device`."""
+    tokens on one of `shards` processes (FSDP shards parameters, gradients and moments); its
+    parameters are counted unless they are already `on_device`. Under torch.compile (which may
+    recompute) or with frozen weights (LoRA: a frozen layer keeps no input) only the logits
+    count as activations."""
     config: ModelConfig = model.config
     parameters = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    per_token = config.d_model + config.n_layers * (6 * config.d_model + 2 * config.d_ff)
+    hidden = 1 if config.feed_forward == "relu" else 2  # ReLU's output is W2's input too
+    per_token = config.d_model + config.n_layers * (6 * config.d_model + hidden * config.d_ff)
+    if compiled or trainable < parameters:
+        per_token = 0
     width = torch.finfo(dtype).bits // 8
     tokens = micro_batch * context
+    logits = (1 if compiled else 2) * config.vocab_size * FLOAT32
     return {
-        "parameters": 0 if on_device else parameters * FLOAT32,
-        "gradients and optimizer state": 3 * trainable * FLOAT32,
-        "activations of one step": tokens * (per_token * width + 2 * config.vocab_size * FLOAT32),
+        "parameters": 0 if on_device else parameters * FLOAT32 // shards,
+        "gradients and optimizer state": 3 * trainable * FLOAT32 // shards,
+        "activations of one step": tokens * (per_token * width + logits),
     }
 
 
 def scoring_parts(config: ModelConfig, batch: int, context: int) -> dict[str, int]:
-    """Bytes of one batch of a decoder's next-token scores (float32)."""
-    tokens = batch * context
-    return {
-        "logits": tokens * 2 * config.vocab_size * FLOAT32,
-        "activations": tokens * (4 * config.d_model + config.d_ff) * FLOAT32,
-    }
+    """Bytes of one batch of a decoder's next-token scores: its float32 logits and their
+    log-softmax (each layer's activations are freed before the head runs)."""
+    return {"logits": batch * context * 2 * config.vocab_size * FLOAT32}
 
 
 def generation_parts(model: torch.nn.Module, batch: int, cached: bool = True) -> dict[str, int]:

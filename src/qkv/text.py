@@ -34,16 +34,17 @@ def read_text_file(path: Path, what: str = "data file") -> str:
     os.set_blocking(fd, True)  # a pipe with no writer reads as empty
     with os.fdopen(fd, "rb", buffering=0) as file:
         data = _read_bounded(file, f"{what} {path}", None if stat.S_ISREG(mode) else STREAM_LIMIT)
-    if not data.strip():
+    if not data or data.isspace():
         pipe = " (a pipe no one wrote to)" if stat.S_ISFIFO(mode) else ""
         raise QkvError(f"{what} {path} is empty{pipe}; give files that contain text")
     return _decode(data, f"{what} {path}")
 
 
-def _read_bounded(file: BinaryIO, name: str, limit: int | None) -> bytes:
-    """All of `file`'s bytes, chunk by chunk: a NUL byte, more than `limit` bytes (a stream) or
-    more than memory holds is a QkvError naming `name` at once."""
-    chunks, total = [], 0
+def _read_bounded(file: BinaryIO, name: str, limit: int | None) -> bytearray:
+    """All of `file`'s bytes, chunk by chunk into one growing buffer (about the file's size at
+    the peak): a NUL byte, more than `limit` bytes (a stream) or more than memory holds is a
+    QkvError naming `name` at once."""
+    data, total = bytearray(), 0
     try:
         while chunk := file.read(CHUNK):
             nul = chunk.find(b"\x00")
@@ -56,15 +57,15 @@ def _read_bounded(file: BinaryIO, name: str, limit: int | None) -> bytes:
                 raise QkvError(
                     f"{name} gives more than {limit >> 20} MiB; save the text to a file first"
                 )
-            chunks.append(chunk)
-        return b"".join(chunks)
+            data += chunk
+        return data
     except MemoryError:
         raise QkvError(f"{name} is too large to hold in memory ({total:,} bytes read)") from None
     except OSError as err:
         raise QkvError(f"cannot read {name}: {err.strerror}") from None
 
 
-def _decode(data: bytes, name: str) -> str:
+def _decode(data: bytearray, name: str) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:

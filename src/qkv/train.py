@@ -146,6 +146,7 @@ class Trainer:
     world: World = ONE_PROCESS
     strategy: str = "ddp"
     stop_grace: float = 30.0  # seconds a step may run on after Ctrl-C / SIGTERM
+    row_tokens: int | None = None  # the longest row a batch holds (default: cfg.context)
 
     def __post_init__(self) -> None:
         self.cfg.validate()
@@ -163,12 +164,15 @@ class Trainer:
         self.micro_batch, self.accum = split_batch(
             self.cfg.batch_size, self.cfg.grad_accum, self.world
         )
+        rows = self.row_tokens or self.cfg.context
         check_fits(
             training_parts(
-                self.model, self.micro_batch, self.cfg.context, self.dtype,
+                self.model, self.micro_batch, rows, self.dtype,
                 on_device=self.device.type == "cpu",
+                shards=self.world.size if self.strategy == "fsdp" else 1,
+                compiled=self.cfg.compile,
             ),
-            f"a training step of {self.micro_batch} x {self.cfg.context} tokens "
+            f"a training step of {self.micro_batch} x {rows} tokens "
             f"(--batch-size {self.cfg.batch_size}, --context {self.cfg.context})",
             "lower --batch-size (--grad-accum N keeps the tokens per step) or --context",
             self.device,
@@ -297,11 +301,17 @@ class Trainer:
             immediate = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
             signal.signal(signum, immediate)  # Ctrl-C and torchrun's forwarded one both come
 
+    def _step_ended(self) -> None:
+        """The step running when a stop was asked for has ended: it is no longer abandoned
+        (what follows, saving it, is not timed)."""
+        if self._grace is not None:
+            self._grace.cancel()
+
     def _abandon(self) -> None:
         kept = "none was saved" if self.saved_step is None else f"step {self.saved_step} is kept"
         print(
-            f"qkv: step {self.step + 1} did not end within {self.stop_grace:g} s of "
-            f"{self.stop_signal.name}; exiting now. The last checkpoint: {kept}",
+            f"qkv: what was running did not end within {self.stop_grace:g} s of "
+            f"{self.stop_signal.name}; exiting now, without saving. The last checkpoint: {kept}",
             file=sys.stderr,
             flush=True,
         )
@@ -328,6 +338,7 @@ class Trainer:
         try:
             self._loop()
         finally:
+            self._step_ended()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
             if self.world.is_main:
@@ -337,8 +348,7 @@ class Trainer:
     def _loop(self) -> None:
         while self.step < self.cfg.steps:
             if self.world.any(self._stop_requested):  # every process stops at the same step
-                if self._grace is not None:
-                    self._grace.cancel()  # the step ended: saving it is not abandoned
+                self._step_ended()
                 self.save()
                 raise KeyboardInterrupt
             step_start = time.perf_counter()
@@ -362,6 +372,7 @@ class Trainer:
                 )
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            self._step_ended()
             self.step += 1
             self._snapshot = self._rng_state()
             now = time.perf_counter()

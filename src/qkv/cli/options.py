@@ -95,10 +95,11 @@ def say(message: str) -> None:
 
 @contextlib.contextmanager
 def warnings_to_stderr(command: str, repeat: bool = True) -> Iterator[None]:
-    """Python warnings inside the block as one line each: 'qkv COMMAND: warning: ...'; each
-    time it is raised, or (`repeat` False) once per message and place."""
+    """Python warnings inside the block as one line each: 'qkv COMMAND: warning: ...'; a
+    UserWarning (qkv's own) each time it is raised, or (`repeat` False) once per message and
+    place; other categories as Python's filters say (deprecations stay hidden)."""
     with warnings.catch_warnings():
-        warnings.simplefilter("always" if repeat else "default")
+        warnings.filterwarnings("always" if repeat else "default", category=UserWarning)
         warnings.showwarning = lambda message, *_: print(
             f"qkv {command}: warning: {message}", file=sys.stderr
         )
