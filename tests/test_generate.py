@@ -9,7 +9,7 @@ import torch
 
 from qkv.config import ModelConfig
 from qkv.errors import QkvError
-from qkv.generate import GenerationConfig, Generator, _Row, decode
+from qkv.generate import Continuation, GenerationConfig, Generator, decode
 from qkv.model import DecoderLM, Encoder
 from qkv.tokenizer import Tokenizer
 
@@ -179,7 +179,7 @@ def test_a_stop_string_ends_the_text_before_it(tokenizer: Tokenizer) -> None:
 def test_streaming_holds_back_an_incomplete_utf8_character() -> None:
     # A byte-level BPE that never saw these characters spells each one with 3 byte tokens.
     bpe = Tokenizer.train_bpe([TEXT], vocab_size=300)
-    row = _Row("", [], 0, ())
+    row = Continuation("", [], 0, ())
     pieces = []
     for token in bpe.encode("日本 ok"):
         row.add(token, bpe)

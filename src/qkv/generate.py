@@ -154,7 +154,7 @@ def decode(
 
 
 @dataclass
-class _Row:
+class Continuation:
     """One prompt's continuation as it grows: its text (append-only, so what was streamed never
     changes), the part not shown yet, and why it ended."""
 
@@ -255,7 +255,7 @@ class Generator:
         batch, done once up front."""
         self._rows(prompts, GenerationConfig())
 
-    def _rows(self, prompts: list[Prompt], config: GenerationConfig) -> list[_Row]:
+    def _rows(self, prompts: list[Prompt], config: GenerationConfig) -> list[Continuation]:
         window, vocab_size = self.model.config.max_seq_len, self.model.config.vocab_size
         texts = [p for p in prompts if isinstance(p, str)]
         for number, prompt in enumerate(prompts, 1):
@@ -286,10 +286,10 @@ class Generator:
                     stacklevel=4,  # the caller of generate() / stream()
                 )
             text = prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)
-            rows.append(_Row(text, ids[cut:], cut, config.stop))
+            rows.append(Continuation(text, ids[cut:], cut, config.stop))
         return rows
 
-    def _run(self, prompts: list[Prompt], config: GenerationConfig) -> Iterator[list[_Row]]:
+    def _run(self, prompts: list[Prompt], config: GenerationConfig) -> Iterator[list[Continuation]]:
         """Decode the prompts as one batch; yield their rows after every step."""
         rows = self._rows(prompts, config)
         check_fits(
@@ -342,7 +342,7 @@ class Generator:
         batch = [prompts] if one else list(prompts)
         if not batch:
             return []
-        rows: list[_Row] = []
+        rows: list[Continuation] = []
         for rows in self._run(batch, _config(config, options)):
             for i, row in enumerate(rows):
                 piece = row.new_text()

@@ -3,6 +3,9 @@
 Decoding token t+1 needs the keys and values of tokens 0..t in every layer. They do not change
 once computed (causal attention: earlier tokens never see later ones), so each layer stores them
 and only the newest token's K and V are computed per step: O(t) work per token instead of O(t^2).
+Rows of one cache share a length; continuous batching (qkv.batching) keeps rows of different
+lengths in one by padding on the left (positions the attention mask hides), so it can drop rows,
+stack two caches and shift what they hold.
 """
 
 from __future__ import annotations
@@ -49,3 +52,26 @@ class KVCache:
     def reset(self) -> None:
         """Forget every position (the buffers are reused)."""
         self.length = 0
+
+    def keep(self, rows: Tensor) -> None:
+        """Keep only the batch rows `rows` (indices), in that order."""
+        self.keys, self.values = self.keys[rows], self.values[rows]
+
+    def shift(self, n: int) -> None:
+        """Move what is held n positions right (n > 0: n new positions in front, whose content
+        the caller masks) or -n positions left (n < 0: the first -n positions are dropped)."""
+        end = self.length + n
+        if not 0 <= end <= self.capacity:
+            raise ValueError(f"cannot shift {self.length} positions by {n} in {self.capacity}")
+        held = slice(max(0, -n), self.length)
+        for buffer in (self.keys, self.values):
+            buffer[:, :, max(0, n) : end] = buffer[:, :, held].clone()
+            buffer[:, :, : max(0, n)] = 0  # masked, but 0 x NaN from stale memory would be NaN
+        self.length = end
+
+    def stack(self, other: KVCache) -> None:
+        """Append `other`'s rows after this cache's (both hold the same number of positions)."""
+        if other.length != self.length:
+            raise ValueError(f"cannot stack caches of {self.length} and {other.length} positions")
+        self.keys = torch.cat([self.keys, other.keys])
+        self.values = torch.cat([self.values, other.values])

@@ -1,0 +1,172 @@
+"""Continuous batching: many requests decode together, one token per running row per step; a
+request joins the running batch at the next step and leaves it as soon as it ends.
+
+The rows share one KV cache per layer, left-padded to a common length L: a row holding n real
+tokens has L - n masked positions in front, and its positions are its own (0 .. n-1), so it
+computes what it would alone. A joining request is prefilled on its own; then the shorter side
+(the running rows or the new one) is shifted right to the other's length and the two are
+stacked. Rows that end are dropped, and padding every row has is trimmed; a row that fills the
+context window ends with finish reason "length".
+
+    batcher = Batcher(model, tokenizer, max_batch=8)
+    sequence = batcher.add(prompt_ids, GenerationConfig(max_new_tokens=64, seed=1))
+    while batcher.busy:
+        for sequence in batcher.step():   # the sequences that changed this step
+            print(sequence.continuation.new_text(), end="")
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from qkv.generate import Continuation, GenerationConfig
+from qkv.model import DecoderLM
+from qkv.nn.kv_cache import KVCache
+from qkv.sampling import select
+from qkv.tokenizer import Tokenizer
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request in the batcher: its prompt, sampling, generator and text so far."""
+
+    prompt_ids: list[int]
+    config: GenerationConfig
+    continuation: Continuation
+    generator: torch.Generator
+    seen: Tensor | None  # (1, vocab) tokens the repetition penalty applies to
+    length: int = 0  # real tokens held in the cache
+    pending: int | None = None  # the token chosen last, not yet fed to the model
+    cancelled: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return self.cancelled or self.continuation.stop_reason is not None
+
+
+@dataclass
+class Batcher:
+    """Decodes up to `max_batch` sequences at a time; more wait in order and join as rows
+    free up. Not thread-safe: one thread calls add, cancel and step (the server's loop)."""
+
+    model: DecoderLM
+    tokenizer: Tokenizer
+    max_batch: int = 8
+    waiting: deque[Sequence] = field(default_factory=deque)
+    running: list[Sequence] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.model.eval()
+        self.device = self.model.head.matrix.device
+        self.window = self.model.config.max_seq_len
+        self.caches: list[KVCache] = []
+        self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, prompt_ids: list[int], config: GenerationConfig, prompt: str = "") -> Sequence:
+        """Queue a request (1 to max_seq_len token ids); it joins at the next step."""
+        if not 0 < len(prompt_ids) <= self.window:
+            raise ValueError(f"a prompt needs 1 to {self.window} (max_seq_len) token ids")
+        seen = None
+        if config.repetition_penalty != 1.0:
+            seen = torch.zeros(1, self.model.config.vocab_size, dtype=torch.bool)
+            seen[0, prompt_ids] = True
+        sequence = Sequence(
+            list(prompt_ids),
+            config,
+            Continuation(prompt, list(prompt_ids), 0, config.stop),
+            torch.Generator(self.device).manual_seed(config.seed),
+            None if seen is None else seen.to(self.device),
+        )
+        self.waiting.append(sequence)
+        return sequence
+
+    def cancel(self, sequence: Sequence) -> None:
+        """Drop a sequence (its client went away): it leaves the batch at the next step."""
+        sequence.cancelled = True
+
+    @torch.no_grad()
+    def step(self) -> list[Sequence]:
+        """One decoding step: every running row gets its next token, then waiting requests
+        join (prefilled, with their first token). Returns the sequences that changed."""
+        self._drop([s for s in self.running if s.finished or s.length >= self.window])
+        changed = list(self.running)
+        if self.running:
+            ids = torch.tensor([[s.pending] for s in self.running], device=self.device)
+            self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+            positions = torch.tensor([[s.length] for s in self.running], device=self.device)
+            hidden = self.model.hidden_states(ids, self.mask, positions, self.caches)
+            for sequence, logits in zip(self.running, self.model.head(hidden[:, -1]), strict=True):
+                sequence.length += 1
+                self._choose(sequence, logits[None])
+        while self.waiting and len(self.running) < self.max_batch:
+            sequence = self.waiting.popleft()
+            if not sequence.cancelled:
+                self._join(sequence)
+                changed.append(sequence)
+        for sequence in changed:
+            if sequence.length >= self.window and not sequence.finished:
+                sequence.continuation.finish("length", self.tokenizer)
+        return changed
+
+    def _choose(self, sequence: Sequence, logits: Tensor) -> None:
+        """Select the sequence's next token from its logits (1, vocab) by its own sampling."""
+        logits[:, self.tokenizer.vocab_size :] = -math.inf  # padding rows past the tokenizer
+        token = select(logits, sequence.config, sequence.seen, [sequence.generator])
+        if sequence.seen is not None:
+            sequence.seen[0, token] = True
+        sequence.pending = int(token)
+        sequence.continuation.add(sequence.pending, self.tokenizer)
+        if len(sequence.continuation.token_ids) >= sequence.config.max_new_tokens:
+            sequence.continuation.finish("length", self.tokenizer)
+
+    def _join(self, sequence: Sequence) -> None:
+        """Prefill the sequence alone, then stack it with the running rows (left-padded)."""
+        caches = self.model.new_caches(1, self.window)
+        ids = torch.tensor([sequence.prompt_ids], device=self.device)
+        hidden = self.model.hidden_states(ids, None, None, caches)
+        sequence.length = len(sequence.prompt_ids)
+        self._choose(sequence, self.model.head(hidden[:, -1]))
+        if sequence.finished:  # its first token was its last: it never needs the batch
+            return
+        mask = torch.ones(1, sequence.length, dtype=torch.long, device=self.device)
+        if not self.running:
+            self.caches, self.mask, self.running = caches, mask, [sequence]
+            return
+        held = self.mask.shape[1]
+        extra = sequence.length - held
+        for mine, theirs in zip(self.caches, caches, strict=True):
+            (mine if extra > 0 else theirs).shift(abs(extra))
+            mine.stack(theirs)
+        pad = torch.zeros(1, abs(extra), dtype=torch.long, device=self.device)
+        if extra > 0:
+            self.mask = torch.cat([pad.expand(len(self.running), -1), self.mask], dim=1)
+        else:
+            mask = torch.cat([pad, mask], dim=1)
+        self.mask = torch.cat([self.mask, mask])
+        self.running.append(sequence)
+
+    def _drop(self, leaving: list[Sequence]) -> None:
+        """Remove rows from the batch, then the left padding every remaining row has."""
+        if not leaving:
+            return
+        keep = [i for i, s in enumerate(self.running) if s not in leaving]
+        self.running = [self.running[i] for i in keep]
+        if not self.running:
+            self.caches, self.mask = [], self.mask[:0, :0]
+            return
+        rows = torch.tensor(keep, device=self.device)
+        self.mask = self.mask[rows]
+        padding = int(self.mask.argmax(dim=1).min())  # the first real position of the longest
+        self.mask = self.mask[:, padding:]
+        for cache in self.caches:
+            cache.keep(rows)
+            cache.shift(-padding)
