@@ -18,6 +18,7 @@ from qkv.cli import (
     finetune,
     generate,
     quickstart,
+    serve,
     train,
 )
 from qkv.cli.options import Parser, warnings_to_stderr
@@ -35,6 +36,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Callable
     "embed": (embed.add_parser, embed.run),
     "export": (export.add_parser, export.run),
     "quickstart": (quickstart.add_parser, quickstart.run),
+    "serve": (serve.add_parser, serve.run),
 }
 
 

@@ -1,0 +1,72 @@
+"""`qkv serve`: an OpenAI-compatible HTTP server for a decoder, batching concurrent requests."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from qkv.cli.options import add_command, add_device, add_model, positive
+from qkv.errors import QkvError
+
+EXAMPLES = """examples:
+  qkv serve --model runs/quickstart                       http://127.0.0.1:8000/v1
+  qkv serve --model runs/qa --port 8080 --api-key-file key.txt --max-batch 16
+  curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
+       -d '{"prompt": "Return the", "max_tokens": 20, "stream": true}'
+"""
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    serve = add_command(
+        commands,
+        "serve",
+        "serve a model over OpenAI's HTTP API (completions, chat, models)",
+        "Serve a decoder (qkv run or checkpoint, LoRA adapter, Hugging Face directory) over\n"
+        "OpenAI's HTTP API: POST /v1/completions, POST /v1/chat/completions (models fine-tuned\n"
+        "by `qkv finetune`), GET /v1/models, GET /health. Concurrent requests decode together\n"
+        "(continuous batching, up to --max-batch at a time); streaming is server-sent events.\n"
+        "Ctrl-C or SIGTERM stops taking requests and gives running ones 5 s to finish.\n"
+        "Needs the serve extra: pip install 'qkv[serve]'.",
+        EXAMPLES,
+    )
+    add_model(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (8000)")
+    keys = serve.add_mutually_exclusive_group()
+    keys.add_argument("--api-key", help="clients must send 'Authorization: Bearer KEY'")
+    keys.add_argument("--api-key-file", type=Path, help="read the API key from this file")
+    serve.add_argument("--max-batch", type=positive, default=8, help="rows decoded together (8)")
+    serve.add_argument("--max-queue", type=positive, default=64, help="requests waiting (64)")
+    serve.add_argument("--served-model-name", help="the model's name in the API (default: dir)")
+    add_device(serve)
+
+
+def run(args: argparse.Namespace) -> None:
+    try:
+        from qkv.server import load_served, serve
+    except ImportError as err:
+        raise QkvError(
+            f"qkv serve needs the serve extra ({err.name} is missing): pip install 'qkv[serve]'"
+        ) from None
+    from qkv.text import read_text_file
+
+    if not 0 < args.port < 65536:
+        raise QkvError(f"--port must be 1 to 65535, got {args.port}")
+    key = args.api_key
+    if args.api_key_file is not None:
+        key = read_text_file(args.api_key_file, "API key file").strip()
+    served = load_served(
+        args.model, args.device, args.served_model_name, key, args.max_batch, args.max_queue
+    )
+    url = f"http://{args.host}:{args.port}"
+    auth = " -H 'Authorization: Bearer $KEY'" if key else ""
+    print(
+        f"serving {served.name} ({served.model.num_parameters():,} parameters, context "
+        f"{served.window}) at {url}/v1; Ctrl-C stops\n"
+        f"  curl {url}/v1/completions -H 'Content-Type: application/json'{auth} "
+        f"""-d '{{"prompt": "Hello", "max_tokens": 16}}'""",
+        file=sys.stderr,
+        flush=True,
+    )
+    serve(served, args.host, args.port)

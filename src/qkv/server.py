@@ -1,0 +1,435 @@
+"""Serving: OpenAI's HTTP API over one continuously batched model (FastAPI + uvicorn).
+
+    POST /v1/completions        {"model", "prompt": str | [str], "max_tokens", "temperature", ...}
+    POST /v1/chat/completions   {"model", "messages": [{"role", "content"}], ...}: qkv's template
+    GET  /v1/models, GET /health
+
+One engine thread owns the Batcher (qkv.batching): requests are handed to it through a queue and
+join the running batch at its next step; each request's text comes back piece by piece (the
+incremental detokenizer holds back a possible start of a stop string), streamed as server-sent
+events in OpenAI's chunk format, or gathered. Errors are OpenAI's error object
+{"error": {"message", "type", "param", "code"}} with 400 (invalid request), 401 (API key),
+404 (unknown model), 413 (body too large) or 503 (queue full, with Retry-After).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import secrets
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from qkv.batching import Batcher, Sequence
+from qkv.chat_template import ROLE_TOKENS, answer_prompt, role_ids
+from qkv.checkpoint import load_model
+from qkv.device import resolve_device
+from qkv.errors import QkvError
+from qkv.generate import GenerationConfig
+from qkv.model import DecoderLM
+from qkv.tokenizer import Tokenizer
+
+MAX_BODY = 8 << 20  # bytes of a request body
+FINISH = {"eos": "stop", "stop": "stop", "length": "length"}  # Continuation's -> OpenAI's
+
+
+class ApiError(Exception):
+    """An HTTP error in OpenAI's shape."""
+
+    def __init__(
+        self, status: int, message: str, param: str | None = None, kind: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+        self.kind = kind or ("invalid_request_error" if status < 500 else "server_error")
+
+    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
+        body = {"message": self.message, "type": self.kind, "param": self.param, "code": None}
+        return JSONResponse({"error": body}, self.status, headers=headers)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class Sampling(BaseModel):
+    """The request fields both endpoints take (OpenAI's, and vLLM's top_k and
+    repetition_penalty)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=100.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=100.0)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    n: int = Field(1, ge=1, le=16)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, stop: str | list[str] | None) -> list[str]:
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if len(stops) > 8 or not all(stops):
+            raise ValueError("give at most 8 stop strings, none empty")
+        return stops
+
+
+class CompletionRequest(Sampling):
+    prompt: str | list[str]
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(Sampling):
+    messages: list[Message] = Field(min_length=1)
+
+
+@dataclass
+class Ticket:
+    """One sequence handed to the engine, and where its events go (an asyncio queue)."""
+
+    prompt_ids: list[int]
+    config: GenerationConfig
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue[tuple[str, Any]] = field(default_factory=asyncio.Queue)
+    sequence: Sequence | None = None
+
+
+class Engine:
+    """The Batcher on its own thread: tickets come in through a queue; after every step each
+    changed sequence's new text (and, at its end, its finish reason and token count) goes to its
+    ticket. At most `max_queue` tickets wait for a row."""
+
+    def __init__(self, model: DecoderLM, tokenizer: Tokenizer, max_batch: int, max_queue: int):
+        self.batcher = Batcher(model, tokenizer, max_batch)
+        self.max_queue = max_queue
+        self.inbox: queue.Queue[tuple[str, Ticket | None]] = queue.Queue()
+        self.tickets: dict[int, Ticket] = {}
+        self.waiting = 0  # tickets submitted and not yet running (read by other threads)
+        self.stopping = False
+        self.thread = threading.Thread(target=self._loop, name="qkv-engine", daemon=True)
+        self.thread.start()
+
+    def submit(self, tickets: list[Ticket]) -> None:
+        if self.waiting + len(tickets) > self.max_queue:
+            raise ApiError(503, "the server is busy (its queue is full); retry shortly")
+        self.waiting += len(tickets)
+        for ticket in tickets:
+            self.inbox.put(("add", ticket))
+
+    def cancel(self, ticket: Ticket) -> None:
+        self.inbox.put(("cancel", ticket))
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.inbox.put(("stop", None))
+        self.thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while not self.stopping:
+            self._take(block=not self.batcher.busy)
+            if self.batcher.busy:
+                self._publish(self.batcher.step())
+
+    def _take(self, block: bool) -> None:
+        """Apply the commands queued since the last step (waiting for one when idle)."""
+        while True:
+            try:
+                command, ticket = self.inbox.get(block=block)
+            except queue.Empty:
+                return
+            block = False
+            if ticket is None:  # stop
+                return
+            if command == "add":
+                ticket.sequence = self.batcher.add(ticket.prompt_ids, ticket.config)
+                self.tickets[id(ticket.sequence)] = ticket
+            elif command == "cancel" and ticket.sequence is not None:
+                self.batcher.cancel(ticket.sequence)
+                self.tickets.pop(id(ticket.sequence), None)
+
+    def _publish(self, changed: list[Sequence]) -> None:
+        self.waiting = sum(1 for s in self.batcher.waiting if not s.cancelled) + self.inbox.qsize()
+        for sequence in changed:
+            ticket = self.tickets.get(id(sequence))
+            if ticket is None:
+                continue
+            piece = sequence.continuation.new_text()
+            if piece:
+                ticket.loop.call_soon_threadsafe(ticket.events.put_nowait, ("text", piece))
+            if sequence.finished:
+                reason = FINISH[sequence.continuation.stop_reason or "length"]
+                done = ("done", (reason, len(sequence.continuation.token_ids)))
+                ticket.loop.call_soon_threadsafe(ticket.events.put_nowait, done)
+                del self.tickets[id(sequence)]
+
+
+@dataclass
+class Served:
+    """What the app serves: a decoder, its tokenizer, the name clients use, the engine."""
+
+    model: DecoderLM
+    tokenizer: Tokenizer
+    name: str
+    engine: Engine
+    api_key: str | None = None
+
+    @property
+    def window(self) -> int:
+        return self.model.config.max_seq_len
+
+
+def _config(request: Sampling, stop: tuple[str, ...], seed: int, room: int) -> GenerationConfig:
+    tokens = request.max_completion_tokens or request.max_tokens or 16
+    try:
+        return GenerationConfig(
+            max_new_tokens=min(tokens, room),
+            temperature=request.temperature,
+            top_k=request.top_k,
+            top_p=request.top_p,
+            repetition_penalty=request.repetition_penalty,
+            seed=seed,
+            stop=stop,
+        )
+    except QkvError as err:
+        raise ApiError(400, str(err)) from None
+
+
+def _tickets(served: Served, request: Sampling, prompts: list[list[int]],
+             stop: tuple[str, ...]) -> list[Ticket]:  # fmt: skip
+    """One ticket per (prompt, n): seeds seed, seed + 1, ... (a random seed when none)."""
+    if request.model not in (None, served.name):
+        raise ApiError(404, f"the model {request.model!r} does not exist; this server has "
+                       f"{served.name!r}", "model", "invalid_request_error")  # fmt: skip
+    seed = request.seed if request.seed is not None else secrets.randbelow(2**62)
+    loop = asyncio.get_running_loop()
+    tickets = []
+    for number, ids in enumerate(prompts):
+        if not ids:
+            raise ApiError(400, f"prompt {number} is empty", "prompt")
+        if len(ids) >= served.window:
+            raise ApiError(
+                400,
+                f"the prompt has {len(ids)} tokens but the model's context is {served.window}: "
+                "shorten it",
+                "prompt",
+            )
+        for choice in range(request.n):
+            config = _config(request, stop, seed + choice, served.window - len(ids))
+            tickets.append(Ticket(ids, config, loop))
+    return tickets
+
+
+def _usage(prompts: int, completions: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompts,
+        "completion_tokens": completions,
+        "total_tokens": prompts + completions,
+    }
+
+
+async def _respond(
+    served: Served,
+    request: Sampling,
+    tickets: list[Ticket],
+    kind: str,
+    shape: Callable[[int, str, str | None], dict[str, Any]],
+) -> Any:
+    """Run the tickets; a JSON response, or an SSE stream of chunks ending in [DONE]."""
+    served.engine.submit(tickets)
+    ident, created = f"{kind[:4]}-{secrets.token_hex(12)}", int(time.time())
+    prompt_tokens = sum(len(t.prompt_ids) for t in tickets[:: request.n])
+
+    def envelope(obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"id": ident, "object": obj, "created": created, "model": served.name,
+                "choices": choices}  # fmt: skip
+
+    async def events() -> AsyncIterator[tuple[int, str, Any]]:
+        pending = {asyncio.ensure_future(t.events.get()): i for i, t in enumerate(tickets)}
+        try:
+            while pending:
+                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for future in done:
+                    index = pending.pop(future)
+                    event, value = future.result()
+                    yield index, event, value
+                    if event == "text":
+                        pending[asyncio.ensure_future(tickets[index].events.get())] = index
+        finally:
+            for future in pending:
+                future.cancel()
+            for index in pending.values():
+                served.engine.cancel(tickets[index])
+
+    if not request.stream:
+        texts, reasons, counts = [""] * len(tickets), [""] * len(tickets), [0] * len(tickets)
+        async for index, event, value in events():
+            if event == "text":
+                texts[index] += value
+            else:
+                reasons[index], counts[index] = value
+        choices = [shape(i, texts[i], reasons[i]) for i in range(len(tickets))]
+        return JSONResponse(
+            {**envelope(kind, choices), "usage": _usage(prompt_tokens, sum(counts))}
+        )
+
+    chunk_kind = kind + (".chunk" if kind.startswith("chat") else "")
+    usage = request.stream_options is not None and request.stream_options.include_usage
+
+    async def stream() -> AsyncIterator[str]:
+        completion_tokens = 0
+        if kind.startswith("chat"):
+            for index in range(len(tickets)):
+                delta = {"role": "assistant", "content": ""}
+                first = {"index": index, "delta": delta, "finish_reason": None, "logprobs": None}
+                yield f"data: {json.dumps(envelope(chunk_kind, [first]))}\n\n"
+        async for index, event, value in events():
+            if event == "text":
+                yield f"data: {json.dumps(envelope(chunk_kind, [shape(index, value, None)]))}\n\n"
+            else:
+                completion_tokens += value[1]
+                last = envelope(chunk_kind, [shape(index, "", value[0])])
+                yield f"data: {json.dumps(last)}\n\n"
+        if usage:
+            tail = envelope(chunk_kind, []) | {"usage": _usage(prompt_tokens, completion_tokens)}
+            yield f"data: {json.dumps(tail)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(stream(), media_type="text/event-stream")
+
+
+def create_app(served: Served) -> FastAPI:
+    """The FastAPI application serving `served`."""
+    app = FastAPI(title="qkv", docs_url=None, redoc_url=None)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Callable) -> Any:
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > MAX_BODY:
+            return ApiError(413, f"the request body is over {MAX_BODY >> 20} MiB").response()
+        if request.url.path.startswith("/v1/") and served.api_key is not None:
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given, f"Bearer {served.api_key}"):
+                return ApiError(401, "a missing or wrong API key; send 'Authorization: Bearer "
+                                "KEY'", kind="authentication_error").response()  # fmt: skip
+        return await call_next(request)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, err: ApiError) -> JSONResponse:
+        retry = {"Retry-After": "1"} if err.status == 503 else None
+        return err.response(retry)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        message = "the body is not UTF-8 JSON" if err.status_code == 400 else str(err.detail)
+        return ApiError(err.status_code, message).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0]
+        where = [str(part) for part in first.get("loc", ()) if part != "body"]
+        if first.get("type") == "json_invalid":
+            return ApiError(400, f"the body is not valid JSON ({first.get('msg')})").response()
+        else:
+            message = f"{'.'.join(where) or 'body'}: {first.get('msg')}"
+        return ApiError(400, message, where[0] if where else None).response()
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        card = {"id": served.name, "object": "model", "created": 0, "owned_by": "qkv",
+                "max_model_len": served.window}  # fmt: skip
+        return {"object": "list", "data": [card]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest) -> Any:
+        texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if not texts:
+            raise ApiError(400, "prompt: give at least one prompt", "prompt")
+        prompts = served.tokenizer.encode_inputs(texts)
+        tickets = _tickets(served, body, prompts, tuple(body.stop or ()))
+
+        def shape(index: int, text: str, reason: str | None) -> dict[str, Any]:
+            return {"index": index, "text": text, "finish_reason": reason, "logprobs": None}
+
+        return await _respond(served, body, tickets, "text_completion", shape)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest) -> Any:
+        try:
+            role_ids(served.tokenizer)
+        except QkvError:
+            raise ApiError(400, "this model has no chat template (no role tokens); use "
+                           "/v1/completions, or fine-tune it with `qkv finetune`",
+                           "messages") from None  # fmt: skip
+        turns = [(m.role, m.content) for m in body.messages]
+        prompt = answer_prompt(turns, served.tokenizer)
+        stop = (*ROLE_TOKENS.values(), *(body.stop or ()))
+        tickets = _tickets(served, body, [prompt], stop)
+
+        def shape(index: int, text: str, reason: str | None) -> dict[str, Any]:
+            if body.stream:
+                return {"index": index, "delta": {"content": text} if text else {},
+                        "finish_reason": reason, "logprobs": None}  # fmt: skip
+            message = {"role": "assistant", "content": text}
+            return {"index": index, "message": message, "finish_reason": reason, "logprobs": None}
+
+        return await _respond(served, body, tickets, "chat.completion", shape)
+
+    return app
+
+
+def load_served(
+    model_dir: str | Path,
+    device: str = "auto",
+    name: str | None = None,
+    api_key: str | None = None,
+    max_batch: int = 8,
+    max_queue: int = 64,
+) -> Served:
+    """A decoder from a checkpoint, run, adapter or Hugging Face directory, ready to serve."""
+    model, tokenizer = load_model(model_dir, resolve_device(device))
+    if not isinstance(model, DecoderLM):
+        raise QkvError(f"{model_dir} holds an {model.config.arch} model; serving needs a decoder")
+    torch.set_flush_denormal(True)
+    engine = Engine(model, tokenizer, max_batch, max_queue)
+    return Served(model, tokenizer, name or Path(model_dir).name, engine, api_key)
+
+
+def serve(served: Served, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Run the HTTP server until Ctrl-C / SIGTERM (uvicorn: no new requests, in-flight ones
+    given up to 5 s to finish)."""
+    import uvicorn
+
+    config = uvicorn.Config(
+        create_app(served), host=host, port=port, log_level="warning",
+        timeout_graceful_shutdown=5,
+    )  # fmt: skip
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        served.engine.stop()

@@ -1,0 +1,227 @@
+"""`qkv serve`: OpenAI's API over the continuous batcher, checked with the real `openai` client
+against a server process, and in this process for the error cases. What a request generates is
+what the Generator generates for it alone, whatever runs beside it."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from qkv.chat_template import add_chat_tokens, answer_prompt, grow_vocabulary
+from qkv.checkpoint import write_checkpoint
+from qkv.config import ModelConfig
+from qkv.generate import Generator
+from qkv.model import DecoderLM
+from qkv.server import create_app, load_served
+from qkv.tokenizer import Tokenizer
+
+TEXT = "the quick brown fox jumps over the lazy dog. pack my box with five dozen liquor jugs!"
+KEY = "test-key"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A small random decoder with qkv's chat tokens, saved as a checkpoint."""
+    tokenizer = Tokenizer.train_char([TEXT])
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, d_model=32, n_heads=4, n_layers=2,
+                         max_seq_len=64, init_std=0.1, position="rope", norm="rmsnorm")  # fmt: skip
+    model = DecoderLM(config)
+    add_chat_tokens(tokenizer)
+    grow_vocabulary(model, tokenizer)
+    return write_checkpoint(tmp_path_factory.mktemp("serve") / "tiny", model.eval(), tokenizer)
+
+
+@pytest.fixture(scope="module")
+def alone(model_dir) -> Generator:
+    return Generator.load(model_dir)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    """`qkv serve` in a process of its own on a free port, with an API key; stopped after."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "qkv", "serve", "--model", str(model_dir), "--port", str(port),
+         "--api-key", KEY, "--max-batch", "4", "--device", "cpu"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.1)
+    yield url
+    process.terminate()
+    _, stderr = process.communicate(timeout=30)
+    assert "Traceback" not in stderr, stderr
+
+
+@pytest.fixture
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0)
+
+
+def test_completions_are_what_the_generator_gives_alone(client, alone):
+    result = client.completions.create(
+        model="tiny", prompt="the quick", max_tokens=12, temperature=0.8, seed=5
+    )
+    expected = alone.generate("the quick", max_new_tokens=12, temperature=0.8, seed=5, top_k=0)
+    assert result.choices[0].text == expected.text
+    assert result.choices[0].finish_reason == "length"
+    assert result.usage.prompt_tokens == 9 and result.usage.completion_tokens == 12
+
+
+def test_concurrent_requests_each_generate_what_they_do_alone(client, alone):
+    """Eight clients at once through four rows: joins, waits and leaves, each row its own."""
+
+    def ask(seed: int) -> str:
+        prompt = TEXT[: 3 + 4 * seed]
+        return (
+            client.completions.create(
+                model="tiny", prompt=prompt, max_tokens=6 + seed, temperature=1.0, seed=seed
+            )
+            .choices[0]
+            .text
+        )
+
+    with ThreadPoolExecutor(8) as pool:
+        texts = list(pool.map(ask, range(8)))
+    for seed, text in enumerate(texts):
+        prompt = TEXT[: 3 + 4 * seed]
+        expected = alone.generate(prompt, max_new_tokens=6 + seed, temperature=1.0, seed=seed,
+                                  top_k=0)  # fmt: skip
+        assert text == expected.text, seed
+
+
+def test_streamed_chat_is_the_template_continued(client, alone):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "fox?"}]
+    stream = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=10, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    turns = [("system", "be brief"), ("user", "fox?")]
+    expected = alone.generate(
+        answer_prompt(turns, alone.tokenizer), max_new_tokens=10, temperature=0,
+        stop=("<|system|>", "<|user|>", "<|assistant|>"),
+    )  # fmt: skip
+    assert text == expected.text
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].usage.completion_tokens == len(expected.token_ids)
+
+
+def test_models_lists_the_served_model(client):
+    assert [m.id for m in client.models.list()] == ["tiny"]
+
+
+def test_a_wrong_key_is_401_and_health_stays_open(server):
+    wrong = openai.OpenAI(base_url=f"{server}/v1", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.models.list()
+    assert httpx.get(f"{server}/health").json() == {"status": "ok"}
+
+
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client):
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model="tiny", prompt="a", temperature=-1)
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.completions.create(model="other", prompt="a")
+    assert client.completions.create(model="tiny", prompt="a", max_tokens=2).choices
+
+
+@pytest.fixture(scope="module")
+def local(model_dir):
+    served = load_served(model_dir, "cpu", "tiny", max_batch=2, max_queue=2)
+    with TestClient(create_app(served)) as test_client:
+        yield test_client
+    served.engine.stop()
+
+
+@pytest.mark.parametrize(
+    "body, status, param",
+    [
+        (b"{not json", 400, None),
+        (b'{"prompt": "\xff\xfe"}', 400, None),
+        (b"[1, 2]", 400, None),
+        (b'{"max_tokens": 3}', 400, "prompt"),
+        (b'{"prompt": 7}', 400, "prompt"),
+        (b'{"prompt": "a", "temperature": -0.5}', 400, "temperature"),
+        (b'{"prompt": "a", "top_p": 0}', 400, "top_p"),
+        (b'{"prompt": "a", "top_p": 1.5}', 400, "top_p"),
+        (b'{"prompt": "a", "n": 0}', 400, "n"),
+        (b'{"prompt": "a", "max_tokens": 0}', 400, "max_tokens"),
+        (b'{"prompt": "a", "stop": [""]}', 400, "stop"),
+        (b'{"prompt": "' + b"fox " * 40 + b'"}', 400, "prompt"),
+        (b'{"prompt": "a", "model": "gpt-4"}', 404, "model"),
+    ],
+)
+def test_each_bad_request_is_one_error_object(local, body, status, param):
+    response = local.post("/v1/completions", content=body,
+                          headers={"Content-Type": "application/json"})  # fmt: skip
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["param"] == param
+    assert local.post("/v1/completions", json={"prompt": "a", "max_tokens": 1}).status_code == 200
+
+
+def test_a_body_over_the_limit_is_413(local):
+    response = local.post("/v1/completions", content=b"x" * (9 << 20),
+                          headers={"Content-Type": "application/json"})  # fmt: skip
+    assert response.status_code == 413 and "over 8 MiB" in response.json()["error"]["message"]
+
+
+def test_chat_on_a_model_without_chat_tokens_is_400(tmp_path):
+    tokenizer = Tokenizer.train_char([TEXT])
+    model = DecoderLM(ModelConfig(vocab_size=tokenizer.vocab_size, d_model=16, n_heads=2,
+                                  n_layers=1, max_seq_len=32))  # fmt: skip
+    served = load_served(write_checkpoint(tmp_path / "plain", model, tokenizer), "cpu")
+    with TestClient(create_app(served)) as test_client:
+        response = test_client.post(
+            "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}
+        )
+    served.engine.stop()
+    assert response.status_code == 400 and "no chat template" in response.json()["error"]["message"]
+
+
+def test_a_full_queue_is_503_with_retry_after(local):
+    """Two rows and a queue of two: of twelve requests at once some are turned away, and each
+    of those says when to retry; the rest complete."""
+    body = {"prompt": "the", "max_tokens": 40, "temperature": 1.0}
+    with ThreadPoolExecutor(12) as pool:
+        responses = list(pool.map(lambda _: local.post("/v1/completions", json=body), range(12)))
+    codes = sorted(r.status_code for r in responses)
+    assert 503 in codes and 200 in codes and set(codes) == {200, 503}
+    refused = next(r for r in responses if r.status_code == 503)
+    assert refused.headers["Retry-After"] == "1" and "busy" in refused.json()["error"]["message"]
+
+
+def test_streamed_completion_ends_with_done(local):
+    with local.stream("POST", "/v1/completions", json={"prompt": "the", "max_tokens": 4,
+                      "stream": True, "seed": 1}) as response:  # fmt: skip
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert all(c["object"] == "text_completion" for c in chunks)
