@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -259,41 +258,70 @@ CASES = [
 ]
 
 
-def run_case(case: Case, place: Path, capsys) -> subprocess.CompletedProcess:
+CHILD = """
+import contextlib, io, json, os, resource, sys, traceback
+limit = int(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+from qkv.cli import main
+results = {}
+for name, args, stdin in json.loads(open(sys.argv[1]).read()):
+    err = io.StringIO()
+    with open(stdin or os.devnull, "rb") as source:
+        sys.stdin = io.TextIOWrapper(source)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+            try:
+                code = main(args)
+            except SystemExit as stop:
+                code = stop.code
+            except BaseException:
+                traceback.print_exc()
+                code = -1
+    results[name] = [code, err.getvalue()]
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def risky(place: Path) -> dict[str, subprocess.CompletedProcess]:
+    """Every risky case run in one child process under MEMORY_LIMIT (one interpreter start for
+    all of them), each with its own standard input and captured stderr."""
+    cases = [(c.name, c.args(place), c.stdin) for c in CASES if c.risky or c.stdin]
+    (place / "risky.json").write_text(json.dumps(cases))
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD, "risky.json", str(MEMORY_LIMIT)],
+        cwd=place, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert child.returncode == 0, child.stderr
+    results = json.loads(child.stdout.strip().splitlines()[-1])
+    return {
+        name: subprocess.CompletedProcess(args, results[name][0], "", results[name][1])
+        for name, args, _ in cases
+    }
+
+
+def run_case(case: Case, place: Path, capsys, risky) -> subprocess.CompletedProcess:
+    if case.risky or case.stdin:
+        return risky[case.name]
     args = case.args(place)
-    if not (case.risky or case.stdin):
-        here = Path.cwd()
-        os.chdir(place)
-        try:
-            code = main(args)
-        except SystemExit as stop:
-            code = stop.code
-        finally:
-            os.chdir(here)
-        out = capsys.readouterr()
-        return subprocess.CompletedProcess(args, code, out.out, out.err)
-
-    def limited() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
-
-    with open(case.stdin or os.devnull, "rb") as stdin:
-        return subprocess.run(
-            [sys.executable, "-m", "qkv", *args],
-            cwd=place,
-            stdin=stdin,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            preexec_fn=limited,
-        )
+    here = Path.cwd()
+    os.chdir(place)
+    try:
+        code = main(args)
+    except SystemExit as stop:
+        code = stop.code
+    finally:
+        os.chdir(here)
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
-def test_catalog_case(case: Case, place: Path, capsys):
+def test_catalog_case(case: Case, place: Path, capsys, request):
     if "not-writable" in case.name and not refuses_entries(Path(unwritable())):
         pytest.skip("sysfs takes new entries here; tests/test_filesystem_failures.py covers it")
     before = digest(place / "run")
-    result = run_case(case, place, capsys)
+    risky = request.getfixturevalue("risky") if case.risky or case.stdin else {}
+    result = run_case(case, place, capsys, risky)
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
     assert result.returncode == case.code, result.stderr
     assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr

@@ -175,6 +175,7 @@ def test_a_full_disk_during_a_save_leaves_the_previous_checkpoint_whole(
     assert os.readlink(run / "latest") == "checkpoints/step-00000004"
 
 
+@pytest.mark.slow
 def test_a_first_save_that_fails_says_none_was_saved_and_its_record_warns(
     corpus_dir: Path, tmp_path: Path, qkv_here
 ) -> None:
@@ -273,6 +274,7 @@ def qkv_under_mounts(
     return result
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["train", "export"])
 def test_a_read_only_mount_is_refused_before_any_work(
     command: str, unshare: list[str], tmp_path: Path, corpus_dir: Path
@@ -292,6 +294,7 @@ def test_a_read_only_mount_is_refused_before_any_work(
     assert result.stderr.count("\n") == 1  # nothing was done before the refusal
 
 
+@pytest.mark.slow
 def test_export_onto_a_full_disk_removes_its_temporary_directory(
     unshare: list[str], tmp_path: Path
 ) -> None:
