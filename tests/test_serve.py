@@ -225,3 +225,46 @@ def test_streamed_completion_ends_with_done(local):
     chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     assert all(c["object"] == "text_completion" for c in chunks)
+
+
+def metric(url: str, name: str) -> float:
+    """The sum of a Prometheus metric's samples (all labels) at GET /metrics."""
+    text = httpx.get(f"{url}/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name) and not line.startswith("#"))  # fmt: skip
+
+
+def test_a_client_that_leaves_mid_stream_is_dropped_and_the_rest_goes_on(server, client):
+    before = metric(server, "qkv_cancelled_total")
+    body = {"prompt": "the", "max_tokens": 60, "stream": True, "temperature": 1.0}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, headers=headers) as stream:
+        next(stream.iter_lines())
+    deadline = time.monotonic() + 20
+    while metric(server, "qkv_cancelled_total") == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metric(server, "qkv_cancelled_total") == before + 1
+    assert client.completions.create(model="tiny", prompt="a", max_tokens=3).choices
+
+
+def test_metrics_count_requests_tokens_and_latencies(server, client):
+    requests = metric(server, 'qkv_requests_total{path="/v1/completions",status="200"}')
+    tokens = metric(server, "qkv_completion_tokens_total")
+    client.completions.create(model="tiny", prompt="the lazy", max_tokens=5, temperature=0)
+    assert metric(server, 'qkv_requests_total{path="/v1/completions",status="200"}') == (
+        requests + 1
+    )
+    assert metric(server, "qkv_completion_tokens_total") == tokens + 5
+    assert metric(server, "qkv_time_to_first_token_seconds_count") >= 1
+    assert metric(server, "qkv_inter_token_latency_seconds_count") >= 1
+    assert "qkv_running_batch" in httpx.get(f"{server}/metrics").text
+
+
+def test_tokenize_and_detokenize_round_trip(local, alone):
+    tokens = local.post("/tokenize", json={"prompt": "the fox"}).json()
+    assert tokens["tokens"] == alone.tokenizer.encode("the fox") and tokens["count"] == 7
+    chat = local.post("/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()
+    assert chat["tokens"] == answer_prompt([("user", "hi")], alone.tokenizer)
+    text = local.post("/detokenize", json={"tokens": tokens["tokens"]}).json()
+    assert text == {"prompt": "the fox"}
+    assert local.post("/detokenize", json={"tokens": [10**9]}).status_code == 400

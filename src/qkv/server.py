@@ -2,7 +2,7 @@
 
     POST /v1/completions        {"model", "prompt": str | [str], "max_tokens", "temperature", ...}
     POST /v1/chat/completions   {"model", "messages": [{"role", "content"}], ...}: qkv's template
-    GET  /v1/models, GET /health
+    GET  /v1/models, GET /health, GET /metrics (Prometheus), POST /tokenize, POST /detokenize
 
 One engine thread owns the Batcher (qkv.batching): requests are handed to it through a queue and
 join the running batch at its next step; each request's text comes back piece by piece (the
@@ -28,7 +28,15 @@ from typing import Any, Literal
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -105,6 +113,15 @@ class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
 
 
+class TokenizeRequest(BaseModel):
+    prompt: str | None = None
+    messages: list[Message] | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    tokens: list[int]
+
+
 @dataclass
 class Ticket:
     """One sequence handed to the engine, and where its events go (an asyncio queue)."""
@@ -128,6 +145,7 @@ class Engine:
         self.tickets: dict[int, Ticket] = {}
         self.waiting = 0  # tickets submitted and not yet running (read by other threads)
         self.stopping = False
+        self.metrics: Metrics | None = None  # the server's, once it serves
         self.thread = threading.Thread(target=self._loop, name="qkv-engine", daemon=True)
         self.thread.start()
 
@@ -171,6 +189,9 @@ class Engine:
 
     def _publish(self, changed: list[Sequence]) -> None:
         self.waiting = sum(1 for s in self.batcher.waiting if not s.cancelled) + self.inbox.qsize()
+        if self.metrics is not None:
+            self.metrics.queue.set(self.waiting)
+            self.metrics.running.set(len(self.batcher.running))
         for sequence in changed:
             ticket = self.tickets.get(id(sequence))
             if ticket is None:
@@ -185,6 +206,27 @@ class Engine:
                 del self.tickets[id(sequence)]
 
 
+class Metrics:
+    """What GET /metrics shows (Prometheus), on a registry of this server's own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("qkv_requests", "HTTP requests", ["path", "status"], registry=r)
+        self.prompt_tokens = Counter("qkv_prompt_tokens", "prompt tokens", registry=r)
+        self.completion_tokens = Counter("qkv_completion_tokens", "tokens generated", registry=r)
+        self.cancelled = Counter("qkv_cancelled", "sequences whose client left", registry=r)
+        self.queue = Gauge("qkv_queue_depth", "sequences waiting for a row", registry=r)
+        self.running = Gauge("qkv_running_batch", "sequences decoding together", registry=r)
+        self.first_token = Histogram(
+            "qkv_time_to_first_token_seconds", "request to its first text", registry=r
+        )
+        self.inter_token = Histogram(
+            "qkv_inter_token_latency_seconds", "between pieces of text", registry=r,
+            buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0),
+        )  # fmt: skip
+
+
 @dataclass
 class Served:
     """What the app serves: a decoder, its tokenizer, the name clients use, the engine."""
@@ -194,6 +236,7 @@ class Served:
     name: str
     engine: Engine
     api_key: str | None = None
+    metrics: Metrics = field(default_factory=Metrics)
 
     @property
     def window(self) -> int:
@@ -265,6 +308,11 @@ async def _respond(
         return {"id": ident, "object": obj, "created": created, "model": served.name,
                 "choices": choices}  # fmt: skip
 
+    metrics = served.metrics
+    metrics.prompt_tokens.inc(prompt_tokens)
+    started = time.perf_counter()
+    last: dict[int, float] = {}  # ticket -> when its last text came
+
     async def events() -> AsyncIterator[tuple[int, str, Any]]:
         pending = {asyncio.ensure_future(t.events.get()): i for i, t in enumerate(tickets)}
         try:
@@ -273,14 +321,23 @@ async def _respond(
                 for future in done:
                     index = pending.pop(future)
                     event, value = future.result()
-                    yield index, event, value
+                    now = time.perf_counter()
                     if event == "text":
+                        if index in last:
+                            metrics.inter_token.observe(now - last[index])
+                        else:
+                            metrics.first_token.observe(now - started)
+                        last[index] = now
                         pending[asyncio.ensure_future(tickets[index].events.get())] = index
+                    else:
+                        metrics.completion_tokens.inc(value[1])
+                    yield index, event, value
         finally:
             for future in pending:
                 future.cancel()
             for index in pending.values():
                 served.engine.cancel(tickets[index])
+                metrics.cancelled.inc()
 
     if not request.stream:
         texts, reasons, counts = [""] * len(tickets), [""] * len(tickets), [0] * len(tickets)
@@ -323,8 +380,8 @@ def create_app(served: Served) -> FastAPI:
     """The FastAPI application serving `served`."""
     app = FastAPI(title="qkv", docs_url=None, redoc_url=None)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Callable) -> Any:
+    def refusal(request: Request) -> JSONResponse | None:
+        """A request turned away before it is read: a body too large, a wrong API key."""
         size = request.headers.get("content-length")
         if size is not None and size.isdigit() and int(size) > MAX_BODY:
             return ApiError(413, f"the request body is over {MAX_BODY >> 20} MiB").response()
@@ -333,7 +390,17 @@ def create_app(served: Served) -> FastAPI:
             if not secrets.compare_digest(given, f"Bearer {served.api_key}"):
                 return ApiError(401, "a missing or wrong API key; send 'Authorization: Bearer "
                                 "KEY'", kind="authentication_error").response()  # fmt: skip
-        return await call_next(request)
+        return None
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Callable) -> Any:
+        response = refusal(request) or await call_next(request)
+        served.metrics.requests.labels(request.url.path, str(response.status_code)).inc()
+        return response
+
+    @app.exception_handler(QkvError)
+    async def refused(request: Request, err: QkvError) -> JSONResponse:
+        return ApiError(400, str(err)).response()
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError) -> JSONResponse:
@@ -358,6 +425,25 @@ def create_app(served: Served) -> FastAPI:
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(served.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        if body.messages is not None:
+            tokens = answer_prompt([(m.role, m.content) for m in body.messages], served.tokenizer)
+        else:
+            tokens = served.tokenizer.encode_inputs([body.prompt or ""])[0]
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": served.window}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict[str, str]:
+        size = served.tokenizer.vocab_size
+        if any(not 0 <= t < size for t in body.tokens):
+            raise ApiError(400, f"tokens must be ids from 0 to {size - 1}", "tokens")
+        return {"prompt": served.tokenizer.decode(body.tokens)}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -417,7 +503,9 @@ def load_served(
         raise QkvError(f"{model_dir} holds an {model.config.arch} model; serving needs a decoder")
     torch.set_flush_denormal(True)
     engine = Engine(model, tokenizer, max_batch, max_queue)
-    return Served(model, tokenizer, name or Path(model_dir).name, engine, api_key)
+    served = Served(model, tokenizer, name or Path(model_dir).name, engine, api_key)
+    engine.metrics = served.metrics
+    return served
 
 
 def serve(served: Served, host: str = "127.0.0.1", port: int = 8000) -> None:
