@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import psutil
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -268,3 +269,53 @@ def test_tokenize_and_detokenize_round_trip(local, alone):
     text = local.post("/detokenize", json={"tokens": tokens["tokens"]}).json()
     assert text == {"prompt": "the fox"}
     assert local.post("/detokenize", json={"tokens": [10**9]}).status_code == 400
+
+
+@pytest.mark.slow
+def test_soak_sixteen_clients_two_hundred_requests_a_quarter_leaving(model_dir):
+    """16 clients send 200 requests, every fourth a stream the client leaves after its first
+    chunk: every other request succeeds, none hangs, the batch empties, and the process's
+    memory ends within 10% of where it was after warm-up."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "qkv", "serve", "--model", str(model_dir), "--port", str(port),
+         "--max-batch", "8", "--max-queue", "256", "--device", "cpu"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
+
+        def request(i: int) -> str:
+            body = {"prompt": TEXT[: 5 + i % 30], "max_tokens": 8 + i % 17, "seed": i}
+            if i % 4 == 0:
+                with httpx.stream("POST", f"{url}/v1/completions", json=body | {"stream": True},
+                                  timeout=60) as stream:  # fmt: skip
+                    next(stream.iter_lines())
+                return "left"
+            return client.completions.create(model="tiny", **body).choices[0].finish_reason
+
+        for i in range(16):  # warm-up
+            request(i + 1 if i % 4 == 0 else i)
+        memory = psutil.Process(process.pid).memory_info().rss
+        with ThreadPoolExecutor(16) as pool:
+            outcomes = list(pool.map(request, range(200)))
+        assert outcomes.count("left") == 50
+        assert all(o in ("stop", "length") for o in outcomes if o != "left")
+        deadline = time.monotonic() + 30
+        while metric(url, "qkv_running_batch") > 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert metric(url, "qkv_running_batch") == 0 and metric(url, "qkv_queue_depth") == 0
+        assert 0 < metric(url, "qkv_cancelled_total") <= 50  # a short stream may end first
+        after = psutil.Process(process.pid).memory_info().rss
+        assert after <= 1.1 * memory, (memory, after)
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)
