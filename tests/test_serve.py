@@ -319,3 +319,32 @@ def test_soak_sixteen_clients_two_hundred_requests_a_quarter_leaving(model_dir):
     finally:
         process.terminate()
         process.communicate(timeout=30)
+
+
+def test_logprobs_are_the_models_own_at_each_chosen_token(local, alone):
+    """Greedy, with 3 alternatives: each token's log p equals log_softmax of the model's logits
+    at its position (a full forward pass over prompt + completion), the likeliest listed first."""
+    body = {"prompt": "the quick", "max_tokens": 6, "temperature": 0, "logprobs": 3}
+    choice = local.post("/v1/completions", json=body).json()["choices"][0]
+    prompt = alone.tokenizer.encode("the quick")
+    tokens = alone.generate("the quick", max_new_tokens=6, temperature=0).token_ids
+    with torch.no_grad():
+        logits = alone.model(torch.tensor([prompt + tokens]))[0, len(prompt) - 1 : -1]
+    expected = torch.log_softmax(logits, dim=-1)
+    got = choice["logprobs"]
+    assert got["tokens"] == [alone.tokenizer.decode([t]) for t in tokens]
+    for i, token in enumerate(tokens):
+        assert abs(got["token_logprobs"][i] - float(expected[i, token])) < 1e-4
+        top = got["top_logprobs"][i]
+        assert 1 <= len(top) <= 3  # byte tokens that decode alike share a key, as in OpenAI's
+        assert max(top.values()) == pytest.approx(got["token_logprobs"][i])
+
+
+def test_chat_logprobs_through_the_openai_client(client):
+    reply = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "fox?"}], max_tokens=5,
+        temperature=0, logprobs=True, top_logprobs=2,
+    )  # fmt: skip
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens
+    assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)

@@ -31,6 +31,16 @@ from qkv.sampling import select
 from qkv.tokenizer import Tokenizer
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """log p(token) under the model (softmax of its logits, before any sampling rule), and the
+    `top` likeliest tokens with theirs."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
 @dataclass(eq=False)
 class Sequence:
     """One request in the batcher: its prompt, sampling, generator and text so far."""
@@ -43,6 +53,8 @@ class Sequence:
     length: int = 0  # real tokens held in the cache
     pending: int | None = None  # the token chosen last, not yet fed to the model
     cancelled: bool = False
+    top_logprobs: int | None = None  # record log p of each chosen token and this many others
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -71,8 +83,15 @@ class Batcher:
     def busy(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def add(self, prompt_ids: list[int], config: GenerationConfig, prompt: str = "") -> Sequence:
-        """Queue a request (1 to max_seq_len token ids); it joins at the next step."""
+    def add(
+        self,
+        prompt_ids: list[int],
+        config: GenerationConfig,
+        prompt: str = "",
+        top_logprobs: int | None = None,
+    ) -> Sequence:
+        """Queue a request (1 to max_seq_len token ids); it joins at the next step. With
+        `top_logprobs` (0 or more) each chosen token's TokenLogprob is recorded."""
         if not 0 < len(prompt_ids) <= self.window:
             raise ValueError(f"a prompt needs 1 to {self.window} (max_seq_len) token ids")
         seen = None
@@ -85,6 +104,7 @@ class Batcher:
             Continuation(prompt, list(prompt_ids), 0, config.stop),
             torch.Generator(self.device).manual_seed(config.seed),
             None if seen is None else seen.to(self.device),
+            top_logprobs=top_logprobs,
         )
         self.waiting.append(sequence)
         return sequence
@@ -121,6 +141,14 @@ class Batcher:
         """Select the sequence's next token from its logits (1, vocab) by its own sampling."""
         logits[:, self.tokenizer.vocab_size :] = -math.inf  # padding rows past the tokenizer
         token = select(logits, sequence.config, sequence.seen, [sequence.generator])
+        if sequence.top_logprobs is not None:
+            logprobs = torch.log_softmax(logits[0].float(), dim=-1)
+            top = torch.topk(logprobs, min(sequence.top_logprobs, logprobs.numel()))
+            alternatives = zip(top.indices.tolist(), top.values.tolist(), strict=True)
+            chosen = int(token)
+            sequence.logprobs.append(
+                TokenLogprob(chosen, float(logprobs[chosen]), tuple(alternatives))
+            )
         if sequence.seen is not None:
             sequence.seen[0, token] = True
         sequence.pending = int(token)

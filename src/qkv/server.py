@@ -40,7 +40,7 @@ from prometheus_client import (
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from qkv.batching import Batcher, Sequence
+from qkv.batching import Batcher, Sequence, TokenLogprob
 from qkv.chat_template import ROLE_TOKENS, answer_prompt, role_ids
 from qkv.checkpoint import load_model
 from qkv.device import resolve_device
@@ -102,6 +102,7 @@ class Sampling(BaseModel):
 
 class CompletionRequest(Sampling):
     prompt: str | list[str]
+    logprobs: int | None = Field(None, ge=0, le=20)  # this many alternatives per token
 
 
 class Message(BaseModel):
@@ -111,6 +112,8 @@ class Message(BaseModel):
 
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
 class TokenizeRequest(BaseModel):
@@ -122,6 +125,10 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int]
 
 
+# (choice index, new text, finish reason or None, new logprobs) -> one choice of a response
+Shape = Callable[[int, str, str | None, list[TokenLogprob]], dict[str, Any]]
+
+
 @dataclass
 class Ticket:
     """One sequence handed to the engine, and where its events go (an asyncio queue)."""
@@ -129,8 +136,10 @@ class Ticket:
     prompt_ids: list[int]
     config: GenerationConfig
     loop: asyncio.AbstractEventLoop
+    top_logprobs: int | None = None  # None: no logprobs
     events: asyncio.Queue[tuple[str, Any]] = field(default_factory=asyncio.Queue)
     sequence: Sequence | None = None
+    sent: int = 0  # the sequence's logprobs sent so far
 
 
 class Engine:
@@ -181,7 +190,9 @@ class Engine:
             if ticket is None:  # stop
                 return
             if command == "add":
-                ticket.sequence = self.batcher.add(ticket.prompt_ids, ticket.config)
+                ticket.sequence = self.batcher.add(
+                    ticket.prompt_ids, ticket.config, top_logprobs=ticket.top_logprobs
+                )
                 self.tickets[id(ticket.sequence)] = ticket
             elif command == "cancel" and ticket.sequence is not None:
                 self.batcher.cancel(ticket.sequence)
@@ -197,8 +208,11 @@ class Engine:
             if ticket is None:
                 continue
             piece = sequence.continuation.new_text()
-            if piece:
-                ticket.loop.call_soon_threadsafe(ticket.events.put_nowait, ("text", piece))
+            entries = sequence.logprobs[ticket.sent :]
+            ticket.sent = len(sequence.logprobs)
+            if piece or entries:
+                text = ("text", (piece, entries))
+                ticket.loop.call_soon_threadsafe(ticket.events.put_nowait, text)
             if sequence.finished:
                 reason = FINISH[sequence.continuation.stop_reason or "length"]
                 done = ("done", (reason, len(sequence.continuation.token_ids)))
@@ -260,7 +274,7 @@ def _config(request: Sampling, stop: tuple[str, ...], seed: int, room: int) -> G
 
 
 def _tickets(served: Served, request: Sampling, prompts: list[list[int]],
-             stop: tuple[str, ...]) -> list[Ticket]:  # fmt: skip
+             stop: tuple[str, ...], top_logprobs: int | None) -> list[Ticket]:  # fmt: skip
     """One ticket per (prompt, n): seeds seed, seed + 1, ... (a random seed when none)."""
     if request.model not in (None, served.name):
         raise ApiError(404, f"the model {request.model!r} does not exist; this server has "
@@ -280,7 +294,7 @@ def _tickets(served: Served, request: Sampling, prompts: list[list[int]],
             )
         for choice in range(request.n):
             config = _config(request, stop, seed + choice, served.window - len(ids))
-            tickets.append(Ticket(ids, config, loop))
+            tickets.append(Ticket(ids, config, loop, top_logprobs))
     return tickets
 
 
@@ -297,7 +311,7 @@ async def _respond(
     request: Sampling,
     tickets: list[Ticket],
     kind: str,
-    shape: Callable[[int, str, str | None], dict[str, Any]],
+    shape: Shape,
 ) -> Any:
     """Run the tickets; a JSON response, or an SSE stream of chunks ending in [DONE]."""
     served.engine.submit(tickets)
@@ -341,12 +355,14 @@ async def _respond(
 
     if not request.stream:
         texts, reasons, counts = [""] * len(tickets), [""] * len(tickets), [0] * len(tickets)
+        entries: list[list[TokenLogprob]] = [[] for _ in tickets]
         async for index, event, value in events():
             if event == "text":
-                texts[index] += value
+                texts[index] += value[0]
+                entries[index] += value[1]
             else:
                 reasons[index], counts[index] = value
-        choices = [shape(i, texts[i], reasons[i]) for i in range(len(tickets))]
+        choices = [shape(i, texts[i], reasons[i], entries[i]) for i in range(len(tickets))]
         return JSONResponse(
             {**envelope(kind, choices), "usage": _usage(prompt_tokens, sum(counts))}
         )
@@ -363,10 +379,11 @@ async def _respond(
                 yield f"data: {json.dumps(envelope(chunk_kind, [first]))}\n\n"
         async for index, event, value in events():
             if event == "text":
-                yield f"data: {json.dumps(envelope(chunk_kind, [shape(index, value, None)]))}\n\n"
+                chunk = envelope(chunk_kind, [shape(index, value[0], None, value[1])])
+                yield f"data: {json.dumps(chunk)}\n\n"
             else:
                 completion_tokens += value[1]
-                last = envelope(chunk_kind, [shape(index, "", value[0])])
+                last = envelope(chunk_kind, [shape(index, "", value[0], [])])
                 yield f"data: {json.dumps(last)}\n\n"
         if usage:
             tail = envelope(chunk_kind, []) | {"usage": _usage(prompt_tokens, completion_tokens)}
@@ -457,10 +474,27 @@ def create_app(served: Served) -> FastAPI:
         if not texts:
             raise ApiError(400, "prompt: give at least one prompt", "prompt")
         prompts = served.tokenizer.encode_inputs(texts)
-        tickets = _tickets(served, body, prompts, tuple(body.stop or ()))
+        tickets = _tickets(served, body, prompts, tuple(body.stop or ()), body.logprobs)
 
-        def shape(index: int, text: str, reason: str | None) -> dict[str, Any]:
-            return {"index": index, "text": text, "finish_reason": reason, "logprobs": None}
+        def alternatives(entry: TokenLogprob) -> dict[str, float]:
+            """text -> log p, likeliest first; tokens that decode alike keep the likeliest."""
+            found: dict[str, float] = {}
+            for token_id, logprob in entry.top:
+                found.setdefault(served.tokenizer.decode([token_id]), logprob)
+            return found
+
+        def shape(index: int, text: str, reason: str | None,
+                  entries: list[TokenLogprob]) -> dict[str, Any]:  # fmt: skip
+            logprobs = None
+            if body.logprobs is not None:
+                tokens = [served.tokenizer.decode([e.token]) for e in entries]
+                logprobs = {
+                    "tokens": tokens,
+                    "token_logprobs": [e.logprob for e in entries],
+                    "top_logprobs": [alternatives(e) for e in entries],
+                    "text_offset": [sum(map(len, tokens[:i])) for i in range(len(tokens))],
+                }
+            return {"index": index, "text": text, "finish_reason": reason, "logprobs": logprobs}
 
         return await _respond(served, body, tickets, "text_completion", shape)
 
@@ -475,14 +509,27 @@ def create_app(served: Served) -> FastAPI:
         turns = [(m.role, m.content) for m in body.messages]
         prompt = answer_prompt(turns, served.tokenizer)
         stop = (*ROLE_TOKENS.values(), *(body.stop or ()))
-        tickets = _tickets(served, body, [prompt], stop)
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        tickets = _tickets(served, body, [prompt], stop, top)
 
-        def shape(index: int, text: str, reason: str | None) -> dict[str, Any]:
+        def token(token_id: int, logprob: float) -> dict[str, Any]:
+            text = served.tokenizer.decode([token_id])
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+        def shape(index: int, text: str, reason: str | None,
+                  entries: list[TokenLogprob]) -> dict[str, Any]:  # fmt: skip
+            logprobs = None
+            if top is not None:
+                logprobs = {"content": [
+                    token(e.token, e.logprob) | {"top_logprobs": [token(*t) for t in e.top]}
+                    for e in entries
+                ]}  # fmt: skip
             if body.stream:
                 return {"index": index, "delta": {"content": text} if text else {},
-                        "finish_reason": reason, "logprobs": None}  # fmt: skip
+                        "finish_reason": reason, "logprobs": logprobs}  # fmt: skip
             message = {"role": "assistant", "content": text}
-            return {"index": index, "message": message, "finish_reason": reason, "logprobs": None}
+            return {"index": index, "message": message, "finish_reason": reason,
+                    "logprobs": logprobs}  # fmt: skip
 
         return await _respond(served, body, tickets, "chat.completion", shape)
 
