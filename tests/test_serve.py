@@ -9,7 +9,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -55,27 +57,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(model_dir):
-    """`qkv serve` in a process of its own on a free port, with an API key; stopped after."""
+@contextmanager
+def serving(model_dir: Path, *options: str) -> Iterator[tuple[str, int]]:
+    """`qkv serve --model MODEL_DIR OPTIONS` in a process of its own on a free port: (its URL,
+    its pid) once /health answers; stopped by SIGTERM after, with no traceback."""
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "qkv", "serve", "--model", str(model_dir), "--port", str(port),
-         "--api-key", KEY, "--max-batch", "4", "--device", "cpu"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+         "--device", "cpu", *options],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.1)
-    yield url
-    process.terminate()
-    _, stderr = process.communicate(timeout=30)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        yield url, process.pid
+    finally:
+        process.terminate()
+        _, stderr = process.communicate(timeout=30)
     assert "Traceback" not in stderr, stderr
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    """The server the client tests share: an API key, four rows."""
+    with serving(model_dir, "--api-key", KEY, "--max-batch", "4") as (url, _):
+        yield url
 
 
 @pytest.fixture
@@ -276,21 +288,7 @@ def test_soak_sixteen_clients_two_hundred_requests_a_quarter_leaving(model_dir):
     """16 clients send 200 requests, every fourth a stream the client leaves after its first
     chunk: every other request succeeds, none hangs, the batch empties, and the process's
     memory ends within 10% of where it was after warm-up."""
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "qkv", "serve", "--model", str(model_dir), "--port", str(port),
-         "--max-batch", "8", "--max-queue", "256", "--device", "cpu"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+    with serving(model_dir, "--max-batch", "8", "--max-queue", "256") as (url, pid):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
 
         def request(i: int) -> str:
@@ -304,7 +302,7 @@ def test_soak_sixteen_clients_two_hundred_requests_a_quarter_leaving(model_dir):
 
         for i in range(16):  # warm-up
             request(i + 1 if i % 4 == 0 else i)
-        memory = psutil.Process(process.pid).memory_info().rss
+        memory = psutil.Process(pid).memory_info().rss
         with ThreadPoolExecutor(16) as pool:
             outcomes = list(pool.map(request, range(200)))
         assert outcomes.count("left") == 50
@@ -314,11 +312,8 @@ def test_soak_sixteen_clients_two_hundred_requests_a_quarter_leaving(model_dir):
             time.sleep(0.1)
         assert metric(url, "qkv_running_batch") == 0 and metric(url, "qkv_queue_depth") == 0
         assert 0 < metric(url, "qkv_cancelled_total") <= 50  # a short stream may end first
-        after = psutil.Process(process.pid).memory_info().rss
+        after = psutil.Process(pid).memory_info().rss
         assert after <= 1.1 * memory, (memory, after)
-    finally:
-        process.terminate()
-        process.communicate(timeout=30)
 
 
 def test_logprobs_are_the_models_own_at_each_chosen_token(local, alone):

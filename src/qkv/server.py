@@ -435,8 +435,7 @@ def create_app(served: Served) -> FastAPI:
         where = [str(part) for part in first.get("loc", ()) if part != "body"]
         if first.get("type") == "json_invalid":
             return ApiError(400, f"the body is not valid JSON ({first.get('msg')})").response()
-        else:
-            message = f"{'.'.join(where) or 'body'}: {first.get('msg')}"
+        message = f"{'.'.join(where) or 'body'}: {first.get('msg')}"
         return ApiError(400, message, where[0] if where else None).response()
 
     @app.get("/health")
