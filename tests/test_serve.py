@@ -4,7 +4,9 @@ what the Generator generates for it alone, whatever runs beside it."""
 
 from __future__ import annotations
 
+import base64
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +22,7 @@ import psutil
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from test_embed import SENTENCES, minilm, reference  # noqa: F401 (fixtures)
 
 from qkv.chat_template import add_chat_tokens, answer_prompt, grow_vocabulary
 from qkv.checkpoint import write_checkpoint
@@ -273,6 +276,69 @@ def test_metrics_count_requests_tokens_and_latencies(server, client):
     assert "qkv_running_batch" in httpx.get(f"{server}/metrics").text
 
 
+@pytest.fixture(scope="module")
+def embedding(minilm):  # noqa: F811
+    """all-MiniLM-L6-v2 served in this process, and the real openai client talking to it."""
+    served = load_served(minilm, "cpu", "minilm")
+    with TestClient(create_app(served)) as test_client:
+        yield (
+            test_client,
+            openai.OpenAI(base_url="http://testserver/v1", api_key="none", http_client=test_client),
+        )
+
+
+def test_embeddings_are_sentence_transformers(embedding, reference):  # noqa: F811
+    """The openai client asks for base64 and decodes it; plain floats give the same."""
+    test_client, client = embedding
+    result = client.embeddings.create(model="minilm", input=SENTENCES)
+    got = torch.tensor([item.embedding for item in result.data])
+    assert torch.allclose(got, reference, atol=1e-5)
+    assert [item.index for item in result.data] == [0, 1, 2, 3] and result.usage.prompt_tokens > 4
+    plain = test_client.post("/v1/embeddings", json={"input": SENTENCES[1],
+                             "encoding_format": "float"}).json()  # fmt: skip
+    assert torch.allclose(torch.tensor(plain["data"][0]["embedding"]), reference[1], atol=1e-5)
+
+
+def test_embeddings_of_token_ids_are_those_of_their_text(embedding, reference):  # noqa: F811
+    test_client, _ = embedding
+    ids = test_client.post("/tokenize", json={"prompt": SENTENCES[0]}).json()["tokens"]
+    for given in (ids, [ids]):
+        body = test_client.post("/v1/embeddings", json={"input": given}).json()
+        assert torch.allclose(torch.tensor(body["data"][0]["embedding"]), reference[0], atol=1e-5)
+    packed = test_client.post("/v1/embeddings", json={"input": "qkv", "encoding_format":
+                              "base64"}).json()["data"][0]["embedding"]  # fmt: skip
+    vector = torch.frombuffer(bytearray(base64.b64decode(packed)), dtype=torch.float32)
+    assert torch.allclose(vector, reference[3], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"input": ""}, "input"),
+        ({"input": []}, "input"),
+        ({"input": ["ok", " "]}, "input"),
+        ({"input": [[101, 102], []]}, "input"),
+        ({"input": [10**9]}, "input"),
+        ({"input": [101] * 513}, "input"),
+        ({"input": "ok", "dimensions": 128}, "dimensions"),
+        ({"input": 3.5}, "input"),
+    ],
+)
+def test_bad_embedding_requests_are_400(embedding, body, param):
+    test_client, _ = embedding
+    response = test_client.post("/v1/embeddings", json=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+
+
+def test_an_encoder_does_not_complete_and_a_decoder_does_not_embed(embedding, local):
+    test_client, _ = embedding
+    response = test_client.post("/v1/completions", json={"prompt": "a"})
+    assert response.status_code == 400 and "encoder" in response.json()["error"]["message"]
+    response = local.post("/v1/embeddings", json={"input": "a"})
+    assert response.status_code == 400 and "decoder" in response.json()["error"]["message"]
+
+
 def test_tokenize_and_detokenize_round_trip(local, alone):
     tokens = local.post("/tokenize", json={"prompt": "the fox"}).json()
     assert tokens["tokens"] == alone.tokenizer.encode("the fox") and tokens["count"] == 7
@@ -281,6 +347,28 @@ def test_tokenize_and_detokenize_round_trip(local, alone):
     text = local.post("/detokenize", json={"tokens": tokens["tokens"]}).json()
     assert text == {"prompt": "the fox"}
     assert local.post("/detokenize", json={"tokens": [10**9]}).status_code == 400
+
+
+def test_sigterm_ends_running_streams_with_a_finish_reason(tmp_path):
+    """A long stream is running when SIGTERM comes: with no grace it ends at the next step with
+    finish_reason "length" and [DONE], and the process exits within seconds."""
+    tokenizer = Tokenizer.train_char([TEXT])
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, d_model=16, n_heads=2, n_layers=1,
+                         max_seq_len=100_000, position="rope")  # fmt: skip
+    folder = write_checkpoint(tmp_path / "long", DecoderLM(config), tokenizer)
+    with serving(folder, "--shutdown-grace", "0") as (url, pid):
+        body = {"prompt": "the", "max_tokens": 90_000, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as stream:
+            lines = stream.iter_lines()
+            first = next(line for line in lines if line)
+            started = time.monotonic()
+            psutil.Process(pid).send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line]
+        assert psutil.Process(pid).wait(timeout=10) in (0, -signal.SIGTERM)  # uvicorn re-raises
+        assert time.monotonic() - started < 10
+    assert first.startswith("data: ") and rest[-1] == "data: [DONE]"
+    last = json.loads(rest[-2].removeprefix("data: "))
+    assert last["choices"][0]["finish_reason"] == "length"
 
 
 @pytest.mark.slow

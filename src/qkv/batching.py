@@ -113,6 +113,16 @@ class Batcher:
         """Drop a sequence (its client went away): it leaves the batch at the next step."""
         sequence.cancelled = True
 
+    def end_all(self) -> list[Sequence]:
+        """End every running and waiting sequence now, with finish reason "length" (a server
+        shutting down); returns them."""
+        ended = [s for s in [*self.running, *self.waiting] if not s.finished]
+        for sequence in ended:
+            sequence.continuation.finish("length", self.tokenizer)
+        self.waiting.clear()
+        self._drop(list(self.running))
+        return ended
+
     @torch.no_grad()
     def step(self) -> list[Sequence]:
         """One decoding step: every running row gets its next token, then waiting requests

@@ -28,7 +28,6 @@ def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
     return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
 
 
-@torch.no_grad()
 def embed(
     model: Encoder,
     tokenizer: Tokenizer,
@@ -38,17 +37,23 @@ def embed(
 ) -> Tensor:
     """(len(texts), d_model) unit vectors; inputs longer than max_tokens (default: the model's
     context) keep their first max_tokens - 1 tokens and the last one (BERT's [SEP])."""
+    limit = min(max_tokens or model.config.max_seq_len, model.config.max_seq_len)
+    rows = tokenizer.encode_inputs(texts)
+    rows = [ids if len(ids) <= limit else [*ids[: limit - 1], ids[-1]] for ids in rows]
+    return embed_ids(model, rows, tokenizer.pad_id, batch_size)
+
+
+@torch.no_grad()
+def embed_ids(model: Encoder, rows: list[list[int]], pad_id: int, batch_size: int = 32) -> Tensor:
+    """(len(rows), d_model) unit vectors of token id rows (each 1 to max_seq_len ids)."""
     if not isinstance(model, Encoder):
         raise QkvError(
             f"sentence embeddings need an encoder model (such as BERT), not {model.config.arch}"
         )
-    limit = min(max_tokens or model.config.max_seq_len, model.config.max_seq_len)
     device = next(model.parameters()).device
     vectors = []
-    for first in range(0, len(texts), batch_size):
-        rows = tokenizer.encode_inputs(texts[first : first + batch_size])
-        rows = [ids if len(ids) <= limit else [*ids[: limit - 1], ids[-1]] for ids in rows]
-        ids, mask = (t.to(device) for t in pad_rows(rows, tokenizer.pad_id))
+    for first in range(0, len(rows), batch_size):
+        ids, mask = (t.to(device) for t in pad_rows(rows[first : first + batch_size], pad_id))
         hidden = model.hidden_states(ids, mask)
         vectors.append(F.normalize(mean_pool(hidden, mask), p=2, dim=-1).cpu())
     return torch.cat(vectors) if vectors else torch.empty(0, model.config.d_model)

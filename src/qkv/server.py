@@ -2,6 +2,7 @@
 
     POST /v1/completions        {"model", "prompt": str | [str], "max_tokens", "temperature", ...}
     POST /v1/chat/completions   {"model", "messages": [{"role", "content"}], ...}: qkv's template
+    POST /v1/embeddings         {"model", "input": str | [str] | [int] | [[int]]}: encoders only
     GET  /v1/models, GET /health, GET /metrics (Prometheus), POST /tokenize, POST /detokenize
 
 One engine thread owns the Batcher (qkv.batching): requests are handed to it through a queue and
@@ -15,6 +16,7 @@ events in OpenAI's chunk format, or gathered. Errors are OpenAI's error object
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import queue
 import secrets
@@ -44,9 +46,10 @@ from qkv.batching import Batcher, Sequence, TokenLogprob
 from qkv.chat_template import ROLE_TOKENS, answer_prompt, role_ids
 from qkv.checkpoint import load_model
 from qkv.device import resolve_device
+from qkv.embed import embed_ids
 from qkv.errors import QkvError
 from qkv.generate import GenerationConfig
-from qkv.model import DecoderLM
+from qkv.model import DecoderLM, Encoder
 from qkv.tokenizer import Tokenizer
 
 MAX_BODY = 8 << 20  # bytes of a request body
@@ -125,6 +128,15 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int]
 
 
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+
+
 # (choice index, new text, finish reason or None, new logprobs) -> one choice of a response
 Shape = Callable[[int, str, str | None, list[TokenLogprob]], dict[str, Any]]
 
@@ -154,11 +166,14 @@ class Engine:
         self.tickets: dict[int, Ticket] = {}
         self.waiting = 0  # tickets submitted and not yet running (read by other threads)
         self.stopping = False
+        self.deadline: float | None = None  # draining: every row ends at this monotonic time
         self.metrics: Metrics | None = None  # the server's, once it serves
         self.thread = threading.Thread(target=self._loop, name="qkv-engine", daemon=True)
         self.thread.start()
 
     def submit(self, tickets: list[Ticket]) -> None:
+        if self.deadline is not None:
+            raise ApiError(503, "the server is shutting down")
         if self.waiting + len(tickets) > self.max_queue:
             raise ApiError(503, "the server is busy (its queue is full); retry shortly")
         self.waiting += len(tickets)
@@ -168,6 +183,12 @@ class Engine:
     def cancel(self, ticket: Ticket) -> None:
         self.inbox.put(("cancel", ticket))
 
+    def drain(self, grace: float) -> None:
+        """Shutting down: take no new tickets; rows still running after `grace` seconds end
+        with finish reason "length"."""
+        self.deadline = time.monotonic() + grace
+        self.inbox.put(("drain", None))
+
     def stop(self) -> None:
         self.stopping = True
         self.inbox.put(("stop", None))
@@ -176,7 +197,9 @@ class Engine:
     def _loop(self) -> None:
         while not self.stopping:
             self._take(block=not self.batcher.busy)
-            if self.batcher.busy:
+            if self.deadline is not None and time.monotonic() >= self.deadline:
+                self._publish(self.batcher.end_all())
+            elif self.batcher.busy:
                 self._publish(self.batcher.step())
 
     def _take(self, block: bool) -> None:
@@ -187,7 +210,7 @@ class Engine:
             except queue.Empty:
                 return
             block = False
-            if ticket is None:  # stop
+            if ticket is None:  # stop or drain
                 return
             if command == "add":
                 ticket.sequence = self.batcher.add(
@@ -243,18 +266,32 @@ class Metrics:
 
 @dataclass
 class Served:
-    """What the app serves: a decoder, its tokenizer, the name clients use, the engine."""
+    """What the app serves: a decoder (with its engine) or an encoder, its tokenizer, the name
+    clients use."""
 
-    model: DecoderLM
+    model: DecoderLM | Encoder
     tokenizer: Tokenizer
     name: str
-    engine: Engine
+    engine: Engine | None  # None for an encoder
     api_key: str | None = None
     metrics: Metrics = field(default_factory=Metrics)
+    encoding: asyncio.Lock = field(default_factory=asyncio.Lock)  # one embedding batch at a time
 
     @property
     def window(self) -> int:
         return self.model.config.max_seq_len
+
+    def check_name(self, name: str | None) -> None:
+        if name not in (None, self.name):
+            raise ApiError(404, f"the model {name!r} does not exist; this server has "
+                           f"{self.name!r}", "model", "invalid_request_error")  # fmt: skip
+
+    def decoding(self) -> Engine:
+        """The engine, or a 400 for an encoder."""
+        if self.engine is None:
+            raise ApiError(400, f"{self.name} is an encoder: it serves /v1/embeddings, not "
+                           "completions", "model")  # fmt: skip
+        return self.engine
 
 
 def _config(request: Sampling, stop: tuple[str, ...], seed: int, room: int) -> GenerationConfig:
@@ -276,9 +313,7 @@ def _config(request: Sampling, stop: tuple[str, ...], seed: int, room: int) -> G
 def _tickets(served: Served, request: Sampling, prompts: list[list[int]],
              stop: tuple[str, ...], top_logprobs: int | None) -> list[Ticket]:  # fmt: skip
     """One ticket per (prompt, n): seeds seed, seed + 1, ... (a random seed when none)."""
-    if request.model not in (None, served.name):
-        raise ApiError(404, f"the model {request.model!r} does not exist; this server has "
-                       f"{served.name!r}", "model", "invalid_request_error")  # fmt: skip
+    served.check_name(request.model)
     seed = request.seed if request.seed is not None else secrets.randbelow(2**62)
     loop = asyncio.get_running_loop()
     tickets = []
@@ -314,7 +349,8 @@ async def _respond(
     shape: Shape,
 ) -> Any:
     """Run the tickets; a JSON response, or an SSE stream of chunks ending in [DONE]."""
-    served.engine.submit(tickets)
+    engine = served.decoding()
+    engine.submit(tickets)
     ident, created = f"{kind[:4]}-{secrets.token_hex(12)}", int(time.time())
     prompt_tokens = sum(len(t.prompt_ids) for t in tickets[:: request.n])
 
@@ -350,7 +386,7 @@ async def _respond(
             for future in pending:
                 future.cancel()
             for index in pending.values():
-                served.engine.cancel(tickets[index])
+                engine.cancel(tickets[index])
                 metrics.cancelled.inc()
 
     if not request.stream:
@@ -469,6 +505,7 @@ def create_app(served: Served) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest) -> Any:
+        served.decoding()
         texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not texts:
             raise ApiError(400, "prompt: give at least one prompt", "prompt")
@@ -499,6 +536,7 @@ def create_app(served: Served) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest) -> Any:
+        served.decoding()
         try:
             role_ids(served.tokenizer)
         except QkvError:
@@ -532,7 +570,64 @@ def create_app(served: Served) -> FastAPI:
 
         return await _respond(served, body, tickets, "chat.completion", shape)
 
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest) -> dict[str, Any]:
+        served.check_name(body.model)
+        if not isinstance(served.model, Encoder):
+            raise ApiError(400, f"{served.name} is a decoder; embeddings need an encoder "
+                           "(such as a BERT directory)", "model")  # fmt: skip
+        size = served.model.config.d_model
+        if body.dimensions not in (None, size):
+            raise ApiError(400, f"dimensions: this model's embeddings have {size}", "dimensions")
+        rows = _embedding_rows(served, body.input)
+        async with served.encoding:
+            vectors = await asyncio.to_thread(
+                embed_ids, served.model, rows, served.tokenizer.pad_id
+            )
+        data = [
+            {"object": "embedding", "index": i, "embedding": _vector(vector, body.encoding_format)}
+            for i, vector in enumerate(vectors)
+        ]
+        tokens = sum(map(len, rows))
+        served.metrics.prompt_tokens.inc(tokens)
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        return {"object": "list", "data": data, "model": served.name, "usage": usage}
+
     return app
+
+
+def _embedding_rows(served: Served, given: str | list[str] | list[int] | list[list[int]]
+                    ) -> list[list[int]]:  # fmt: skip
+    """An embedding request's input as token id rows, each checked: not empty, in the context,
+    ids in the vocabulary."""
+    if isinstance(given, str):
+        given = [given]
+    if not given:
+        raise ApiError(400, "input: give at least one text", "input")
+    if isinstance(given[0], int):
+        given = [given]  # one row of ids
+    if isinstance(given[0], str):
+        rows = served.tokenizer.encode_inputs(given)
+        empty = [i for i, text in enumerate(given) if not text.strip()]
+    else:
+        rows, empty = given, [i for i, ids in enumerate(given) if not ids]
+        size = served.tokenizer.vocab_size
+        if any(not 0 <= t < size for ids in rows for t in ids):
+            raise ApiError(400, f"input: token ids must be 0 to {size - 1}", "input")
+    if empty:
+        raise ApiError(400, f"input {empty[0]} is empty", "input")
+    for number, ids in enumerate(rows):
+        if len(ids) > served.window:
+            raise ApiError(400, f"input {number} has {len(ids)} tokens but the model's context "
+                           f"is {served.window}: shorten it", "input")  # fmt: skip
+    return rows
+
+
+def _vector(vector: torch.Tensor, encoding: str) -> list[float] | str:
+    """A vector as JSON floats, or base64 of its little-endian float32 bytes (OpenAI's)."""
+    if encoding == "float":
+        return vector.tolist()
+    return base64.b64encode(vector.float().numpy().astype("<f4").tobytes()).decode("ascii")
 
 
 def load_served(
@@ -543,27 +638,40 @@ def load_served(
     max_batch: int = 8,
     max_queue: int = 64,
 ) -> Served:
-    """A decoder from a checkpoint, run, adapter or Hugging Face directory, ready to serve."""
+    """A decoder (from a checkpoint, run, adapter or Hugging Face directory) or an encoder,
+    ready to serve."""
     model, tokenizer = load_model(model_dir, resolve_device(device))
-    if not isinstance(model, DecoderLM):
-        raise QkvError(f"{model_dir} holds an {model.config.arch} model; serving needs a decoder")
+    if not isinstance(model, DecoderLM | Encoder):
+        raise QkvError(
+            f"{model_dir} holds an {model.config.arch} model; serving needs a decoder or an encoder"
+        )
     torch.set_flush_denormal(True)
-    engine = Engine(model, tokenizer, max_batch, max_queue)
-    served = Served(model, tokenizer, name or Path(model_dir).name, engine, api_key)
-    engine.metrics = served.metrics
+    engine = (
+        Engine(model, tokenizer, max_batch, max_queue) if isinstance(model, DecoderLM) else None
+    )
+    served = Served(model.eval(), tokenizer, name or Path(model_dir).name, engine, api_key)
+    if engine is not None:
+        engine.metrics = served.metrics
     return served
 
 
-def serve(served: Served, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Run the HTTP server until Ctrl-C / SIGTERM (uvicorn: no new requests, in-flight ones
-    given up to 5 s to finish)."""
+def serve(served: Served, host: str = "127.0.0.1", port: int = 8000, grace: float = 3.0) -> None:
+    """Run the HTTP server until Ctrl-C / SIGTERM: then no new requests; running ones get
+    `grace` seconds to finish, and the rest end with finish reason "length"."""
     import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if served.engine is not None and served.engine.deadline is None:
+                served.engine.drain(grace)
+            super().handle_exit(sig, frame)
 
     config = uvicorn.Config(
         create_app(served), host=host, port=port, log_level="warning",
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=grace + 2,
     )  # fmt: skip
     try:
-        uvicorn.Server(config).run()
+        Server(config).run()
     finally:
-        served.engine.stop()
+        if served.engine is not None:
+            served.engine.stop()

@@ -12,6 +12,7 @@ from qkv.errors import QkvError
 EXAMPLES = """examples:
   qkv serve --model runs/quickstart                       http://127.0.0.1:8000/v1
   qkv serve --model runs/qa --port 8080 --api-key-file key.txt --max-batch 16
+  qkv serve --model ~/models/all-MiniLM-L6-v2                embeddings
   curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
        -d '{"prompt": "Return the", "max_tokens": 20, "stream": true}'
 """
@@ -21,12 +22,15 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     serve = add_command(
         commands,
         "serve",
-        "serve a model over OpenAI's HTTP API (completions, chat, models)",
+        "serve a model over OpenAI's HTTP API (completions, chat, embeddings, models)",
         "Serve a decoder (qkv run or checkpoint, LoRA adapter, Hugging Face directory) over\n"
         "OpenAI's HTTP API: POST /v1/completions, POST /v1/chat/completions (models fine-tuned\n"
-        "by `qkv finetune`), GET /v1/models, GET /health. Concurrent requests decode together\n"
-        "(continuous batching, up to --max-batch at a time); streaming is server-sent events.\n"
-        "Ctrl-C or SIGTERM stops taking requests and gives running ones 5 s to finish.\n"
+        "by `qkv finetune`), GET /v1/models, GET /health, GET /metrics, POST /tokenize and\n"
+        "/detokenize; or an encoder (BERT, sentence-transformers) for POST /v1/embeddings.\n"
+        "Concurrent requests decode together (continuous batching, up to --max-batch at a\n"
+        "time); streaming is server-sent events.\n"
+        "Ctrl-C or SIGTERM stops taking requests and gives running ones --shutdown-grace\n"
+        "seconds to finish; the rest end with finish_reason 'length'.\n"
         "Needs the serve extra: pip install 'qkv[serve]'.",
         EXAMPLES,
     )
@@ -39,6 +43,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-batch", type=positive, default=8, help="rows decoded together (8)")
     serve.add_argument("--max-queue", type=positive, default=64, help="requests waiting (64)")
     serve.add_argument("--served-model-name", help="the model's name in the API (default: dir)")
+    serve.add_argument(
+        "--shutdown-grace", type=float, default=3.0, metavar="SECONDS",
+        help="on Ctrl-C / SIGTERM, seconds running requests get to finish (3)",
+    )  # fmt: skip
     add_device(serve)
 
 
@@ -53,6 +61,8 @@ def run(args: argparse.Namespace) -> None:
 
     if not 0 < args.port < 65536:
         raise QkvError(f"--port must be 1 to 65535, got {args.port}")
+    if not 0 <= args.shutdown_grace <= 600:
+        raise QkvError(f"--shutdown-grace must be 0 to 600 seconds, got {args.shutdown_grace}")
     key = args.api_key
     if args.api_key_file is not None:
         key = read_text_file(args.api_key_file, "API key file").strip()
@@ -69,4 +79,4 @@ def run(args: argparse.Namespace) -> None:
         file=sys.stderr,
         flush=True,
     )
-    serve(served, args.host, args.port)
+    serve(served, args.host, args.port, args.shutdown_grace)
