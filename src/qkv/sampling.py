@@ -105,9 +105,20 @@ def select(
     if config.top_k is not None:
         logits = top_k_filter(logits, config.top_k)
     logits = top_p_filter(logits, config.top_p)
-    probs = torch.softmax(logits, dim=-1)
+    return draw(torch.softmax(logits, dim=-1), generators)
+
+
+def draw(probs: Tensor, generators: list[torch.Generator] | None = None) -> Tensor:
+    """One token per row of probs (batch, V) by inverting the CDF: the first v with
+    sum_{w <= v} p_w > u * sum_w p_w, for u ~ U[0, 1) from the row's generator. A token of
+    probability 0 is never drawn; one uniform per row, where torch.multinomial draws V."""
     if generators is None:
-        return torch.multinomial(probs, 1).squeeze(-1)
-    return torch.cat(
-        [torch.multinomial(row, 1, generator=g) for row, g in zip(probs, generators, strict=True)]
-    )
+        u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device)
+    else:
+        u = torch.cat([torch.rand(1, 1, dtype=torch.float64, device=probs.device, generator=g)
+                       for g in generators])  # fmt: skip
+    cdf = probs.double().cumsum(dim=-1)
+    token = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
+    # u * total can round up to total itself: then the last token of nonzero probability.
+    last = probs.shape[-1] - 1 - (probs > 0).flip(-1).to(torch.uint8).argmax(dim=-1)
+    return torch.minimum(token, last)

@@ -48,6 +48,7 @@ class Tokenizer:
         backend.no_truncation()
         self.end_of_text, self.pad = end_of_text, pad or end_of_text
         self._plain: tokenizers.Tokenizer | None = None  # see encode_plain
+        self._vocab_size: int | None = None  # see vocab_size
 
     @classmethod
     def train(cls, kind: str, texts: Iterable[str], vocab_size: int = 4096) -> Tokenizer:
@@ -118,6 +119,7 @@ class Tokenizer:
         matches in text and encode_plain() does not."""
         self.backend.add_special_tokens(tokens)
         self._plain = None
+        self._vocab_size = None
 
     def to_str(self) -> str:
         return self.backend.to_str()
@@ -133,7 +135,11 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return self.backend.get_vocab_size(with_added_tokens=True)
+        """Ids 0 .. vocab_size - 1, added tokens included (kept: the backend counts them anew
+        each time, milliseconds for a large vocabulary)."""
+        if self._vocab_size is None:
+            self._vocab_size = self.backend.get_vocab_size(with_added_tokens=True)
+        return self._vocab_size
 
     @property
     def end_of_text_id(self) -> int:
