@@ -3,10 +3,10 @@ request joins the running batch at the next step and leaves it as soon as it end
 
 The rows share one KV cache per layer, left-padded to a common length L: a row holding n real
 tokens has L - n masked positions in front, and its positions are its own (0 .. n-1), so it
-computes what it would alone. A joining request is prefilled on its own; then the shorter side
-(the running rows or the new one) is shifted right to the other's length and the two are
-stacked. Rows that end are dropped, and padding every row has is trimmed; a row that fills the
-context window ends with finish reason "length".
+computes what it would alone. The requests joining at a step are prefilled together (left-padded
+in the same way); then the shorter side (the running rows or the joining ones) is shifted right
+to the other's length and the two are stacked. Rows that end are dropped, and padding every
+row has is trimmed; a row that fills the context window ends with finish reason "length".
 
     batcher = Batcher(model, tokenizer, max_batch=8)
     sequence = batcher.add(prompt_ids, GenerationConfig(max_new_tokens=64, seed=1))
@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from qkv.generate import Continuation, GenerationConfig
+from qkv.data import pad_rows
+from qkv.generate import Continuation, GenerationConfig, positions_of
 from qkv.model import DecoderLM
 from qkv.nn.kv_cache import KVCache
 from qkv.sampling import select
@@ -137,11 +138,14 @@ class Batcher:
             for sequence, logits in zip(self.running, self.model.head(hidden[:, -1]), strict=True):
                 sequence.length += 1
                 self._choose(sequence, logits[None])
-        while self.waiting and len(self.running) < self.max_batch:
+        joining: list[Sequence] = []
+        while self.waiting and len(self.running) + len(joining) < self.max_batch:
             sequence = self.waiting.popleft()
             if not sequence.cancelled:
-                self._join(sequence)
-                changed.append(sequence)
+                joining.append(sequence)
+        if joining:
+            self._join(joining)
+            changed += joining
         for sequence in changed:
             if sequence.length >= self.window and not sequence.finished:
                 sequence.continuation.finish("length", self.tokenizer)
@@ -166,31 +170,30 @@ class Batcher:
         if len(sequence.continuation.token_ids) >= sequence.config.max_new_tokens:
             sequence.continuation.finish("length", self.tokenizer)
 
-    def _join(self, sequence: Sequence) -> None:
-        """Prefill the sequence alone, then stack it with the running rows (left-padded)."""
-        caches = self.model.new_caches(1, self.window)
-        ids = torch.tensor([sequence.prompt_ids], device=self.device)
-        hidden = self.model.hidden_states(ids, None, None, caches)
-        sequence.length = len(sequence.prompt_ids)
-        self._choose(sequence, self.model.head(hidden[:, -1]))
-        if sequence.finished:  # its first token was its last: it never needs the batch
-            return
-        mask = torch.ones(1, sequence.length, dtype=torch.long, device=self.device)
+    def _join(self, group: list[Sequence]) -> None:
+        """Prefill the group together (left-padded, each row at its own positions), then stack
+        it with the running rows. A row whose first token was its last leaves at the next step."""
+        caches = self.model.new_caches(len(group), self.window)
+        prompts = [s.prompt_ids for s in group]
+        ids, mask = (t.to(self.device) for t in pad_rows(prompts, self.tokenizer.pad_id, left=True))
+        padded = mask if bool((mask == 0).any()) else None
+        hidden = self.model.hidden_states(ids, padded, positions_of(mask), caches)
+        for sequence, logits in zip(group, self.model.head(hidden[:, -1]), strict=True):
+            sequence.length = len(sequence.prompt_ids)
+            self._choose(sequence, logits[None])
         if not self.running:
-            self.caches, self.mask, self.running = caches, mask, [sequence]
+            self.caches, self.mask, self.running = caches, mask, list(group)
             return
-        held = self.mask.shape[1]
-        extra = sequence.length - held
+        extra = mask.shape[1] - self.mask.shape[1]
         for mine, theirs in zip(self.caches, caches, strict=True):
             (mine if extra > 0 else theirs).shift(abs(extra))
             mine.stack(theirs)
-        pad = torch.zeros(1, abs(extra), dtype=torch.long, device=self.device)
         if extra > 0:
-            self.mask = torch.cat([pad.expand(len(self.running), -1), self.mask], dim=1)
+            self.mask = _pad_left(self.mask, extra)
         else:
-            mask = torch.cat([pad, mask], dim=1)
+            mask = _pad_left(mask, -extra)
         self.mask = torch.cat([self.mask, mask])
-        self.running.append(sequence)
+        self.running += group
 
     def _drop(self, leaving: list[Sequence]) -> None:
         """Remove rows from the batch, then the left padding every remaining row has."""
@@ -208,3 +211,8 @@ class Batcher:
         for cache in self.caches:
             cache.keep(rows)
             cache.shift(-padding)
+
+
+def _pad_left(mask: Tensor, n: int) -> Tensor:
+    """n masked positions in front of every row of a (rows, length) 1/0 mask."""
+    return torch.cat([mask.new_zeros(mask.shape[0], n), mask], dim=1)

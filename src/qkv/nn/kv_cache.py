@@ -55,7 +55,8 @@ class KVCache:
 
     def keep(self, rows: Tensor) -> None:
         """Keep only the batch rows `rows` (indices), in that order."""
-        self.keys, self.values = self.keys[rows], self.values[rows]
+        n = self.length
+        self.keys, self.values = (self._buffer(b[rows, :, :n]) for b in (self.keys, self.values))
 
     def shift(self, n: int) -> None:
         """Move what is held n positions right (n > 0: n new positions in front, whose content
@@ -73,5 +74,14 @@ class KVCache:
         """Append `other`'s rows after this cache's (both hold the same number of positions)."""
         if other.length != self.length:
             raise ValueError(f"cannot stack caches of {self.length} and {other.length} positions")
-        self.keys = torch.cat([self.keys, other.keys])
-        self.values = torch.cat([self.values, other.values])
+        n = self.length
+        self.keys = self._buffer(torch.cat([self.keys[:, :, :n], other.keys[:, :, :n]]))
+        self.values = self._buffer(torch.cat([self.values[:, :, :n], other.values[:, :, :n]]))
+
+    def _buffer(self, held: Tensor) -> Tensor:
+        """A buffer of this cache's capacity starting with `held` (rows, heads, length, d_k):
+        only what is held is copied, and the free part of a fresh buffer is memory the system
+        hands out when it is first written."""
+        buffer = held.new_empty(*held.shape[:2], self.capacity, held.shape[-1])
+        buffer[:, :, : self.length] = held
+        return buffer
