@@ -135,9 +135,9 @@ class Batcher:
             self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
             positions = torch.tensor([[s.length] for s in self.running], device=self.device)
             hidden = self.model.hidden_states(ids, self.mask, positions, self.caches)
-            for sequence, logits in zip(self.running, self.model.head(hidden[:, -1]), strict=True):
+            for sequence in self.running:
                 sequence.length += 1
-                self._choose(sequence, logits[None])
+            self._choose(self.running, self.model.head(hidden[:, -1]))
         joining: list[Sequence] = []
         while self.waiting and len(self.running) + len(joining) < self.max_batch:
             sequence = self.waiting.popleft()
@@ -151,24 +151,41 @@ class Batcher:
                 sequence.continuation.finish("length", self.tokenizer)
         return changed
 
-    def _choose(self, sequence: Sequence, logits: Tensor) -> None:
-        """Select the sequence's next token from its logits (1, vocab) by its own sampling."""
+    def _choose(self, sequences: list[Sequence], logits: Tensor) -> None:
+        """Select each sequence's next token from its row of logits (rows, vocab) by its own
+        sampling: rows that sample alike are selected together, each with its own generator."""
         logits[:, self.tokenizer.vocab_size :] = -math.inf  # padding rows past the tokenizer
-        token = select(logits, sequence.config, sequence.seen, [sequence.generator])
-        if sequence.top_logprobs is not None:
-            logprobs = torch.log_softmax(logits[0].float(), dim=-1)
-            top = torch.topk(logprobs, min(sequence.top_logprobs, logprobs.numel()))
-            alternatives = zip(top.indices.tolist(), top.values.tolist(), strict=True)
-            chosen = int(token)
-            sequence.logprobs.append(
-                TokenLogprob(chosen, float(logprobs[chosen]), tuple(alternatives))
+        alike: dict[tuple[float, int | None, float, float], list[int]] = {}
+        for row, sequence in enumerate(sequences):
+            c = sequence.config
+            alike.setdefault((c.temperature, c.top_k, c.top_p, c.repetition_penalty), []).append(
+                row
             )
-        if sequence.seen is not None:
-            sequence.seen[0, token] = True
-        sequence.pending = int(token)
-        sequence.continuation.add(sequence.pending, self.tokenizer)
-        if len(sequence.continuation.token_ids) >= sequence.config.max_new_tokens:
-            sequence.continuation.finish("length", self.tokenizer)
+        tokens = torch.empty(len(sequences), dtype=torch.long, device=self.device)
+        for rows in alike.values():
+            group = [sequences[row] for row in rows]
+            seen = None if group[0].seen is None else torch.cat([s.seen for s in group])
+            index = torch.tensor(rows, device=self.device)
+            tokens[index] = select(
+                logits[index], group[0].config, seen, [s.generator for s in group]
+            )
+        for row, (sequence, token) in enumerate(zip(sequences, tokens.tolist(), strict=True)):
+            if sequence.top_logprobs is not None:
+                self._record(sequence, logits[row], token)
+            if sequence.seen is not None:
+                sequence.seen[0, token] = True
+            sequence.pending = token
+            sequence.continuation.add(token, self.tokenizer)
+            if len(sequence.continuation.token_ids) >= sequence.config.max_new_tokens:
+                sequence.continuation.finish("length", self.tokenizer)
+
+    @staticmethod
+    def _record(sequence: Sequence, logits: Tensor, token: int) -> None:
+        """log p of the chosen token and of the top_logprobs likeliest, from logits (vocab,)."""
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        top = torch.topk(logprobs, min(sequence.top_logprobs or 0, logprobs.numel()))
+        alternatives = zip(top.indices.tolist(), top.values.tolist(), strict=True)
+        sequence.logprobs.append(TokenLogprob(token, float(logprobs[token]), tuple(alternatives)))
 
     def _join(self, group: list[Sequence]) -> None:
         """Prefill the group together (left-padded, each row at its own positions), then stack
@@ -178,9 +195,9 @@ class Batcher:
         ids, mask = (t.to(self.device) for t in pad_rows(prompts, self.tokenizer.pad_id, left=True))
         padded = mask if bool((mask == 0).any()) else None
         hidden = self.model.hidden_states(ids, padded, positions_of(mask), caches)
-        for sequence, logits in zip(group, self.model.head(hidden[:, -1]), strict=True):
+        for sequence in group:
             sequence.length = len(sequence.prompt_ids)
-            self._choose(sequence, logits[None])
+        self._choose(group, self.model.head(hidden[:, -1]))
         if not self.running:
             self.caches, self.mask, self.running = caches, mask, list(group)
             return

@@ -118,7 +118,7 @@ def draw(probs: Tensor, generators: list[torch.Generator] | None = None) -> Tens
         u = torch.cat([torch.rand(1, 1, dtype=torch.float64, device=probs.device, generator=g)
                        for g in generators])  # fmt: skip
     cdf = probs.double().cumsum(dim=-1)
-    token = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
-    # u * total can round up to total itself: then the last token of nonzero probability.
-    last = probs.shape[-1] - 1 - (probs > 0).flip(-1).to(torch.uint8).argmax(dim=-1)
-    return torch.minimum(token, last)
+    total = cdf[:, -1:]
+    # u * total can round up to total itself; below it, the first cdf > v has p > 0.
+    v = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, v, right=True).squeeze(-1)
