@@ -41,6 +41,8 @@ from prometheus_client import (
 )
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Message as AsgiMessage
 
 from qkv.batching import Batcher, Sequence, TokenLogprob
 from qkv.chat_template import ROLE_TOKENS, answer_prompt, role_ids
@@ -429,6 +431,16 @@ async def _respond(
     return StreamingResponse(stream(), media_type="text/event-stream")
 
 
+class Guard:
+    """An ASGI middleware running guard(scope, receive, send, inner) around the app."""
+
+    def __init__(self, app: ASGIApp, guard: Callable) -> None:
+        self.app, self.guard = app, guard
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.guard(scope, receive, send, self.app)
+
+
 def create_app(served: Served) -> FastAPI:
     """The FastAPI application serving `served`."""
     app = FastAPI(title="qkv", docs_url=None, redoc_url=None)
@@ -445,11 +457,26 @@ def create_app(served: Served) -> FastAPI:
                                 "KEY'", kind="authentication_error").response()  # fmt: skip
         return None
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Callable) -> Any:
-        response = refusal(request) or await call_next(request)
-        served.metrics.requests.labels(request.url.path, str(response.status_code)).inc()
-        return response
+    async def guard(scope: Scope, receive: Receive, send: Send, inner: ASGIApp) -> None:
+        """Refuse or pass on each HTTP request, counting it by path and status (plain ASGI: a
+        streamed response's chunks go straight through)."""
+        if scope["type"] != "http":
+            return await inner(scope, receive, send)
+        request = Request(scope)
+        status = 500
+
+        async def sending(message: AsgiMessage) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await (refusal(request) or inner)(scope, receive, sending)
+        finally:
+            served.metrics.requests.labels(request.url.path, str(status)).inc()
+
+    app.add_middleware(Guard, guard=guard)
 
     @app.exception_handler(QkvError)
     async def refused(request: Request, err: QkvError) -> JSONResponse:
