@@ -288,6 +288,11 @@ class Served:
             raise ApiError(404, f"the model {name!r} does not exist; this server has "
                            f"{self.name!r}", "model", "invalid_request_error")  # fmt: skip
 
+    def check_ids(self, ids: list[int], param: str) -> None:
+        size = self.tokenizer.vocab_size
+        if any(not 0 <= t < size for t in ids):
+            raise ApiError(400, f"{param}: token ids must be 0 to {size - 1}", param)
+
     def decoding(self) -> Engine:
         """The engine, or a 400 for an encoder."""
         if self.engine is None:
@@ -432,36 +437,16 @@ async def _respond(
 
 
 class Guard:
-    """An ASGI middleware running guard(scope, receive, send, inner) around the app."""
+    """ASGI middleware around the app: refuses a request before it is read (a body too large,
+    a wrong API key) and counts every request by path and status. Plain ASGI, so a streamed
+    response's chunks go straight through."""
 
-    def __init__(self, app: ASGIApp, guard: Callable) -> None:
-        self.app, self.guard = app, guard
+    def __init__(self, app: ASGIApp, served: Served) -> None:
+        self.app, self.served = app, served
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self.guard(scope, receive, send, self.app)
-
-
-def create_app(served: Served) -> FastAPI:
-    """The FastAPI application serving `served`."""
-    app = FastAPI(title="qkv", docs_url=None, redoc_url=None)
-
-    def refusal(request: Request) -> JSONResponse | None:
-        """A request turned away before it is read: a body too large, a wrong API key."""
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > MAX_BODY:
-            return ApiError(413, f"the request body is over {MAX_BODY >> 20} MiB").response()
-        if request.url.path.startswith("/v1/") and served.api_key is not None:
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given, f"Bearer {served.api_key}"):
-                return ApiError(401, "a missing or wrong API key; send 'Authorization: Bearer "
-                                "KEY'", kind="authentication_error").response()  # fmt: skip
-        return None
-
-    async def guard(scope: Scope, receive: Receive, send: Send, inner: ASGIApp) -> None:
-        """Refuse or pass on each HTTP request, counting it by path and status (plain ASGI: a
-        streamed response's chunks go straight through)."""
         if scope["type"] != "http":
-            return await inner(scope, receive, send)
+            return await self.app(scope, receive, send)
         request = Request(scope)
         status = 500
 
@@ -472,11 +457,28 @@ def create_app(served: Served) -> FastAPI:
             await send(message)
 
         try:
-            await (refusal(request) or inner)(scope, receive, sending)
+            await (self.refusal(request) or self.app)(scope, receive, sending)
         finally:
-            served.metrics.requests.labels(request.url.path, str(status)).inc()
+            self.served.metrics.requests.labels(request.url.path, str(status)).inc()
 
-    app.add_middleware(Guard, guard=guard)
+    def refusal(self, request: Request) -> JSONResponse | None:
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > MAX_BODY:
+            return ApiError(413, f"the request body is over {MAX_BODY >> 20} MiB").response()
+        key = self.served.api_key
+        if request.url.path.startswith("/v1/") and key is not None:
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given, f"Bearer {key}"):
+                return ApiError(401, "a missing or wrong API key; send 'Authorization: Bearer "
+                                "KEY'", kind="authentication_error").response()  # fmt: skip
+        return None
+
+
+def create_app(served: Served) -> FastAPI:
+    """The FastAPI application serving `served`."""
+    app = FastAPI(title="qkv", docs_url=None, redoc_url=None)
+
+    app.add_middleware(Guard, served=served)
 
     @app.exception_handler(QkvError)
     async def refused(request: Request, err: QkvError) -> JSONResponse:
@@ -519,9 +521,7 @@ def create_app(served: Served) -> FastAPI:
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict[str, str]:
-        size = served.tokenizer.vocab_size
-        if any(not 0 <= t < size for t in body.tokens):
-            raise ApiError(400, f"tokens must be ids from 0 to {size - 1}", "tokens")
+        served.check_ids(body.tokens, "tokens")
         return {"prompt": served.tokenizer.decode(body.tokens)}
 
     @app.get("/v1/models")
@@ -638,9 +638,7 @@ def _embedding_rows(served: Served, given: str | list[str] | list[int] | list[li
         empty = [i for i, text in enumerate(given) if not text.strip()]
     else:
         rows, empty = given, [i for i, ids in enumerate(given) if not ids]
-        size = served.tokenizer.vocab_size
-        if any(not 0 <= t < size for ids in rows for t in ids):
-            raise ApiError(400, f"input: token ids must be 0 to {size - 1}", "input")
+        served.check_ids([t for ids in rows for t in ids], "input")
     if empty:
         raise ApiError(400, f"input {empty[0]} is empty", "input")
     for number, ids in enumerate(rows):
