@@ -57,53 +57,77 @@ def assert_same_curve(a: Path, b: Path) -> None:
         assert np.abs(np.subtract(first, second)).max() <= TOLERANCE, key
 
 
-@pytest.fixture(scope="module")
-def runs(corpus_dir, tmp_path_factory) -> dict[str, Path]:
+RUNS = {
+    "single": (1, "--batch-size 8"),
+    "ddp": (2, "--batch-size 4 --grad-accum 2"),
+    "fsdp": (2, "--batch-size 4 --grad-accum 2 --strategy fsdp"),
+    "ddp-accumulating": (2, "--batch-size 2 --grad-accum 4"),
+    "fsdp-accumulating": (2, "--batch-size 2 --grad-accum 4 --strategy fsdp"),
+}
+
+
+class Runs(dict):
     """The same 20 steps of global batch 8: one process with batch 8; two processes with
-    batch 4 each, under DDP and under FSDP2, in one micro-batch or accumulating two of 2."""
-    root = tmp_path_factory.mktemp("distributed")
-    made = {}
-    for name, processes, options in [
-        ("single", 1, "--batch-size 8"),
-        ("ddp", 2, "--batch-size 4 --grad-accum 2"),
-        ("fsdp", 2, "--batch-size 4 --grad-accum 2 --strategy fsdp"),
-        ("ddp-accumulating", 2, "--batch-size 2 --grad-accum 4"),
-        ("fsdp-accumulating", 2, "--batch-size 2 --grad-accum 4 --strategy fsdp"),
-    ]:
-        result = run(training(corpus_dir, root / name, options), processes)
+    batch 4 each, under DDP and under FSDP2, in one micro-batch or accumulating two of 2. Each
+    run is trained the first time a test asks for it (the fast suite needs three of them)."""
+
+    def __init__(self, corpus_dir: Path, root: Path) -> None:
+        super().__init__()
+        self.corpus_dir, self.root = corpus_dir, root
+
+    def __missing__(self, name: str) -> Path:
+        processes, options = RUNS[name]
+        result = run(training(self.corpus_dir, self.root / name, options), processes)
         assert result.returncode == 0, result.stderr
-        made[name] = root / name
         if processes > 1:
             strategy, _, accumulating = name.partition("-")
             micro = "2 x 2" if accumulating else "1 x 4"
             summary = f"x 2 processes ({strategy.upper()}, Gloo), each {micro} sequences a step"
             assert summary in result.stdout
             assert result.stdout.count("done: validation loss") == 1  # rank 0 alone prints
-    return made
+        self[name] = self.root / name
+        return self[name]
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "ddp-accumulating", "fsdp-accumulating"])
+@pytest.fixture(scope="module")
+def runs(corpus_dir, tmp_path_factory) -> Runs:
+    return Runs(corpus_dir, tmp_path_factory.mktemp("distributed"))
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        "ddp",
+        pytest.param("fsdp", marks=pytest.mark.slow),
+        pytest.param("ddp-accumulating", marks=pytest.mark.slow),
+        pytest.param("fsdp-accumulating", marks=pytest.mark.slow),
+    ],
+)
 def test_two_processes_of_batch_b_train_like_one_process_of_batch_2b(runs, strategy):
     assert len(records(runs["single"], "loss")) == STEPS
     assert_same_curve(runs["single"], runs[strategy])
     assert records(runs["single"], "loss")[-1] < records(runs["single"], "loss")[0] - 0.5
 
 
-def test_a_checkpoint_of_two_processes_is_the_same_file_as_one_process_writes(runs):
-    for strategy in ("ddp", "fsdp"):
-        for name in ("model.safetensors", "optimizer.safetensors"):
-            ours = load_file(runs[strategy] / "latest" / name)
-            theirs = load_file(runs["single"] / "latest" / name)
-            assert ours.keys() == theirs.keys()
-            for key, tensor in ours.items():
-                assert tensor.shape == theirs[key].shape, key
-                if tensor.is_floating_point():
-                    assert (tensor - theirs[key]).abs().max() <= 1e-4, key
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
+def test_a_checkpoint_of_two_processes_is_the_same_file_as_one_process_writes(runs, strategy):
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        ours = load_file(runs[strategy] / "latest" / name)
+        theirs = load_file(runs["single"] / "latest" / name)
+        assert ours.keys() == theirs.keys()
+        for key, tensor in ours.items():
+            assert tensor.shape == theirs[key].shape, key
+            if tensor.is_floating_point():
+                assert (tensor - theirs[key]).abs().max() <= 1e-4, key
 
 
 @pytest.mark.parametrize(
     ("written_by", "resumed_with", "options"),
-    [("ddp", 1, ""), ("fsdp", 1, ""), ("single", 2, "--strategy fsdp")],
+    [
+        pytest.param("ddp", 1, "", marks=pytest.mark.slow),
+        pytest.param("fsdp", 1, "", marks=pytest.mark.slow),
+        pytest.param("single", 2, "--strategy fsdp", marks=pytest.mark.slow),
+    ],
 )
 def test_checkpoints_resume_in_another_number_of_processes(
     runs, tmp_path, written_by, resumed_with, options

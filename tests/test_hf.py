@@ -256,6 +256,7 @@ def test_export_names_what_fits_no_family(tmp_path: Path) -> None:
     assert "position='rope' (needs learned)" in result.stderr and not (tmp_path / "hf").exists()
 
 
+@pytest.mark.slow
 def test_qkv_eval_scores_an_exported_directory_as_the_original(tmp_path: Path) -> None:
     from test_cli_generate import TEXT
 

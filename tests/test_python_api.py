@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from test_cli_train import qkv
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -21,6 +22,7 @@ def python_example() -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
+@pytest.mark.slow
 def test_readmes_python_example_trains_a_run_the_command_line_loads(corpus_dir, tmp_path):
     shutil.copytree(corpus_dir, tmp_path / "notes")
     result = subprocess.run(
