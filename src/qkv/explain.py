@@ -27,6 +27,7 @@ from qkv.config import ModelConfig
 from qkv.errors import QkvError
 from qkv.model import PROBABILITIES_FORMULA, DecoderLM, Encoder, probabilities
 from qkv.nn.recording import Record, recording
+from qkv.sampling import PLAIN, SamplingConfig, distribution, select
 from qkv.tokenizer import Tokenizer
 
 NOTES_SENTENCE = "The quick brown fox jumps over the lazy dog"
@@ -48,6 +49,23 @@ STAGE_OF_MODULE = {
 # Per-head records (batch, heads, seq, d_k), shown as (seq, heads * d_k): heads side by side.
 SIDE_BY_SIDE = {"query", "key", "value", "rotated_query", "rotated_key", "weighted_values"}
 COLUMN_PREFIX = {"feed_forward_hidden": "f"}
+DECIMALS = 6  # places kept in JSON: below what any tolerance or panel shows
+# The embedder's stages, in order; the last one present is what enters the first block.
+ENTERING = ("embeddings", "embeddings_plus_positions", "embedding_norm")
+# Stages with one column per vocabulary token: shown as each token's top entries.
+VOCABULARY_WIDE = {"logits", "probabilities", "logit_lens"}
+LENS_FORMULA = (
+    "lens_l = softmax(head({read})): block l's output h_l read by the model's own {by}, as if "
+    "the model ended there (the last block's is the prediction itself)"
+)
+NEXT_FORMULA = (
+    "p = softmax(top-p(top-k(logits / T))) of the last token's logits, after the repetition "
+    "penalty: what /v1/completions samples from (T = 0: all on the argmax)"
+)
+RESIDUAL_FORMULA = (
+    "‖x_i‖ = sqrt(sum_d x_id^2); mean and std over token i's d_model values: what the next "
+    "LayerNorm subtracts and divides by (RMSNorm divides by sqrt(mean(x^2)))"
+)
 
 
 @dataclass
@@ -65,19 +83,6 @@ class Stage:
     layer: int | None = None
     sublayer: str | None = None
     heads: int | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        data: dict[str, Any] = {
-            "name": self.name,
-            "formula": self.formula,
-            "shape": list(self.values.shape),
-            "values": self.values.tolist(),
-        }
-        if self.layer is not None:
-            data["layer"] = self.layer
-        if self.sublayer is not None:
-            data["sublayer"] = self.sublayer
-        return data
 
 
 @dataclass
@@ -98,15 +103,6 @@ class Walkthrough:
             if s.name == name and layer in (None, s.layer) and sublayer in (None, s.sublayer):
                 return s
         raise KeyError(name)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "tokens": self.tokens,
-            "token_ids": self.token_ids,
-            "vocabulary": self.vocabulary,
-            "config": self.config.to_dict(),
-            "stages": [s.to_json() for s in self.stages],
-        }
 
 
 def word_tokens(text: str) -> list[str]:
@@ -162,19 +158,33 @@ def explain_checkpoint(path: str | Path, text: str) -> Walkthrough:
     return explain_model(model, tokenizer, text)
 
 
-def explain_model(model: DecoderLM | Encoder, tokenizer: Tokenizer, text: str) -> Walkthrough:
-    """`text` through a decoder or an encoder (trained, or loaded from Hugging Face), as the
-    model's tokenizer encodes whole inputs (with BERT's [CLS] ... [SEP] where it adds them)."""
+def explain_model(
+    model: DecoderLM | Encoder,
+    tokenizer: Tokenizer,
+    text: str | None = None,
+    token_ids: list[int] | None = None,
+) -> Walkthrough:
+    """`text` (or `token_ids`) through a decoder or an encoder (trained, or loaded from Hugging
+    Face), as the model's tokenizer encodes whole inputs (with BERT's [CLS] ... [SEP] where it
+    adds them)."""
     if not isinstance(model, DecoderLM | Encoder):
         raise QkvError("explain walks a decoder or an encoder model, not an encoder-decoder")
-    ids = tokenizer.encode_inputs([text])[0] if text.strip() else []
+    if token_ids is None:
+        ids = tokenizer.encode_inputs([text])[0] if text and text.strip() else []
+    else:
+        ids = list(token_ids)
+        size = min(tokenizer.vocab_size, model.config.vocab_size)
+        if any(not 0 <= i < size for i in ids):
+            raise QkvError(f"token ids must be 0 to {size - 1}")
     if not ids:
         raise QkvError("the text to explain is empty; give a sentence")
     limit = min(MAX_WORDS, model.config.max_seq_len)
     if len(ids) > limit:
         raise QkvError(f"the text has {len(ids)} tokens; explain shows at most {limit}")
     tokens = [tokenizer.decode([i]) for i in ids]
-    vocabulary = [tokenizer.decode([i]) for i in range(model.config.vocab_size)]
+    texts = tokenizer.token_texts()
+    vocabulary = texts[: model.config.vocab_size]
+    vocabulary += [tokenizer.decode([i]) for i in range(len(vocabulary), model.config.vocab_size)]
     walkthrough = walk(model, torch.tensor([ids]), tokens, vocabulary)
     formula = "id_i = the tokenizer's number for token i (its text is id_i decoded alone)"
     walkthrough.stages.insert(0, Stage("token_ids", formula, torch.tensor(ids)[:, None], ["id"]))
@@ -186,13 +196,35 @@ def walk(
     model: DecoderLM | Encoder, token_ids: Tensor, tokens: list[str], vocabulary: list[str]
 ) -> Walkthrough:
     """Run `model` on one sequence (1, seq) while its modules record: each record becomes a
-    stage, in the order computed, and the last, probabilities = softmax(logits), is added."""
+    stage, in the order computed; a decoder's logit lens (each block's output through the final
+    norm and the head) comes next, then logits and probabilities = softmax(logits)."""
     device = next(model.parameters()).device
-    with recording(model) as records:
-        model(token_ids.to(device))
+    outputs: list[Tensor] = []
+    lens = isinstance(model, DecoderLM)
+    hooks = [
+        block.register_forward_hook(lambda _module, _args, out: outputs.append(out))
+        for block in (model.blocks if lens else [])
+    ]
+    try:
+        with recording(model) as records:
+            model(token_ids.to(device))
+    finally:
+        for hook in hooks:
+            hook.remove()
     out = Walkthrough(tokens, token_ids[0].tolist(), vocabulary, model.config)
     out.stages = [_stage(record, tokens, vocabulary) for record in records]
-    probs = probabilities(out.stage("logits").values)
+    logits = out.stages.pop()  # the head's record: the lens goes before it
+    if model.config.final_norm:
+        formula = LENS_FORMULA.format(read="final_norm(h_l)", by="final norm and output head")
+    else:
+        formula = LENS_FORMULA.format(read="h_l", by="output head")
+    probs = probabilities(logits.values)
+    if outputs:  # the layers below the last through the norm and head in one matmul
+        below = torch.cat(outputs[:-1]) if len(outputs) > 1 else None
+        read = [] if below is None else list(probabilities(model.head(model.final_norm(below))))
+        for layer, rows in enumerate([*read, probs]):
+            out.stages.append(Stage("logit_lens", formula, rows.float().cpu(), vocabulary, layer))
+    out.stages.append(logits)
     out.stages.append(Stage("probabilities", PROBABILITIES_FORMULA, probs, vocabulary))
     return out
 
@@ -320,7 +352,7 @@ def _stage_tables(
         own = sorted({h * stage.heads // n_heads for h in heads})  # a key/value head per group
         keep = [h * width + i for h in own for i in range(width)]
         values, columns = values[:, keep], [columns[c] for c in keep]
-    if stage.name in ("logits", "probabilities") and len(columns) > max_columns:
+    if stage.name in VOCABULARY_WIDE and len(columns) > max_columns:
         return _top_table(values, labels, columns)
     return _table(values, labels, columns, max_columns)
 
@@ -371,8 +403,154 @@ def _prediction(walkthrough: Walkthrough, k: int = 5) -> str:
     return f"next token after {walkthrough.tokens[-1]!r}: {best}"
 
 
-def render_json(walkthrough: Walkthrough) -> str:
-    return json.dumps(walkthrough.to_json())
+def render_json(walkthrough: Walkthrough, **limits: Any) -> str:
+    return json.dumps(payload(walkthrough, **limits))
+
+
+def payload(
+    walkthrough: Walkthrough,
+    layers: list[int] | None = None,
+    heads: list[int] | None = None,
+    top: int | None = None,
+    sampling: SamplingConfig = PLAIN,
+    seed: int | None = None,
+) -> dict[str, Any]:
+    """What `qkv explain --json` prints and POST /v1/explain returns: every stage (only those
+    of `layers`, and of `heads`, when given; the logit lens always covers every layer), a
+    vocabulary-wide stage as each token's `top` entries when `top` is given (else in full, with
+    the vocabulary), the residual stream's size after each sublayer and, for a decoder, the
+    next-token distribution under `sampling` (with one token drawn when a `seed` is given)."""
+    config = walkthrough.config
+    for name, chosen, count in (
+        ("layer", layers, config.n_layers),
+        ("head", heads, config.n_heads),
+    ):
+        for value in chosen or []:
+            if not 0 <= value < count:
+                raise QkvError(
+                    f"{name} {value} does not exist: the model has {count} {name}s (0..{count - 1})"
+                )
+    shown = [
+        s
+        for s in walkthrough.stages
+        if layers is None or s.layer is None or s.layer in layers or s.name == "logit_lens"
+    ]
+    data: dict[str, Any] = {
+        "tokens": walkthrough.tokens,
+        "token_ids": walkthrough.token_ids,
+        "config": config.to_dict(),
+        "description": _describe(config),
+        "untrained": walkthrough.untrained,
+        "layers": sorted(set(layers)) if layers is not None else list(range(config.n_layers)),
+        "heads": sorted(set(heads)) if heads is not None else list(range(config.n_heads)),
+        "stages": [_stage_json(s, walkthrough, heads, top) for s in shown],
+        "residual_stream": _residual_stream(walkthrough),
+    }
+    if top is None:
+        data["vocabulary"] = walkthrough.vocabulary
+    if config.arch == "decoder":
+        data["next_token"] = next_token(walkthrough, sampling, top or 20, seed)
+    return data
+
+
+def next_token(
+    walkthrough: Walkthrough, sampling: SamplingConfig, top: int, seed: int | None = None
+) -> dict[str, Any]:
+    """The `top` likeliest next tokens under `sampling` (qkv.sampling's own distribution), how
+    many tokens can be drawn at all, and, with a `seed`, the token `select` draws."""
+    logits = walkthrough.stage("logits").values[-1:]
+    seen = torch.zeros_like(logits, dtype=torch.bool)
+    seen[0, walkthrough.token_ids] = True
+    probs = distribution(logits, sampling, seen)[0]
+    candidates = int((probs > 0).sum())
+    best = torch.topk(probs, min(top, candidates))
+    sampled = None
+    if seed is not None:
+        generator = torch.Generator().manual_seed(seed)
+        token = int(select(logits, sampling, seen, [generator])[0])
+        sampled = {"id": token, "text": walkthrough.vocabulary[token]}
+    return {
+        "formula": NEXT_FORMULA,
+        "sampling": {
+            "temperature": sampling.temperature,
+            "top_k": sampling.top_k or 0,
+            "top_p": sampling.top_p,
+            "repetition_penalty": sampling.repetition_penalty,
+        },
+        "ids": best.indices.tolist(),
+        "tokens": [walkthrough.vocabulary[i] for i in best.indices.tolist()],
+        "probs": _rounded(best.values),
+        "candidates": candidates,
+        "sampled": sampled,
+    }
+
+
+def _stage_json(
+    stage: Stage, walkthrough: Walkthrough, heads: list[int] | None, top: int | None
+) -> dict[str, Any]:
+    """One stage as JSON. A per-head stage says which heads it holds (`head_ids`, of
+    `heads_total`: key and value stages have the key/value heads, each read by a group of query
+    heads); a vocabulary-wide one holds each token's `top` ids, texts and values when asked.
+    Numbers are rounded to DECIMALS places."""
+    data: dict[str, Any] = {"name": stage.name, "formula": stage.formula}
+    if stage.layer is not None:
+        data["layer"] = stage.layer
+    if stage.sublayer is not None:
+        data["sublayer"] = stage.sublayer
+    values, columns = stage.values, stage.columns
+    if values.dim() == 3 or stage.heads is not None:
+        total = values.shape[0] if values.dim() == 3 else stage.heads
+        n_heads = walkthrough.config.n_heads
+        keep = (
+            list(range(total)) if heads is None else sorted({h * total // n_heads for h in heads})
+        )
+        if values.dim() == 3:
+            values = values[keep]
+        else:
+            width = values.shape[-1] // total
+            cols = [h * width + i for h in keep for i in range(width)]
+            values, columns = values[:, cols], [columns[c] for c in cols]
+        data.update(head_ids=keep, heads_total=total)
+    if top is not None and stage.name in VOCABULARY_WIDE:
+        best = torch.topk(values, min(top, values.shape[-1]))
+        vocabulary = walkthrough.vocabulary
+        data["shape"] = list(values.shape)
+        data["top"] = {
+            "ids": best.indices.tolist(),
+            "tokens": [[vocabulary[i] for i in row] for row in best.indices.tolist()],
+            "values": _rounded(best.values),
+        }
+        return data
+    data.update(values=_rounded(values), columns=columns, shape=list(values.shape))
+    return data
+
+
+def _rounded(values: Tensor) -> list[Any]:
+    """A tensor as nested lists; floats rounded to DECIMALS places in float64, so that JSON
+    spells them short (0.123457, not float32's 0.12345699965953827)."""
+    if not values.is_floating_point():
+        return values.tolist()
+    return values.double().round(decimals=DECIMALS).tolist()
+
+
+def _residual_stream(walkthrough: Walkthrough) -> dict[str, Any]:
+    """Each token's ‖x‖, mean and std where the residual stream enters the first block and
+    after every sublayer's residual sum."""
+    entering = [s for s in walkthrough.stages if s.name in ENTERING and s.layer is None]
+    points = [("embeddings", entering[-1])] if entering else []
+    points += [
+        (f"layer {s.layer} {s.sublayer}", s) for s in walkthrough.stages if s.name == "residual"
+    ]
+    rows = [
+        {
+            "label": label,
+            "norm": _rounded(s.values.norm(dim=-1)),
+            "mean": _rounded(s.values.mean(dim=-1)),
+            "std": _rounded(s.values.std(dim=-1, correction=0)),
+        }
+        for label, s in points
+    ]
+    return {"formula": RESIDUAL_FORMULA, "rows": rows}
 
 
 def plot(walkthrough: Walkthrough, path: str | Path) -> Path:

@@ -174,6 +174,24 @@ def write_error(target: str, err: OSError, after: str = "") -> QkvError:
     return QkvError(f"cannot write {target}: {describe_os_error(err)}; {fix}{after}")
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file beside it and a rename: a reader sees the
+    old file or the whole new one, never part of it; a failed write leaves the old one."""
+    if path.is_dir():
+        raise QkvError(f"cannot write {path}: it is a directory; give a file name")
+    if not path.parent.is_dir():
+        raise QkvError(f"cannot write {path}: folder {path.parent} does not exist; create it first")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise QkvError(
+            f"cannot write {path}: {describe_os_error(err)}; free space or write elsewhere"
+        ) from None
+
+
 def check_writable(folder: Path) -> None:
     """`folder`, or the nearest of its parents that exists, takes a new entry: tried by creating
     and removing a hidden directory there, since access(2) misses refusals (root passes it where

@@ -81,22 +81,16 @@ class SamplingConfig:
 PLAIN = SamplingConfig(temperature=1.0, top_k=None)  # a draw from softmax(logits) itself
 
 
-def select(
-    logits: Tensor,
-    config: SamplingConfig = PLAIN,
-    seen: Tensor | None = None,
-    generators: list[torch.Generator] | None = None,
+def distribution(
+    logits: Tensor, config: SamplingConfig = PLAIN, seen: Tensor | None = None
 ) -> Tensor:
-    """logits (batch, V) -> token ids (batch,), every rule of `config` applied in Hugging Face's
-    order: the repetition penalty on the tokens `seen` (batch, V) marks, then argmax when the
-    temperature is below GREEDY_BELOW (0 included), else one draw per row from
-    softmax(top-p(top-k(logits / temperature))), row i using generators[i] (so a row's draws do
-    not depend on what else is in the batch)."""
-    logits = logits.float()
-    if seen is not None and config.repetition_penalty != 1.0:
-        logits = penalize_repetition(logits, seen, config.repetition_penalty)
+    """logits (batch, V) -> the probabilities (batch, V) that `select` draws from: every rule of
+    `config` in Hugging Face's order, the repetition penalty on the tokens `seen` (batch, V)
+    marks, then softmax(top-p(top-k(logits / temperature))); one-hot on the argmax when the
+    temperature is below GREEDY_BELOW (0 included)."""
+    logits = _penalized(logits, config, seen)
     if config.temperature < GREEDY_BELOW:
-        return logits.argmax(dim=-1)
+        return torch.zeros_like(logits).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
     # Scaled from the row's maximum (softmax is unchanged by the shift), so that a tiny
     # temperature gives -inf, not inf - inf; a +inf logit (from a tiny repetition penalty)
     # counts as the largest float.
@@ -105,7 +99,28 @@ def select(
     if config.top_k is not None:
         logits = top_k_filter(logits, config.top_k)
     logits = top_p_filter(logits, config.top_p)
-    return draw(torch.softmax(logits, dim=-1), generators)
+    return torch.softmax(logits, dim=-1)
+
+
+def select(
+    logits: Tensor,
+    config: SamplingConfig = PLAIN,
+    seen: Tensor | None = None,
+    generators: list[torch.Generator] | None = None,
+) -> Tensor:
+    """logits (batch, V) -> token ids (batch,): the argmax when greedy, else one draw per row
+    from `distribution(logits, config, seen)`, row i using generators[i] (so a row's draws do
+    not depend on what else is in the batch)."""
+    if config.temperature < GREEDY_BELOW:
+        return _penalized(logits, config, seen).argmax(dim=-1)
+    return draw(distribution(logits, config, seen), generators)
+
+
+def _penalized(logits: Tensor, config: SamplingConfig, seen: Tensor | None) -> Tensor:
+    logits = logits.float()
+    if seen is not None and config.repetition_penalty != 1.0:
+        logits = penalize_repetition(logits, seen, config.repetition_penalty)
+    return logits
 
 
 def draw(probs: Tensor, generators: list[torch.Generator] | None = None) -> Tensor:

@@ -3,6 +3,8 @@
     POST /v1/completions        {"model", "prompt": str | [str], "max_tokens", "temperature", ...}
     POST /v1/chat/completions   {"model", "messages": [{"role", "content"}], ...}: qkv's template
     POST /v1/embeddings         {"model", "input": str | [str] | [int] | [[int]]}: encoders only
+    POST /v1/explain            {"text" | "token_ids", "layers", "heads", "top", sampling}: every
+                                stage of one forward pass (qkv.explain.payload); GET / shows it
     GET  /v1/models, GET /health, GET /metrics (Prometheus), POST /tokenize, POST /detokenize
 
 One engine thread owns the Batcher (qkv.batching): requests are handed to it through a queue and
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import json
 import queue
 import secrets
@@ -30,7 +33,7 @@ from typing import Any, Literal
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -50,8 +53,11 @@ from qkv.checkpoint import load_model
 from qkv.device import resolve_device
 from qkv.embed import embed_ids
 from qkv.errors import QkvError
+from qkv.explain import MAX_WORDS, NOTES_SENTENCE, explain_model, explain_text, payload
+from qkv.explorer import page
 from qkv.generate import GenerationConfig
 from qkv.model import DecoderLM, Encoder
+from qkv.sampling import SamplingConfig
 from qkv.tokenizer import Tokenizer
 
 MAX_BODY = 8 << 20  # bytes of a request body
@@ -130,6 +136,27 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int]
 
 
+class ExplainRequest(BaseModel):
+    """POST /v1/explain: a text (or its token ids), which layers and heads to include, how many
+    top entries of vocabulary-wide stages, the sampling of the next-token panel, and whether to
+    draw one token (with `seed`)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    text: str | None = None
+    token_ids: list[int] | None = None
+    layers: list[int] | None = None
+    heads: list[int] | None = None
+    top: int = Field(10, ge=1, le=100)
+    temperature: float = Field(1.0, ge=0.0, le=100.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=100.0)
+    sample: bool = False
+    seed: int | None = Field(None, ge=0, lt=2**63)
+
+
 class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -164,7 +191,7 @@ class Engine:
     def __init__(self, model: DecoderLM, tokenizer: Tokenizer, max_batch: int, max_queue: int):
         self.batcher = Batcher(model, tokenizer, max_batch)
         self.max_queue = max_queue
-        self.inbox: queue.Queue[tuple[str, Ticket | None]] = queue.Queue()
+        self.inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
         self.tickets: dict[int, Ticket] = {}
         self.waiting = 0  # tickets submitted and not yet running (read by other threads)
         self.stopping = False
@@ -184,6 +211,13 @@ class Engine:
 
     def cancel(self, ticket: Ticket) -> None:
         self.inbox.put(("cancel", ticket))
+
+    def call(self, work: Callable[[], Any]) -> concurrent.futures.Future[Any]:
+        """Run `work` on the engine's thread between two steps (it may use the model: nothing
+        else does meanwhile); its result or exception arrives in the future."""
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self.inbox.put(("call", (work, future)))
+        return future
 
     def drain(self, grace: float) -> None:
         """Shutting down: take no new tickets; rows still running after `grace` seconds end
@@ -222,6 +256,12 @@ class Engine:
             elif command == "cancel" and ticket.sequence is not None:
                 self.batcher.cancel(ticket.sequence)
                 self.tickets.pop(id(ticket.sequence), None)
+            elif command == "call":
+                work, future = ticket
+                try:
+                    future.set_result(work())
+                except Exception as err:  # handed to the request that asked
+                    future.set_exception(err)
 
     def _publish(self, changed: list[Sequence]) -> None:
         self.waiting = sum(1 for s in self.batcher.waiting if not s.cancelled) + self.inbox.qsize()
@@ -269,10 +309,10 @@ class Metrics:
 @dataclass
 class Served:
     """What the app serves: a decoder (with its engine) or an encoder, its tokenizer, the name
-    clients use."""
+    clients use; or, with no model, the notes' example (POST /v1/explain and the page only)."""
 
-    model: DecoderLM | Encoder
-    tokenizer: Tokenizer
+    model: DecoderLM | Encoder | None
+    tokenizer: Tokenizer | None
     name: str
     engine: Engine | None  # None for an encoder
     api_key: str | None = None
@@ -281,7 +321,24 @@ class Served:
 
     @property
     def window(self) -> int:
-        return self.model.config.max_seq_len
+        return MAX_WORDS if self.model is None else self.model.config.max_seq_len
+
+    def loaded(self) -> tuple[DecoderLM | Encoder, Tokenizer]:
+        """The model and its tokenizer, or a 400 when serving the notes' example."""
+        if self.model is None or self.tokenizer is None:
+            message = ("this server explains the notes' untrained example and has no trained "
+                       "model or tokenizer: start it with --model DIR")  # fmt: skip
+            raise ApiError(400, message, "model")
+        return self.model, self.tokenizer
+
+    async def exclusive(self, work: Callable[[], Any]) -> Any:
+        """Run `work` (which may use the model) off the event loop, alone with the model: on the
+        engine's thread between steps, under the encoder's lock, or (the notes' example, a
+        model of its own per call) on a worker thread."""
+        if self.engine is not None:
+            return await asyncio.wrap_future(self.engine.call(work))
+        async with self.encoding:
+            return await asyncio.to_thread(work)
 
     def check_name(self, name: str | None) -> None:
         if name not in (None, self.name):
@@ -295,6 +352,7 @@ class Served:
 
     def decoding(self) -> Engine:
         """The engine, or a 400 for an encoder."""
+        self.loaded()
         if self.engine is None:
             raise ApiError(400, f"{self.name} is an encoder: it serves /v1/embeddings, not "
                            "completions", "model")  # fmt: skip
@@ -503,6 +561,36 @@ def create_app(served: Served) -> FastAPI:
         message = f"{'.'.join(where) or 'body'}: {first.get('msg')}"
         return ApiError(400, message, where[0] if where else None).response()
 
+    @app.get("/", include_in_schema=False)
+    async def explorer() -> HTMLResponse:
+        settings = {"api": True, "model": served.name, "notes": served.model is None,
+                    "text": NOTES_SENTENCE}  # fmt: skip
+        return HTMLResponse(page(settings))
+
+    @app.post("/v1/explain")
+    async def explain(body: ExplainRequest) -> JSONResponse:
+        served.check_name(body.model)
+        if (body.text is None) == (body.token_ids is None):
+            raise ApiError(400, "give the text to explain as `text`, or its `token_ids` (one of "
+                           "the two)", "text")  # fmt: skip
+        sampling = SamplingConfig(body.temperature, body.top_k, body.top_p, body.repetition_penalty)
+        seed = None
+        if body.sample:
+            seed = body.seed if body.seed is not None else secrets.randbelow(2**62)
+
+        def work() -> dict[str, Any]:
+            if served.model is None or served.tokenizer is None:
+                if body.text is None:
+                    raise ApiError(400, "the notes' example takes `text` (its words are its "
+                                   "vocabulary), not token_ids", "token_ids")  # fmt: skip
+                walkthrough = explain_text(body.text)
+            else:
+                walkthrough = explain_model(served.model, served.tokenizer, body.text,
+                                            body.token_ids)  # fmt: skip
+            return payload(walkthrough, body.layers, body.heads, body.top, sampling, seed)
+
+        return JSONResponse(await served.exclusive(work))
+
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
@@ -513,14 +601,16 @@ def create_app(served: Served) -> FastAPI:
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        _, tokenizer = served.loaded()
         if body.messages is not None:
-            tokens = answer_prompt([(m.role, m.content) for m in body.messages], served.tokenizer)
+            tokens = answer_prompt([(m.role, m.content) for m in body.messages], tokenizer)
         else:
-            tokens = served.tokenizer.encode_inputs([body.prompt or ""])[0]
+            tokens = tokenizer.encode_inputs([body.prompt or ""])[0]
         return {"tokens": tokens, "count": len(tokens), "max_model_len": served.window}
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict[str, str]:
+        served.loaded()
         served.check_ids(body.tokens, "tokens")
         return {"prompt": served.tokenizer.decode(body.tokens)}
 
@@ -600,6 +690,7 @@ def create_app(served: Served) -> FastAPI:
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest) -> dict[str, Any]:
         served.check_name(body.model)
+        served.loaded()
         if not isinstance(served.model, Encoder):
             raise ApiError(400, f"{served.name} is a decoder; embeddings need an encoder "
                            "(such as a BERT directory)", "model")  # fmt: skip
@@ -680,12 +771,37 @@ def load_served(
     return served
 
 
-def serve(served: Served, host: str = "127.0.0.1", port: int = 8000, grace: float = 3.0) -> None:
+def check_port(port: int) -> None:
+    if not 0 < port < 65536:
+        raise QkvError(f"--port must be 1 to 65535, got {port}")
+
+
+def notes_served() -> Served:
+    """The notes' example for the explorer: each text's words through a fresh seeded 4-dimensional
+    decoder (qkv.explain.explain_text); no completions, chat or embeddings."""
+    return Served(None, None, "notes-example", None)
+
+
+def serve(
+    served: Served,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    grace: float = 3.0,
+    on_ready: Callable[[], None] | None = None,
+) -> None:
     """Run the HTTP server until Ctrl-C / SIGTERM: then no new requests; running ones get
-    `grace` seconds to finish, and the rest end with finish reason "length"."""
+    `grace` seconds to finish, and the rest end with finish reason "length". `on_ready` is
+    called once the server listens (`qkv explore` opens the browser then)."""
     import uvicorn
 
+    check_port(port)
+
     class Server(uvicorn.Server):
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets)
+            if on_ready is not None and self.started:
+                on_ready()
+
         def handle_exit(self, sig: int, frame: Any) -> None:
             if served.engine is not None and served.engine.deadline is None:
                 served.engine.drain(grace)

@@ -49,6 +49,7 @@ class Tokenizer:
         self.end_of_text, self.pad = end_of_text, pad or end_of_text
         self._plain: tokenizers.Tokenizer | None = None  # see encode_plain
         self._vocab_size: int | None = None  # see vocab_size
+        self._texts: list[str] | None = None  # see token_texts
 
     @classmethod
     def train(cls, kind: str, texts: Iterable[str], vocab_size: int = 4096) -> Tokenizer:
@@ -120,6 +121,7 @@ class Tokenizer:
         self.backend.add_special_tokens(tokens)
         self._plain = None
         self._vocab_size = None
+        self._texts = None
 
     def to_str(self) -> str:
         return self.backend.to_str()
@@ -184,3 +186,9 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=False)
+
+    def token_texts(self) -> list[str]:
+        """texts[i] = decode([i]) for every id (kept: 50,000 decodes take a tenth of a second)."""
+        if self._texts is None:
+            self._texts = [self.decode([i]) for i in range(self.vocab_size)]
+        return self._texts

@@ -14,6 +14,7 @@ from qkv.cli import (
     embed,
     evaluate,
     explain,
+    explore,
     export,
     finetune,
     generate,
@@ -37,6 +38,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Callable
     "export": (export.add_parser, export.run),
     "quickstart": (quickstart.add_parser, quickstart.run),
     "serve": (serve.add_parser, serve.run),
+    "explore": (explore.add_parser, explore.run),
 }
 
 

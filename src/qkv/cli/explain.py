@@ -4,6 +4,7 @@ untrained worked example, or any trained or Hugging Face model with --model."""
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from qkv.cli.options import add_command, positive, seed
@@ -14,9 +15,11 @@ EXAMPLES = """examples:
   qkv explain "The quick brown fox jumps over the lazy dog" --heads 1
   qkv explain "Attention is all you need" --d-model 8 --layers 2 --seed 3
   qkv explain --json | python -m json.tool      every stage as one JSON object
+  qkv explain --html walkthrough.html           the explorer's views in one file, offline
   qkv explain --plot attention.png              heatmaps of attention weights and positions
   qkv explain --model runs/quickstart "Return the value"        every stage of a trained model
   qkv explain --model gpt2-dir "The fox" --layer 3 --head 5    one block, one head
+  qkv explain --model gpt2-dir "The fox" --json --layer 3 --top 10   what POST /v1/explain gives
 """
 # Config fields as the explain command's options call them, for error messages.
 FIELDS = {"d_model": "--d-model", "n_heads": "--heads", "n_layers": "--layers"}
@@ -49,6 +52,17 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     explain.add_argument("--plot", metavar="FILE.png", help="also save heatmaps to this image file")
     explain.add_argument(
+        "--html",
+        metavar="FILE.html",
+        help="also save the explorer's views, data included, as one file that opens offline",
+    )
+    explain.add_argument(
+        "--top",
+        type=positive,
+        help="with --json: each token's K largest logits and probabilities, not the whole "
+        "vocabulary (--html keeps 10)",
+    )
+    explain.add_argument(
         "--model", type=Path, help="a trained or Hugging Face model: walk the text through it"
     )
     explain.add_argument(
@@ -61,9 +75,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from qkv import explain
+    from qkv.explorer import write_html
 
-    if args.json and (args.layer is not None or args.head is not None):
-        raise QkvError("--json prints every stage of every layer and head: drop --layer/--head")
+    if args.top is not None and not args.json:
+        raise QkvError("--top shapes the --json output: add --json")
     if args.model is not None:
         if args.plot is not None:
             raise QkvError("--plot draws the worked example; with --model, use --json")
@@ -82,9 +97,19 @@ def run(args: argparse.Namespace) -> None:
                 message = message.replace(name, option)
             raise QkvError(message) from None
     plotted = None if args.plot is None else explain.plot(walkthrough, args.plot)
+    layers = None if args.layer is None else [args.layer]
+    heads = None if args.head is None else [args.head]
+    page = None
+    if args.html is not None:
+        data = explain.payload(walkthrough, layers, heads, top=10)
+        page = write_html(data, " ".join(args.text) or explain.NOTES_SENTENCE, args.html)
     if args.json:
-        print(explain.render_json(walkthrough))
+        print(explain.render_json(walkthrough, layers=layers, heads=heads, top=args.top))
+        if page is not None:
+            print(f"page saved to {page}", file=sys.stderr)
         return
     print(explain.render_text(walkthrough, args.layer, args.head))
     if plotted is not None:
         print(f"\nplot saved to {plotted}")
+    if page is not None:
+        print(f"\npage saved to {page} (open it in a browser; it needs no server)")

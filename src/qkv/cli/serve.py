@@ -52,15 +52,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     try:
-        from qkv.server import load_served, serve
+        from qkv.server import check_port, load_served, serve
     except ImportError as err:
         raise QkvError(
             f"qkv serve needs the serve extra ({err.name} is missing): pip install 'qkv[serve]'"
         ) from None
     from qkv.text import read_text_file
 
-    if not 0 < args.port < 65536:
-        raise QkvError(f"--port must be 1 to 65535, got {args.port}")
+    check_port(args.port)
     if not 0 <= args.shutdown_grace <= 600:
         raise QkvError(f"--shutdown-grace must be 0 to 600 seconds, got {args.shutdown_grace}")
     key = args.api_key

@@ -1,0 +1,192 @@
+"""The explorer's data: POST /v1/explain is `qkv explain --json`, its numbers the model's own;
+the next-token panel is the server's sampling; the page and the offline file are whole."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from qkv.checkpoint import load_model
+from qkv.explain import NOTES_SENTENCE, explain_text, payload
+from qkv.server import create_app, load_served, notes_served
+
+TEXT = "the quick brown fox"
+
+
+@pytest.fixture(scope="module")
+def app(model_dir: Path):
+    with TestClient(create_app(load_served(model_dir, "cpu"))) as client:
+        yield client
+
+
+def explain(app: TestClient, **body) -> dict:
+    reply = app.post("/v1/explain", json=body)
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def test_the_endpoint_returns_what_qkv_explain_json_prints(app, model_dir: Path) -> None:
+    served = explain(app, text=TEXT, layers=[1], heads=[2], top=5)
+    printed = subprocess.run(
+        [sys.executable, "-m", "qkv", "explain", "--model", str(model_dir), TEXT, "--json",
+         "--layer", "1", "--head", "2", "--top", "5"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert printed.returncode == 0, printed.stderr
+    assert json.loads(printed.stdout) == served
+    assert {s["layer"] for s in served["stages"] if "layer" in s} == {0, 1}  # lens covers all
+    assert {s["layer"] for s in served["stages"] if s.get("layer") is not None
+            and s["name"] != "logit_lens"} == {1}  # fmt: skip
+    n = len(TEXT)  # a character tokenizer
+    assert served["tokens"] == list(TEXT)
+    weights = next(s for s in served["stages"] if s["name"] == "attention_weights")
+    assert weights["head_ids"] == [2] and weights["shape"] == [1, n, n]
+    keys = next(s for s in served["stages"] if s["name"] == "key")
+    assert keys["head_ids"] == [2] and keys["heads_total"] == 4 and keys["shape"] == [n, 8]
+
+
+def test_its_numbers_are_the_models_own_logits_and_weights(app, model_dir: Path) -> None:
+    data = explain(app, text=TEXT, top=8)
+    model, tokenizer = load_model(model_dir)
+    ids = torch.tensor([data["token_ids"]])
+    assert data["token_ids"] == tokenizer.encode_inputs([TEXT])[0]
+    with torch.no_grad():
+        logits = model(ids)[0]
+    stage = next(s for s in data["stages"] if s["name"] == "logits")
+    best = torch.topk(logits, 8)
+    assert stage["top"]["ids"] == best.indices.tolist()
+    torch.testing.assert_close(torch.tensor(stage["top"]["values"]), best.values, atol=1e-5, rtol=0)
+    lens = [s for s in data["stages"] if s["name"] == "logit_lens"]
+    probs = next(s for s in data["stages"] if s["name"] == "probabilities")
+    assert lens[-1]["top"] == probs["top"]
+    torch.testing.assert_close(
+        torch.tensor(probs["top"]["values"]), torch.softmax(logits, -1).topk(8).values,
+        atol=1e-5, rtol=0,
+    )  # fmt: skip
+    rows = data["residual_stream"]["rows"]
+    assert [r["label"] for r in rows] == [
+        "embeddings", "layer 0 attention", "layer 0 feed_forward", "layer 1 attention",
+        "layer 1 feed_forward",
+    ]  # fmt: skip
+    for row in rows:
+        assert len(row["norm"]) == len(data["tokens"]) and min(row["std"]) >= 0
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (2.0, 0, 1.0), (0.5, 3, 1.0),
+                                                        (1.0, 0, 0.5), (0.0, 0, 1.0)])  # fmt: skip
+def test_the_next_token_panel_follows_the_sampling_formula(
+    app,
+    model_dir: Path,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+) -> None:
+    data = explain(app, text=TEXT, top=100, temperature=temperature, top_k=top_k, top_p=top_p)
+    model, _ = load_model(model_dir)
+    with torch.no_grad():
+        logits = model(torch.tensor([data["token_ids"]]))[0, -1]
+    next_token = data["next_token"]
+    shown = dict(zip(next_token["ids"], next_token["probs"], strict=True))
+    if temperature == 0:
+        assert shown == {int(logits.argmax()): 1.0} and next_token["candidates"] == 1
+        return
+    expected = torch.softmax(logits / temperature, -1)  # p_v = exp(l_v / T) / sum exp(l_w / T)
+    order = expected.argsort(descending=True)
+    keep = torch.ones_like(expected, dtype=torch.bool)
+    if top_k:
+        keep[order[top_k:]] = False
+    mass = expected[order].cumsum(0) - expected[order]
+    keep[order[mass >= top_p]] = False
+    expected = torch.where(keep, expected, 0.0)
+    expected = expected / expected.sum()
+    assert next_token["candidates"] == int(keep.sum())
+    for token, p in shown.items():
+        assert math.isclose(p, float(expected[token]), abs_tol=1e-5)
+
+
+def test_sample_draws_the_token_completions_draws_with_the_same_seed(app) -> None:
+    for seed in (1, 2, 3):
+        data = explain(app, text=TEXT, sample=True, seed=seed, temperature=1.5)
+        completion = app.post(
+            "/v1/completions",
+            json={"prompt": TEXT, "max_tokens": 1, "seed": seed, "temperature": 1.5},
+        ).json()
+        assert data["next_token"]["sampled"]["text"] == completion["choices"][0]["text"]
+    again = explain(app, token_ids=[*data["token_ids"], data["next_token"]["sampled"]["id"]])
+    assert again["tokens"][-1] == data["next_token"]["sampled"]["text"]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        ({}, 400, "`text`, or its `token_ids`"),
+        ({"text": "a", "token_ids": [1]}, 400, "one of"),
+        ({"text": ""}, 400, "empty"),
+        ({"text": TEXT, "layers": [2]}, 400, "layer 2 does not exist: the model has 2 layers"),
+        ({"text": TEXT, "heads": [-1]}, 400, "head -1 does not exist"),
+        ({"text": TEXT, "top": 0}, 400, "top"),
+        ({"text": TEXT, "temperature": -1}, 400, "temperature"),
+        ({"text": TEXT, "top_p": 0}, 400, "top_p"),
+        ({"token_ids": [10**6]}, 400, "token ids must be 0 to"),
+        ({"text": "fox " * 80}, 400, "explain shows at most 64"),
+        ({"text": TEXT, "model": "other"}, 404, "does not exist"),
+        ({"text": 3}, 400, "text"),
+    ],
+)
+def test_bad_explain_requests_are_refused_and_the_server_goes_on(app, body, status, message):
+    reply = app.post("/v1/explain", json=body)
+    assert reply.status_code == status, reply.text
+    assert message in reply.json()["error"]["message"]
+    assert explain(app, text="the fox")["tokens"]
+
+
+def test_the_notes_example_explains_any_words_and_serves_nothing_else() -> None:
+    with TestClient(create_app(notes_served())) as client:
+        data = explain(client, text=NOTES_SENTENCE, top=3, sample=True, seed=5)
+        assert data == payload(explain_text(NOTES_SENTENCE), top=3, seed=5)
+        assert data["untrained"] and data["config"]["d_model"] == 4
+        assert data["next_token"]["sampled"]["text"] in NOTES_SENTENCE.lower().split()
+        for path, body in [("/v1/completions", {"prompt": "x"}), ("/tokenize", {"prompt": "x"}),
+                           ("/v1/explain", {"token_ids": [1]})]:  # fmt: skip
+            reply = client.post(path, json=body)
+            assert reply.status_code == 400 and "error" in reply.json(), path
+        page = client.get("/")
+        assert page.status_code == 200 and '"notes": true' in page.text
+
+
+def test_an_encoder_is_explained_without_a_next_token(minilm: Path) -> None:
+    with TestClient(create_app(load_served(minilm, "cpu"))) as client:
+        data = explain(client, text="the fox", layers=[0], heads=[0])
+    assert "next_token" not in data
+    assert not any(s["name"] == "logit_lens" for s in data["stages"])
+    assert data["tokens"][0] == "[CLS]" and data["config"]["arch"] == "encoder"
+
+
+def test_the_page_is_one_whole_file(app, tmp_path: Path) -> None:
+    page = app.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "{{" not in page.text and "function render()" in page.text
+    assert not re.search(r'(src|href)="(?!data:)', page.text)  # nothing fetched
+    out = tmp_path / "walk.html"
+    result = subprocess.run(
+        [sys.executable, "-m", "qkv", "explain", "The quick fox", "--html", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    embedded = re.search(r'<script id="qkv-data" type="application/json">(.*?)</script>',
+                         out.read_text(), re.S)  # fmt: skip
+    data = json.loads(embedded.group(1))
+    assert data["tokens"] == ["The", "quick", "fox"] and data["text"] == "The quick fox"
+    nowhere = str(tmp_path / "no" / "x.html")
+    bad = subprocess.run([sys.executable, "-m", "qkv", "explain", "--html", nowhere],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert bad.returncode != 0 and "does not exist; create it first" in bad.stderr
+    assert "Traceback" not in bad.stderr
