@@ -190,3 +190,21 @@ def test_the_page_is_one_whole_file(app, tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert bad.returncode != 0 and "does not exist; create it first" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
+def test_hugging_face_directories_are_explained(family: str, tmp_path: Path) -> None:
+    from test_explain_models import HF_MODELS, TEXT, word_tokenizer
+
+    torch.manual_seed(0)
+    HF_MODELS[family]().save_pretrained(tmp_path)
+    word_tokenizer(tmp_path)
+    with TestClient(create_app(load_served(tmp_path, "cpu"))) as client:
+        data = explain(client, text=TEXT, layers=[1], top=3)
+        page = client.get("/")
+    assert data["tokens"] == TEXT.split() and page.status_code == 200
+    lens = [s["layer"] for s in data["stages"] if s["name"] == "logit_lens"]
+    assert lens == ([] if family == "bert" else [0, 1])
+    assert ("next_token" in data) == (family != "bert")
+    weights = [s for s in data["stages"] if s["name"] == "attention_weights"]
+    assert [s["layer"] for s in weights] == [1] and weights[0]["shape"] == [4, 6, 6]
