@@ -336,7 +336,8 @@ function renderFeedForward() {
   const norms = $("norm-strips");
   norms.innerHTML = "";
   for (const s of d.stages.filter((x) => x.name === "layer_norm" && x.layer === layer)) {
-    strip(norms, `norm before/after the ${s.sublayer || ""} sublayer, layer ${layer}`, s.formula, s.values, s.columns, d.tokens);
+    const where = d.config.norm_first ? "before" : "after";
+    strip(norms, `norm ${where} the ${(s.sublayer || "").replaceAll("_", " ")} sublayer, layer ${layer}`, s.formula, s.values, s.columns, d.tokens);
   }
 }
 function renderLens() {
@@ -484,8 +485,8 @@ $("chat-reset").addEventListener("click", () => { conversation.length = 0; $("ch
 // ---- start ----
 if (!settings.api) {
   for (const id of ["explain-button", "apply-sampling", "sample-button", "chat-send"]) $(id).disabled = true;
-  $("tab-chat").hidden = true;
 }
+$("tab-chat").hidden = !settings.api || settings.notes;  // the notes' example cannot chat
 if (embedded) {
   state.data = embedded;
   state.layer = embedded.layers.length ? embedded.layers[0] : 0;
