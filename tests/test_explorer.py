@@ -208,3 +208,39 @@ def test_hugging_face_directories_are_explained(family: str, tmp_path: Path) -> 
     assert ("next_token" in data) == (family != "bert")
     weights = [s for s in data["stages"] if s["name"] == "attention_weights"]
     assert [s["layer"] for s in weights] == [1] and weights[0]["shape"] == [4, 6, 6]
+
+
+def test_qkv_explore_serves_the_notes_example_and_opens_the_browser(tmp_path: Path) -> None:
+    """`qkv explore` with no model: the page and /v1/explain answer, and the browser ($BROWSER,
+    as Python's webbrowser reads it) is handed the address once the server listens."""
+    import os
+    import socket
+    import time
+
+    import httpx
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    opened = tmp_path / "opened.txt"
+    browser = tmp_path / "browser.sh"
+    browser.write_text(f'#!/bin/sh\necho "$1" > {opened}\n')
+    browser.chmod(0o755)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "qkv", "explore", "--port", str(port)],
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "BROWSER": str(browser)},
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not opened.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        url = f"http://127.0.0.1:{port}/"
+        assert opened.read_text().strip() == url
+        assert "notes" in httpx.get(url).text
+        data = httpx.post(f"{url}v1/explain", json={"text": "The quick fox"}).json()
+        assert data["tokens"] == ["The", "quick", "fox"] and data["untrained"]
+    finally:
+        process.terminate()
+        _, stderr = process.communicate(timeout=30)
+    assert f"exploring the notes' example at http://127.0.0.1:{port}/" in stderr
+    assert "Traceback" not in stderr

@@ -427,8 +427,10 @@ def payload(
     ):
         for value in chosen or []:
             if not 0 <= value < count:
+                plural = "s" if count != 1 else ""
                 raise QkvError(
-                    f"{name} {value} does not exist: the model has {count} {name}s (0..{count - 1})"
+                    f"{name} {value} does not exist: the model has {count} {name}{plural} "
+                    f"(0..{count - 1})"
                 )
     shown = [
         s
