@@ -323,11 +323,13 @@ def test_json_keeps_the_walkthrough_shape(hf_case) -> None:
         assert torch.tensor(stage["values"]).shape == tuple(stage["shape"])
 
 
-def test_explain_model_refuses_what_it_cannot_walk(bpe: Tokenizer) -> None:
+def test_explain_model_refuses_texts_it_cannot_show(bpe: Tokenizer) -> None:
     config = ModelConfig(arch="encoder-decoder", vocab_size=bpe.vocab_size, d_model=8, n_heads=2,
                          n_layers=1, max_seq_len=4)  # fmt: skip
-    with pytest.raises(QkvError, match="not an encoder-decoder"):
+    with pytest.raises(QkvError, match="at most 4"):
         explain_model(EncoderDecoder(config), bpe, SENTENCE)
+    written = explain_model(EncoderDecoder(config), bpe, "the")  # its target fits the window too
+    assert len(written.tokens) <= 4
     decoder = DecoderLM(config.replace(arch="decoder"))
     with pytest.raises(QkvError, match="at most 4"):
         explain_model(decoder, bpe, SENTENCE)

@@ -244,3 +244,54 @@ def test_qkv_explore_serves_the_notes_example_and_opens_the_browser(tmp_path: Pa
         _, stderr = process.communicate(timeout=30)
     assert f"exploring the notes' example at http://127.0.0.1:{port}/" in stderr
     assert "Traceback" not in stderr
+
+
+@pytest.fixture(scope="module")
+def pair_dir(tmp_path_factory) -> Path:
+    """A small random encoder-decoder with the task tokenizer, saved as a checkpoint."""
+    from qkv.checkpoint import write_checkpoint
+    from qkv.config import ModelConfig
+    from qkv.model import build_model
+    from qkv.seq2seq import task_tokenizer
+
+    tokenizer = task_tokenizer()
+    torch.manual_seed(0)
+    config = ModelConfig(arch="encoder-decoder", vocab_size=tokenizer.vocab_size, d_model=32,
+                         n_heads=4, n_layers=2, max_seq_len=64)  # fmt: skip
+    folder = tmp_path_factory.mktemp("pair") / "pair"
+    return write_checkpoint(folder, build_model(config).eval(), tokenizer)
+
+
+def test_an_encoder_decoder_shows_cross_attention_over_the_source(pair_dir: Path) -> None:
+    """The decoder reads E + the target it writes greedily; cross-attention has a row per target
+    token and a column per source token; logits are the model's own on (source, target)."""
+    from qkv.generate import greedy_decode
+
+    model, tokenizer = load_model(pair_dir)
+    source = "40213"
+    with TestClient(create_app(load_served(pair_dir, "cpu"))) as client:
+        data = explain(client, text=source, top=5)
+        refused = client.post("/v1/completions", json={"prompt": source})
+    assert refused.status_code == 400 and "encoder-decoder" in refused.json()["error"]["message"]
+    src = torch.tensor([tokenizer.encode(source)])
+    end = tokenizer.end_of_text_id
+    target = [end, *greedy_decode(model, src, torch.ones_like(src), end, 32)[0]]
+    assert data["source"] == list(source) and data["token_ids"] == target
+    cross = [s for s in data["stages"] if s["name"] == "attention_weights"
+             and s.get("sublayer") == "cross_attention"]  # fmt: skip
+    assert [s["layer"] for s in cross] == [0, 1]
+    assert cross[0]["shape"] == [4, len(target), len(source)] and cross[0]["columns"] == list(
+        source
+    )
+    encoder = [s for s in data["stages"] if s.get("stack") == "encoder" and s["name"] == "scores"]
+    assert encoder[0]["rows"] == list(source) and encoder[0]["shape"] == [4, 5, 5]
+    with torch.no_grad():
+        logits = model(src, torch.tensor([target]))[0]
+    shown = next(s for s in data["stages"] if s["name"] == "logits")
+    best = logits.topk(5)
+    assert shown["top"]["ids"] == best.indices.tolist()
+    torch.testing.assert_close(torch.tensor(shown["top"]["values"]), best.values, atol=1e-5, rtol=0)
+    lens = [s for s in data["stages"] if s["name"] == "logit_lens"]
+    assert [s["layer"] for s in lens] == [0, 1] and lens[-1]["top"] == next(
+        s for s in data["stages"] if s["name"] == "probabilities"
+    )["top"]

@@ -13,13 +13,13 @@ import torch
 from qkv.checkpoint import load_model
 from qkv.cli import main
 from qkv.evaluation import IGNORE
+from qkv.generate import greedy_decode
 from qkv.model import EncoderDecoder
 from qkv.seq2seq import (
     TASKS,
     PairBatches,
     beam_decode,
     encode_pairs,
-    greedy_decode,
     seq2seq_model_config,
     task_source,
     task_tokenizer,

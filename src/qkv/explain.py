@@ -25,7 +25,8 @@ from torch import Tensor
 from qkv.checkpoint import load_model
 from qkv.config import ModelConfig
 from qkv.errors import QkvError
-from qkv.model import PROBABILITIES_FORMULA, DecoderLM, Encoder, probabilities
+from qkv.generate import greedy_decode
+from qkv.model import PROBABILITIES_FORMULA, DecoderLM, Encoder, EncoderDecoder, probabilities
 from qkv.nn.recording import Record, recording
 from qkv.sampling import PLAIN, SamplingConfig, distribution, select
 from qkv.tokenizer import Tokenizer
@@ -45,7 +46,11 @@ STAGE_OF_MODULE = {
     "embedder.token_type": "token_type_embeddings",
     "embedder.norm": "embedding_norm",
     "final_norm": "final_norm",
+    "encoder_norm": "encoder_norm",
+    "decoder_norm": "final_norm",
 }
+BLOCKS = {"blocks": None, "encoder_blocks": "encoder", "decoder_blocks": "decoder"}
+MAX_TARGET = 32  # target tokens an encoder-decoder writes for explain
 # Per-head records (batch, heads, seq, d_k), shown as (seq, heads * d_k): heads side by side.
 SIDE_BY_SIDE = {"query", "key", "value", "rotated_query", "rotated_key", "weighted_values"}
 COLUMN_PREFIX = {"feed_forward_hidden": "f"}
@@ -83,6 +88,8 @@ class Stage:
     layer: int | None = None
     sublayer: str | None = None
     heads: int | None = None
+    stack: str | None = None  # "encoder" or "decoder" in an encoder-decoder
+    rows: list[str] | None = None  # its rows' tokens, where not the walkthrough's (the source)
 
 
 @dataclass
@@ -96,6 +103,7 @@ class Walkthrough:
     config: ModelConfig
     stages: list[Stage] = field(default_factory=list)
     untrained: bool = False
+    source: list[str] | None = None  # an encoder-decoder's source tokens (tokens: its target)
 
     def stage(self, name: str, layer: int | None = None, sublayer: str | None = None) -> Stage:
         """The first stage called `name` (in `layer` and `sublayer`, if given)."""
@@ -167,8 +175,6 @@ def explain_model(
     """`text` (or `token_ids`) through a decoder or an encoder (trained, or loaded from Hugging
     Face), as the model's tokenizer encodes whole inputs (with BERT's [CLS] ... [SEP] where it
     adds them)."""
-    if not isinstance(model, DecoderLM | Encoder):
-        raise QkvError("explain walks a decoder or an encoder model, not an encoder-decoder")
     if token_ids is None:
         ids = tokenizer.encode_inputs([text])[0] if text and text.strip() else []
     else:
@@ -185,48 +191,108 @@ def explain_model(
     texts = tokenizer.token_texts()
     vocabulary = texts[: model.config.vocab_size]
     vocabulary += [tokenizer.decode([i]) for i in range(len(vocabulary), model.config.vocab_size)]
+    if isinstance(model, EncoderDecoder):
+        return _explain_pair(model, tokenizer, ids, tokens, vocabulary)
     walkthrough = walk(model, torch.tensor([ids]), tokens, vocabulary)
     formula = "id_i = the tokenizer's number for token i (its text is id_i decoded alone)"
     walkthrough.stages.insert(0, Stage("token_ids", formula, torch.tensor(ids)[:, None], ["id"]))
     return walkthrough
 
 
+def _explain_pair(
+    model: EncoderDecoder,
+    tokenizer: Tokenizer,
+    source_ids: list[int],
+    source: list[str],
+    vocabulary: list[str],
+) -> Walkthrough:
+    """An encoder-decoder reads the source; its decoder reads E and the target it writes itself
+    (greedy, at most MAX_TARGET tokens): the encoder's stages have a row per source token, the
+    decoder's a row per target token, cross-attention a column per source token."""
+    end = tokenizer.end_of_text_id
+    device = next(model.parameters()).device
+    src = torch.tensor([source_ids], device=device)
+    room = min(MAX_TARGET, model.config.max_seq_len - 1)
+    written = greedy_decode(model, src, torch.ones_like(src), end, room)[0]
+    target_ids = [end, *written]
+    tokens = [tokenizer.decode([i]) for i in target_ids]
+    walkthrough = walk(model, torch.tensor([target_ids]), tokens, vocabulary, src.cpu(), source)
+    formula = "id_i = the tokenizer's number for token i; the target starts with E (end of text)"
+    walkthrough.stages.insert(
+        0, Stage("token_ids", formula, torch.tensor(source_ids)[:, None], ["id"], stack="encoder",
+                 rows=source)
+    )  # fmt: skip
+    walkthrough.stages.insert(
+        1, Stage("token_ids", formula, torch.tensor(target_ids)[:, None], ["id"], stack="decoder")
+    )
+    return walkthrough
+
+
 @torch.no_grad()
 def walk(
-    model: DecoderLM | Encoder, token_ids: Tensor, tokens: list[str], vocabulary: list[str]
+    model: DecoderLM | Encoder | EncoderDecoder,
+    token_ids: Tensor,
+    tokens: list[str],
+    vocabulary: list[str],
+    source_ids: Tensor | None = None,
+    source: list[str] | None = None,
 ) -> Walkthrough:
-    """Run `model` on one sequence (1, seq) while its modules record: each record becomes a
-    stage, in the order computed; a decoder's logit lens (each block's output through the final
-    norm and the head) comes next, then logits and probabilities = softmax(logits)."""
+    """Run `model` on one sequence (1, seq) (an encoder-decoder: on `source_ids` too, its
+    decoder on token_ids) while its modules record: each record becomes a stage, in the order
+    computed; a decoder's logit lens (each block's output through the final norm and the head)
+    comes next, then logits and probabilities = softmax(logits)."""
     device = next(model.parameters()).device
     outputs: list[Tensor] = []
-    lens = isinstance(model, DecoderLM)
+    blocks = {DecoderLM: "blocks", EncoderDecoder: "decoder_blocks"}.get(type(model))
     hooks = [
         block.register_forward_hook(lambda _module, _args, out: outputs.append(out))
-        for block in (model.blocks if lens else [])
+        for block in (getattr(model, blocks) if blocks else [])
     ]
     try:
         with recording(model) as records:
-            model(token_ids.to(device))
+            if source_ids is None:
+                model(token_ids.to(device))
+            else:
+                model(source_ids.to(device), token_ids.to(device))
     finally:
         for hook in hooks:
             hook.remove()
-    out = Walkthrough(tokens, token_ids[0].tolist(), vocabulary, model.config)
-    out.stages = [_stage(record, tokens, vocabulary) for record in records]
+    out = Walkthrough(tokens, token_ids[0].tolist(), vocabulary, model.config, source=source)
+    encoding = max((i for i, r in enumerate(records) if r.module.startswith("encoder")), default=-1)
+    out.stages = [
+        _stage(r, tokens, vocabulary) if source is None else _pair_stage(r, i <= encoding, out)
+        for i, r in enumerate(records)
+    ]
     logits = out.stages.pop()  # the head's record: the lens goes before it
     if model.config.final_norm:
         formula = LENS_FORMULA.format(read="final_norm(h_l)", by="final norm and output head")
     else:
         formula = LENS_FORMULA.format(read="h_l", by="output head")
     probs = probabilities(logits.values)
+    norm = model.decoder_norm if isinstance(model, EncoderDecoder) else model.final_norm
+    stack = logits.stack
     if outputs:  # the layers below the last through the norm and head in one matmul
         below = torch.cat(outputs[:-1]) if len(outputs) > 1 else None
-        read = [] if below is None else list(probabilities(model.head(model.final_norm(below))))
+        read = [] if below is None else list(probabilities(model.head(norm(below))))
         for layer, rows in enumerate([*read, probs]):
-            out.stages.append(Stage("logit_lens", formula, rows.float().cpu(), vocabulary, layer))
+            lens = Stage("logit_lens", formula, rows.float().cpu(), vocabulary, layer, stack=stack)
+            out.stages.append(lens)
     out.stages.append(logits)
-    out.stages.append(Stage("probabilities", PROBABILITIES_FORMULA, probs, vocabulary))
+    out.stages.append(Stage("probabilities", PROBABILITIES_FORMULA, probs, vocabulary, stack=stack))
     return out
+
+
+def _pair_stage(record: Record, encoding: bool, walkthrough: Walkthrough) -> Stage:
+    """An encoder-decoder's record: the encoder's rows are source tokens, the decoder's target
+    tokens; cross-attention's columns (the keys) are the source tokens."""
+    source = walkthrough.source or []
+    cross = ".cross_attention" in record.module
+    keys = source if encoding or cross else walkthrough.tokens
+    stage = _stage(record, keys, walkthrough.vocabulary)
+    stage.stack = "encoder" if encoding else "decoder"
+    if encoding or (cross and record.name in ("key", "value", "rotated_key")):
+        stage.rows = source
+    return stage
 
 
 def _stage(record: Record, tokens: list[str], vocabulary: list[str]) -> Stage:
@@ -252,7 +318,7 @@ def _stage(record: Record, tokens: list[str], vocabulary: list[str]) -> Stage:
 def _place(record: Record) -> tuple[int | None, str | None]:
     """Layer and sublayer from the module's name: blocks.2.feed_forward_norm -> 2, feed_forward."""
     parts = record.module.split(".")
-    if parts[0] != "blocks":
+    if parts[0] not in BLOCKS:
         return None, None
     if len(parts) == 2:
         return int(parts[1]), record.sublayer
@@ -284,6 +350,11 @@ def render_text(
     layers = "every layer" if layer is None else f"layer {layer} of {config.n_layers}"
     lines = [
         f"qkv explain: {len(labels)} tokens: {' | '.join(labels)}",
+        *(
+            [f"source (the encoder's rows): {' | '.join(map(_label, walkthrough.source))}"]
+            if walkthrough.source is not None
+            else []
+        ),
         f"model: {_describe(config)}",
         "weights: " + ("freshly initialised, untrained" if walkthrough.untrained else "as loaded"),
     ]
@@ -297,11 +368,13 @@ def render_text(
     for number, stage in enumerate(walkthrough.stages, start=1):
         if layer is not None and stage.layer not in (None, layer):
             continue
-        where = "" if stage.layer is None else f"  [layer {stage.layer}"
+        where = "" if stage.layer is None else f"  [{stage.stack or 'layer'} {stage.layer}"
+        where = f"  [{stage.stack}" if stage.layer is None and stage.stack else where
         where += f", {stage.sublayer}]" if stage.sublayer else ("]" if where else "")
         lines += ["", f"{number:2d}. {stage.name}{where}  shape {list(stage.values.shape)}"]
         lines.append(f"    {stage.formula}")
-        lines += _stage_tables(stage, labels, heads, config.n_heads, max_columns)
+        rows = labels if stage.rows is None else [_label(t) for t in stage.rows]
+        lines += _stage_tables(stage, rows, heads, config.n_heads, max_columns)
     prediction = _prediction(walkthrough)
     if prediction:
         lines += ["", prediction]
@@ -388,7 +461,7 @@ def _top_table(values: Tensor, rows: list[str], vocabulary: list[str], k: int = 
 
 def _prediction(walkthrough: Walkthrough, k: int = 5) -> str:
     """A decoder's likeliest next tokens after the text ("" for an encoder)."""
-    if walkthrough.config.arch != "decoder":
+    if walkthrough.config.arch == "encoder":
         return ""
     last = walkthrough.stage("probabilities").values[-1]
     top = torch.topk(last, min(k, last.numel()))
@@ -448,9 +521,11 @@ def payload(
         "stages": [_stage_json(s, walkthrough, heads, top) for s in shown],
         "residual_stream": _residual_stream(walkthrough),
     }
+    if walkthrough.source is not None:
+        data["source"] = walkthrough.source
     if top is None:
         data["vocabulary"] = walkthrough.vocabulary
-    if config.arch == "decoder":
+    if config.arch != "encoder":
         data["next_token"] = next_token(walkthrough, sampling, top or 20, seed)
     return data
 
@@ -495,10 +570,9 @@ def _stage_json(
     heads); a vocabulary-wide one holds each token's `top` ids, texts and values when asked.
     Numbers are rounded to DECIMALS places."""
     data: dict[str, Any] = {"name": stage.name, "formula": stage.formula}
-    if stage.layer is not None:
-        data["layer"] = stage.layer
-    if stage.sublayer is not None:
-        data["sublayer"] = stage.sublayer
+    for key in ("layer", "sublayer", "stack", "rows"):
+        if getattr(stage, key) is not None:
+            data[key] = getattr(stage, key)
     values, columns = stage.values, stage.columns
     if values.dim() == 3 or stage.heads is not None:
         total = values.shape[0] if values.dim() == 3 else stage.heads
@@ -538,11 +612,10 @@ def _rounded(values: Tensor) -> list[Any]:
 def _residual_stream(walkthrough: Walkthrough) -> dict[str, Any]:
     """Each token's ‖x‖, mean and std where the residual stream enters the first block and
     after every sublayer's residual sum."""
-    entering = [s for s in walkthrough.stages if s.name in ENTERING and s.layer is None]
+    own = [s for s in walkthrough.stages if s.stack != "encoder"]  # rows: the tokens
+    entering = [s for s in own if s.name in ENTERING and s.layer is None]
     points = [("embeddings", entering[-1])] if entering else []
-    points += [
-        (f"layer {s.layer} {s.sublayer}", s) for s in walkthrough.stages if s.name == "residual"
-    ]
+    points += [(f"layer {s.layer} {s.sublayer}", s) for s in own if s.name == "residual"]
     rows = [
         {
             "label": label,

@@ -34,7 +34,7 @@ from qkv.config import GENERATION
 from qkv.data import pad_rows
 from qkv.errors import QkvError
 from qkv.memory import check_fits, generation_parts
-from qkv.model import DecoderLM
+from qkv.model import DecoderLM, EncoderDecoder
 from qkv.sampling import SamplingConfig, select
 from qkv.text import parse_json_lines, read_text, text_lines
 from qkv.tokenizer import Tokenizer
@@ -378,3 +378,26 @@ def _is_json_object(line: str) -> bool:
         return isinstance(json.loads(line), dict)
     except json.JSONDecodeError:
         return False
+
+
+@torch.no_grad()
+def greedy_decode(
+    model: EncoderDecoder, src: Tensor, mask: Tensor, end_id: int, max_len: int
+) -> list[list[int]]:
+    """Each source's target, one argmax token at a time, until E (or max_len tokens)."""
+    memory = model.encode(src, mask)
+    out = torch.full((len(src), 1), end_id, device=src.device)
+    done = torch.zeros(len(src), dtype=torch.bool, device=src.device)
+    for _ in range(max_len):
+        logits = model.head(model.decode_hidden_states(out, memory, mask)[:, -1])
+        token = logits.argmax(-1).masked_fill(done, end_id)
+        out = torch.cat([out, token[:, None]], dim=1)
+        done |= token == end_id
+        if done.all():
+            break
+    return [until_end(row[1:].tolist(), end_id) for row in out]
+
+
+def until_end(ids: list[int], end_id: int) -> list[int]:
+    """ids up to (not including) the first end_id."""
+    return ids[: ids.index(end_id)] if end_id in ids else ids

@@ -31,6 +31,7 @@ from qkv.distributed import World
 from qkv.errors import QkvError
 from qkv.evaluation import IGNORE, EvalResult, score
 from qkv.files import one_writer
+from qkv.generate import greedy_decode, until_end
 from qkv.memory import check_model_fits
 from qkv.model import EncoderDecoder, build_model
 from qkv.text import read_jsonl
@@ -162,24 +163,6 @@ class PairBatches:
 
 
 @torch.no_grad()
-def greedy_decode(
-    model: EncoderDecoder, src: Tensor, mask: Tensor, end_id: int, max_len: int
-) -> list[list[int]]:
-    """Each source's target, one argmax token at a time, until E (or max_len tokens)."""
-    memory = model.encode(src, mask)
-    out = torch.full((len(src), 1), end_id, device=src.device)
-    done = torch.zeros(len(src), dtype=torch.bool, device=src.device)
-    for _ in range(max_len):
-        logits = model.head(model.decode_hidden_states(out, memory, mask)[:, -1])
-        token = logits.argmax(-1).masked_fill(done, end_id)
-        out = torch.cat([out, token[:, None]], dim=1)
-        done |= token == end_id
-        if done.all():
-            break
-    return [_until_end(row[1:].tolist(), end_id) for row in out]
-
-
-@torch.no_grad()
 def beam_decode(
     model: EncoderDecoder, src: Tensor, mask: Tensor, end_id: int, max_len: int, beams: int
 ) -> list[list[int]]:
@@ -210,11 +193,7 @@ def beam_decode(
         if done.all():
             break
     best = out.reshape(batch, beams, -1)[:, 0]  # topk sorts: beam 0 is the likeliest
-    return [_until_end(row[1:].tolist(), end_id) for row in best]
-
-
-def _until_end(ids: list[int], end_id: int) -> list[int]:
-    return ids[: ids.index(end_id)] if end_id in ids else ids
+    return [until_end(row[1:].tolist(), end_id) for row in best]
 
 
 @dataclass

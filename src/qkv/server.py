@@ -56,7 +56,7 @@ from qkv.errors import QkvError
 from qkv.explain import MAX_WORDS, NOTES_SENTENCE, explain_model, explain_text, payload
 from qkv.explorer import page
 from qkv.generate import GenerationConfig
-from qkv.model import DecoderLM, Encoder
+from qkv.model import DecoderLM, Encoder, EncoderDecoder
 from qkv.sampling import SamplingConfig
 from qkv.tokenizer import Tokenizer
 
@@ -311,7 +311,7 @@ class Served:
     """What the app serves: a decoder (with its engine) or an encoder, its tokenizer, the name
     clients use; or, with no model, the notes' example (POST /v1/explain and the page only)."""
 
-    model: DecoderLM | Encoder | None
+    model: DecoderLM | Encoder | EncoderDecoder | None
     tokenizer: Tokenizer | None
     name: str
     engine: Engine | None  # None for an encoder
@@ -323,7 +323,7 @@ class Served:
     def window(self) -> int:
         return MAX_WORDS if self.model is None else self.model.config.max_seq_len
 
-    def loaded(self) -> tuple[DecoderLM | Encoder, Tokenizer]:
+    def loaded(self) -> tuple[DecoderLM | Encoder | EncoderDecoder, Tokenizer]:
         """The model and its tokenizer, or a 400 when serving the notes' example."""
         if self.model is None or self.tokenizer is None:
             message = ("this server explains the notes' untrained example and has no trained "
@@ -352,7 +352,10 @@ class Served:
 
     def decoding(self) -> Engine:
         """The engine, or a 400 for an encoder."""
-        self.loaded()
+        model, _ = self.loaded()
+        if isinstance(model, EncoderDecoder):
+            raise ApiError(400, f"{self.name} is an encoder-decoder: it serves /v1/explain and "
+                           "the page at / only", "model")  # fmt: skip
         if self.engine is None:
             raise ApiError(400, f"{self.name} is an encoder: it serves /v1/embeddings, not "
                            "completions", "model")  # fmt: skip
@@ -757,10 +760,6 @@ def load_served(
     """A decoder (from a checkpoint, run, adapter or Hugging Face directory) or an encoder,
     ready to serve."""
     model, tokenizer = load_model(model_dir, resolve_device(device))
-    if not isinstance(model, DecoderLM | Encoder):
-        raise QkvError(
-            f"{model_dir} holds an {model.config.arch} model; serving needs a decoder or an encoder"
-        )
     torch.set_flush_denormal(True)
     engine = (
         Engine(model, tokenizer, max_batch, max_queue) if isinstance(model, DecoderLM) else None

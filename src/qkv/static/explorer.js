@@ -5,7 +5,7 @@
 const settings = JSON.parse(document.getElementById("qkv-settings").textContent);
 const embedded = JSON.parse(document.getElementById("qkv-data").textContent);
 const $ = (id) => document.getElementById(id);
-const state = { data: null, layer: 0, head: 0, kind: "attention", selected: 0, tokenIds: null, draws: 0 };
+const state = { data: null, layer: 0, head: 0, kind: "attention", stack: "decoder", selected: 0, tokenIds: null, draws: 0 };
 const apiKey = new URLSearchParams(location.hash.slice(1)).get("key");
 
 // ---- colour scales (each drawn with a legend that states its numbers) ----
@@ -46,9 +46,18 @@ function legend(kind, low, high) {
 }
 
 // ---- the data ----
+function inStack(s) {  // an encoder-decoder's layered stages: those of the chosen stack
+  return s.layer === undefined || s.stack === undefined || s.stack === state.stack;
+}
 function stage(name, layer = null, sublayer = null) {
   return state.data.stages.find((s) => s.name === name && (layer === null || s.layer === layer)
-    && (sublayer === null || s.sublayer === sublayer));
+    && (sublayer === null || s.sublayer === sublayer) && inStack(s));
+}
+function rowsOf(s) {  // the tokens a stage's rows are: the source's in the encoder
+  return s.rows || state.data.tokens;
+}
+function rowIndex(s) {  // the selected token's row in this stage
+  return Math.min(state.selected, rowsOf(s).length - 1);
 }
 function label(token) {
   const shown = JSON.stringify(token).slice(1, -1).replaceAll(" ", "·");
@@ -118,7 +127,14 @@ function render() {
   renderEmbeddings();
   fillSelect($("layer-select"), c.n_layers, state.layer, "layer");
   fillSelect($("head-select"), c.n_heads, state.head, "head");
-  const kinds = [...new Set(d.stages.filter((s) => s.name === "attention_weights").map((s) => s.sublayer || "attention"))];
+  const stacks = [...new Set(d.stages.filter((s) => s.stack && s.layer !== undefined).map((s) => s.stack))];
+  $("stack-label").hidden = stacks.length < 2;
+  if (stacks.length && !stacks.includes(state.stack)) state.stack = stacks[stacks.length - 1];
+  $("stack-select").innerHTML = "";
+  for (const k of stacks) $("stack-select").append(new Option(k, k, false, k === state.stack));
+  $("source-line").hidden = !d.source;
+  if (d.source) $("source-line").textContent = `source (the encoder reads): ${d.source.map(label).join(" ")}; below: the target the decoder reads (E, then what it wrote)`;
+  const kinds = [...new Set(d.stages.filter((s) => s.name === "attention_weights" && inStack(s)).map((s) => s.sublayer || "attention"))];
   $("kind-label").hidden = kinds.length < 2;
   if (!kinds.includes(state.kind)) state.kind = kinds[0] || "attention";
   const kindSelect = $("kind-select");
@@ -200,16 +216,17 @@ function renderEmbeddings() {
   const box = $("embedding-strips");
   box.innerHTML = "";
   const tokens = state.data.tokens;
-  for (const name of ["embeddings", "positional_encoding", "token_type_embeddings", "embeddings_plus_positions", "embedding_norm"]) {
-    const s = stage(name);
-    if (s) strip(box, name.replaceAll("_", " "), s.formula, s.values, s.columns, tokens);
+  const names = ["embeddings", "positional_encoding", "token_type_embeddings", "embeddings_plus_positions", "embedding_norm"];
+  for (const s of state.data.stages.filter((x) => names.includes(x.name))) {
+    const title = (s.stack ? `${s.stack}: ` : "") + s.name.replaceAll("_", " ");
+    strip(box, title, s.formula, s.values, s.columns, s.rows || tokens);
   }
 }
 
 function heatmap(container, s, h, scale) {
   // One head's (tokens x tokens) matrix as a table: a cell per (query, key), its value in data-value.
   container.innerHTML = "";
-  const rows = s.values[s.head_ids.indexOf(h)], tokens = state.data.tokens;
+  const rows = s.values[s.head_ids.indexOf(h)], tokens = rowsOf(s);
   const table = document.createElement("table");
   table.className = "heatmap"; table.dataset.stage = s.name; table.dataset.head = String(h);
   const head = table.createTHead().insertRow();
@@ -221,7 +238,7 @@ function heatmap(container, s, h, scale) {
   const m = Math.max(Math.abs(lo), Math.abs(hi));
   rows.forEach((row, i) => {
     const tr = body.insertRow();
-    if (i === state.selected) tr.className = "selected";
+    if (i === rowIndex(s)) tr.className = "selected";
     const th = document.createElement("th");
     th.textContent = label(tokens[i]);
     tr.append(th);
@@ -252,8 +269,9 @@ function renderAttention() {
   $("weights-formula").textContent = weights.formula;
   heatmap($("scores-map"), scores, h, "diverging");
   heatmap($("weights-map"), weights, h, "sequential");
-  const row = weights.values[weights.head_ids.indexOf(h)][state.selected] || [];
-  $("attends-title").textContent = `what ${label(d.tokens[state.selected])} (query) attends to, layer ${layer}, head ${h}`;
+  const at = rowIndex(weights);
+  const row = weights.values[weights.head_ids.indexOf(h)][at] || [];
+  $("attends-title").textContent = `what ${label(rowsOf(weights)[at])} (query) attends to, layer ${layer}, head ${h}`;
   const bars = $("attends");
   bars.innerHTML = "";
   row.map((w, j) => [w, j]).filter(([w]) => w > 0).sort((a, b) => b[0] - a[0]).forEach(([w, j]) => {
@@ -282,11 +300,15 @@ function renderAttention() {
   const strips = $("qkv-strips");
   strips.innerHTML = "";
   for (const name of ["query", "key", "value"]) {
-    const s = d.stages.find((x) => x.name === name && x.layer === layer && (x.sublayer || "attention") === kind);
+    const s = d.stages.find((x) => x.name === name && x.layer === layer && (x.sublayer || "attention") === kind && inStack(x));
     if (!s) continue;
-    const part = headBlock(s, h);
+    const part = headBlock(s, h), at = rowIndex(s), rows = rowsOf(s);
     const which = name === "query" ? `head ${h}` : `key/value head ${part.head}`;
-    strip(strips, `${name}, ${which}, token ${label(d.tokens[state.selected])}`, s.formula, [part.rows[state.selected]], part.columns, [d.tokens[state.selected]]);
+    if (s.rows && kind === "cross_attention") {  // the keys and values of every source token
+      strip(strips, `${name}, ${which}, every source token`, s.formula, part.rows, part.columns, rows);
+    } else {
+      strip(strips, `${name}, ${which}, token ${label(rows[at])}`, s.formula, [part.rows[at]], part.columns, [rows[at]]);
+    }
   }
 }
 function bar(container, name, value, max, text = fmt(value)) {
@@ -303,7 +325,7 @@ function renderFeedForward() {
   units.innerHTML = "";
   if (hidden) {
     $("hidden-formula").textContent = hidden.formula;
-    const row = hidden.values[state.selected];
+    const row = hidden.values[rowIndex(hidden)];
     const top = row.map((v, k) => [v, k]).sort((a, b) => b[0] - a[0]).slice(0, 12);
     const max = Math.max(...top.map(([v]) => Math.abs(v)));
     for (const [v, k] of top) bar(units, hidden.columns[k], Math.abs(v), max, fmt(v));
@@ -335,9 +357,9 @@ function renderFeedForward() {
   box.append(caption, legend("sequential", 0, max), table);
   const norms = $("norm-strips");
   norms.innerHTML = "";
-  for (const s of d.stages.filter((x) => x.name === "layer_norm" && x.layer === layer)) {
+  for (const s of d.stages.filter((x) => x.name === "layer_norm" && x.layer === layer && inStack(x))) {
     const where = d.config.norm_first ? "before" : "after";
-    strip(norms, `norm ${where} the ${(s.sublayer || "").replaceAll("_", " ")} sublayer, layer ${layer}`, s.formula, s.values, s.columns, d.tokens);
+    strip(norms, `norm ${where} the ${(s.sublayer || "").replaceAll("_", " ")} sublayer, layer ${layer}`, s.formula, s.values, s.columns, rowsOf(s));
   }
 }
 function renderLens() {
@@ -407,6 +429,7 @@ $("layer-select").addEventListener("change", () => {
 });
 $("head-select").addEventListener("change", () => { state.head = Number($("head-select").value); renderAttention(); });
 $("kind-select").addEventListener("change", () => { state.kind = $("kind-select").value; renderAttention(); });
+$("stack-select").addEventListener("change", () => { state.stack = $("stack-select").value; render(); });
 $("sampling-form").addEventListener("submit", (event) => { event.preventDefault(); explain(); });
 $("sample-button").addEventListener("click", async () => {
   if (!state.data) return;
