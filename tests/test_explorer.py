@@ -295,3 +295,20 @@ def test_an_encoder_decoder_shows_cross_attention_over_the_source(pair_dir: Path
     assert [s["layer"] for s in lens] == [0, 1] and lens[-1]["top"] == next(
         s for s in data["stages"] if s["name"] == "probabilities"
     )["top"]
+
+
+def test_a_lora_adapter_is_explained_with_its_adapted_weights(tmp_path: Path) -> None:
+    from test_cli_finetune import checkpoint, finetune
+
+    base = checkpoint(tmp_path / "base", "decoder")
+    adapter = Path(finetune(tmp_path, base, tmp_path / "lora", "--steps", "3", "--lora-rank", "4"))
+    with TestClient(create_app(load_served(adapter, "cpu"))) as client:
+        data = explain(client, text="the fox", top=5)
+    adapted, tokenizer = load_model(adapter)
+    plain, _ = load_model(base)
+    ids = torch.tensor([tokenizer.encode_inputs(["the fox"])[0]])
+    with torch.no_grad():
+        ours, theirs = adapted(ids)[0], plain(ids)[0]
+    shown = torch.tensor(next(s for s in data["stages"] if s["name"] == "logits")["top"]["values"])
+    torch.testing.assert_close(shown, ours.topk(5).values, atol=1e-5, rtol=0)
+    assert (ours[:, : theirs.shape[-1]] - theirs).abs().max() > 1e-4  # the adapter changed them
