@@ -258,6 +258,8 @@ class Engine:
                 self.tickets.pop(id(ticket.sequence), None)
             elif command == "call":
                 work, future = ticket
+                if not future.set_running_or_notify_cancel():  # its request went away
+                    continue
                 try:
                     future.set_result(work())
                 except Exception as err:  # handed to the request that asked

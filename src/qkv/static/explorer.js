@@ -256,7 +256,7 @@ function heatmap(container, s, h, scale) {
 function headBlock(s, h) {
   // A per-head stage's columns for head h (keys and values: the key/value head h reads).
   const c = state.data.config;
-  const own = s.head_ids.length && c.n_kv_heads < c.n_heads && s.kv ? Math.floor(h * c.n_kv_heads / c.n_heads) : h;
+  const own = Math.floor(h * s.heads_total / c.n_heads);  // key/value heads serve a group
   const k = s.head_ids.indexOf(own);
   const width = s.shape[1] / s.head_ids.length;
   return { rows: s.values.map((r) => r.slice(k * width, (k + 1) * width)), columns: s.columns.slice(k * width, (k + 1) * width), head: own };
