@@ -1,5 +1,5 @@
 """Shared fixtures: a private cache directory, small corpora made from local text, the real
-all-MiniLM-L6-v2 weights and a small decoder with qkv's chat tokens."""
+all-MiniLM-L6-v2 weights, a small decoder with qkv's chat tokens and a small encoder-decoder."""
 
 import subprocess
 import sysconfig
@@ -75,3 +75,17 @@ def model_dir(tmp_path_factory) -> Path:
     add_chat_tokens(tokenizer)
     grow_vocabulary(model, tokenizer)
     return write_checkpoint(tmp_path_factory.mktemp("serve") / "tiny", model.eval(), tokenizer)
+
+
+@pytest.fixture(scope="module")
+def pair_dir(tmp_path_factory) -> Path:
+    """A small random encoder-decoder with the task tokenizer, saved as a checkpoint."""
+    from qkv.model import build_model
+    from qkv.seq2seq import task_tokenizer
+
+    tokenizer = task_tokenizer()
+    torch.manual_seed(0)
+    config = ModelConfig(arch="encoder-decoder", vocab_size=tokenizer.vocab_size, d_model=32,
+                         n_heads=4, n_layers=2, max_seq_len=64)  # fmt: skip
+    folder = tmp_path_factory.mktemp("pair") / "pair"
+    return write_checkpoint(folder, build_model(config).eval(), tokenizer)

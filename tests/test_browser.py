@@ -103,6 +103,10 @@ def test_the_explorer_shows_what_the_endpoint_returns(page, url: str, model_dir:
     assert heatmap_values(page, "attention_weights") == weights["values"][0]  # layer 0, head 0
     scores = next(s for s in data["stages"] if s["name"] == "scores")
     assert heatmap_values(page, "scores") == scores["values"][0]
+    n = len(data["tokens"])  # causal: the later keys of each row are hatched, not coloured
+    assert page.locator("#scores-map td.masked").count() == n * (n - 1) // 2
+    first_row = page.locator("#scores-map tbody tr").first.locator("td")
+    assert first_row.nth(1).get_attribute("class") == "masked"
 
     page.locator("#tokens .token").nth(2).click()
     selected = page.locator("#weights-map tr.selected")
@@ -190,4 +194,48 @@ def test_the_exported_file_opens_from_disk_with_the_same_numbers(page, url, mode
     assert heatmap_values(page, "attention_weights") == later["values"][0]
     assert page.locator("#sample-button").is_disabled()
     shoot(page, tmp_path, "offline")
+
+    one = tmp_path / "one-head.html"  # made for layer 1, head 2: the page starts there
+    result = subprocess.run(
+        [sys.executable, "-m", "qkv", "explain", "--model", str(model_dir), TEXT, "--html",
+         str(one), "--layer", "1", "--head", "2"], capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    page.goto(one.as_uri())
+    page.wait_for_selector("#weights-map table")
+    options = "select => [...select.options].map(o => o.value)"
+    assert page.locator("#layer-select").evaluate(options) == ["1"]
+    assert page.locator("#head-select").evaluate(options) == ["2"]
+    assert heatmap_values(page, "attention_weights") == later["values"][2]
+    assert page.errors == []
+
+
+def test_an_encoder_decoder_file_chooses_source_and_target_tokens_apart(page, pair_dir, tmp_path):
+    """The encoder's panels follow a source token, the decoder's a target token: choosing the
+    last source token leaves the target's choice (and the residual stream) as it was."""
+    out = tmp_path / "pair.html"
+    source = "4021398765"
+    result = subprocess.run(
+        [sys.executable, "-m", "qkv", "explain", "--model", str(pair_dir), source, "--html",
+         str(out)], capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    page.goto(out.as_uri())
+    page.wait_for_selector("#source-tokens .token")
+    assert page.locator("#source-tokens .token").count() == len(source)
+    assert not page.locator("#tab-chat").is_visible()
+    page.select_option("#stack-select", "encoder")
+    page.locator("#source-tokens .token").last.click()
+    rows = page.locator("#weights-map tbody tr")
+    assert rows.count() == len(source)
+    assert rows.last.get_attribute("class") == "selected"
+    assert page.locator("#tokens .token").first.get_attribute("aria-pressed") == "true"
+    page.keyboard.press("ArrowLeft")
+    assert rows.nth(len(source) - 2).get_attribute("class") == "selected"
+    assert page.locator("#residual-table td").count() > 0
+    page.select_option("#stack-select", "decoder")
+    page.select_option("#kind-select", "cross_attention")
+    cross = page.locator("#weights-map thead th")
+    assert cross.count() == len(source) + 1  # a column per source token
+    shoot(page, tmp_path, "encoder-decoder")
     assert page.errors == []

@@ -132,6 +132,8 @@ def test_sample_draws_the_token_completions_draws_with_the_same_seed(app) -> Non
         ({"text": ""}, 400, "empty"),
         ({"text": TEXT, "layers": [2]}, 400, "layer 2 does not exist: the model has 2 layers"),
         ({"text": TEXT, "heads": [-1]}, 400, "head -1 does not exist"),
+        ({"text": TEXT, "layers": []}, 400, "layers: List should have at least 1 item"),
+        ({"text": TEXT, "heads": []}, 400, "heads: List should have at least 1 item"),
         ({"text": TEXT, "top": 0}, 400, "top"),
         ({"text": TEXT, "temperature": -1}, 400, "temperature"),
         ({"text": TEXT, "top_p": 0}, 400, "top_p"),
@@ -160,6 +162,7 @@ def test_the_notes_example_explains_any_words_and_serves_nothing_else() -> None:
             assert reply.status_code == 400 and "error" in reply.json(), path
         page = client.get("/")
         assert page.status_code == 200 and '"notes": true' in page.text
+        assert '"chat": false' in page.text and '"sample": true' in page.text
 
 
 def test_an_encoder_is_explained_without_a_next_token(minilm: Path) -> None:
@@ -246,22 +249,6 @@ def test_qkv_explore_serves_the_notes_example_and_opens_the_browser(tmp_path: Pa
     assert "Traceback" not in stderr
 
 
-@pytest.fixture(scope="module")
-def pair_dir(tmp_path_factory) -> Path:
-    """A small random encoder-decoder with the task tokenizer, saved as a checkpoint."""
-    from qkv.checkpoint import write_checkpoint
-    from qkv.config import ModelConfig
-    from qkv.model import build_model
-    from qkv.seq2seq import task_tokenizer
-
-    tokenizer = task_tokenizer()
-    torch.manual_seed(0)
-    config = ModelConfig(arch="encoder-decoder", vocab_size=tokenizer.vocab_size, d_model=32,
-                         n_heads=4, n_layers=2, max_seq_len=64)  # fmt: skip
-    folder = tmp_path_factory.mktemp("pair") / "pair"
-    return write_checkpoint(folder, build_model(config).eval(), tokenizer)
-
-
 def test_an_encoder_decoder_shows_cross_attention_over_the_source(pair_dir: Path) -> None:
     """The decoder reads E + the target it writes greedily; cross-attention has a row per target
     token and a column per source token; logits are the model's own on (source, target)."""
@@ -272,7 +259,9 @@ def test_an_encoder_decoder_shows_cross_attention_over_the_source(pair_dir: Path
     with TestClient(create_app(load_served(pair_dir, "cpu"))) as client:
         data = explain(client, text=source, top=5)
         refused = client.post("/v1/completions", json={"prompt": source})
+        page = client.get("/")
     assert refused.status_code == 400 and "encoder-decoder" in refused.json()["error"]["message"]
+    assert '"chat": false' in page.text and '"sample": false' in page.text
     src = torch.tensor([tokenizer.encode(source)])
     end = tokenizer.end_of_text_id
     target = [end, *greedy_decode(model, src, torch.ones_like(src), end, 32)[0]]
@@ -312,3 +301,74 @@ def test_a_lora_adapter_is_explained_with_its_adapted_weights(tmp_path: Path) ->
     shown = torch.tensor(next(s for s in data["stages"] if s["name"] == "logits")["top"]["values"])
     torch.testing.assert_close(shown, ours.topk(5).values, atol=1e-5, rtol=0)
     assert (ours[:, : theirs.shape[-1]] - theirs).abs().max() > 1e-4  # the adapter changed them
+
+
+def test_a_model_that_overflows_is_refused_naming_the_stage(model_dir: Path, tmp_path) -> None:
+    """A checkpoint whose embedding of 'x' is inf: explain names the first stage that holds it
+    (JSON has no inf); the server answers 400, for any text (the tied head scores 'x' inf
+    everywhere), and goes on serving."""
+    from qkv.checkpoint import write_checkpoint
+
+    model, tokenizer = load_model(model_dir)
+    with torch.no_grad():
+        model.embedder.token_embedding.weight[tokenizer.encode("x")[0]] = math.inf
+    broken = write_checkpoint(tmp_path / "broken", model, tokenizer)
+    printed = subprocess.run(
+        [sys.executable, "-m", "qkv", "explain", "--model", str(broken), "a x b", "--json"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert printed.returncode != 0 and printed.stdout == ""
+    assert "stage embeddings holds inf or NaN" in printed.stderr
+    assert "Traceback" not in printed.stderr
+    with TestClient(create_app(load_served(broken, "cpu"))) as client:
+        for text, stage in [("a x b", "embeddings"), ("a b", "logit_lens (layer 0)")]:
+            reply = client.post("/v1/explain", json={"text": text})
+            assert reply.status_code == 400
+            assert f"stage {stage} holds inf or NaN" in reply.json()["error"]["message"]
+        assert client.get("/health").json() == {"status": "ok"}
+
+
+def test_the_page_keeps_any_text_inside_its_data(tmp_path: Path) -> None:
+    """A text with '</script>', '<!--' and the page's own markers comes back whole from the
+    exported file, and the page's scripts are the only ones in it."""
+    text = "a </script> <!-- b {{JS}} c"
+    out = tmp_path / "walk.html"
+    result = subprocess.run([sys.executable, "-m", "qkv", "explain", text, "--html", str(out)],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    html = out.read_text()
+    assert html.count("<script") == 3 and html.count("</script>") == 3
+    embedded = re.search(r'<script id="qkv-data" type="application/json">(.*?)</script>', html,
+                         re.S)  # fmt: skip
+    assert json.loads(embedded.group(1))["text"] == text
+
+
+def test_explain_requests_beyond_the_limit_wait_no_longer_than_a_503() -> None:
+    """At most MAX_EXPLAINS explain requests wait for the model; the next is told to retry,
+    and running out of memory is a 503 too, after which the server explains again."""
+    import asyncio
+    import threading
+
+    from qkv.server import MAX_EXPLAINS, ApiError
+
+    served = notes_served()
+    release = threading.Event()
+
+    async def crowd() -> None:
+        waiting = [asyncio.create_task(served.exclusive(release.wait)) for _ in range(MAX_EXPLAINS)]
+        await asyncio.sleep(0.1)
+        with pytest.raises(ApiError) as busy:
+            await served.exclusive(lambda: None)
+        assert busy.value.status == 503 and "busy" in busy.value.message
+        release.set()
+        assert await asyncio.gather(*waiting) == [True] * MAX_EXPLAINS
+
+        def out_of_memory() -> None:
+            raise MemoryError
+
+        with pytest.raises(ApiError) as full:
+            await served.exclusive(out_of_memory)
+        assert full.value.status == 503 and "not enough memory" in full.value.message
+        assert await served.exclusive(lambda: 7) == 7
+
+    asyncio.run(crowd())

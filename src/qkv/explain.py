@@ -3,8 +3,9 @@
 The stages are what the model's own modules recorded during one forward pass (qkv.nn.recording),
 each with the formula its module states; nothing here computes a stage a second time.
 `explain_text` builds the notes' worked example (word tokens, a freshly initialised seeded decoder
-with d_model = 4); `explain_model` walks any decoder or encoder, such as a trained checkpoint or a
-Hugging Face GPT-2, Llama or BERT directory loaded by qkv.checkpoint.load_model.
+with d_model = 4); `explain_model` walks any decoder, encoder or encoder-decoder, such as a
+trained checkpoint or a Hugging Face GPT-2, Llama or BERT directory loaded by
+qkv.checkpoint.load_model.
 """
 
 from __future__ import annotations
@@ -167,14 +168,14 @@ def explain_checkpoint(path: str | Path, text: str) -> Walkthrough:
 
 
 def explain_model(
-    model: DecoderLM | Encoder,
+    model: DecoderLM | Encoder | EncoderDecoder,
     tokenizer: Tokenizer,
     text: str | None = None,
     token_ids: list[int] | None = None,
 ) -> Walkthrough:
-    """`text` (or `token_ids`) through a decoder or an encoder (trained, or loaded from Hugging
-    Face), as the model's tokenizer encodes whole inputs (with BERT's [CLS] ... [SEP] where it
-    adds them)."""
+    """`text` (or `token_ids`) through a decoder, an encoder or an encoder-decoder (trained, or
+    loaded from Hugging Face), as the model's tokenizer encodes whole inputs (with BERT's
+    [CLS] ... [SEP] where it adds them); an encoder-decoder reads it as its source."""
     if token_ids is None:
         ids = tokenizer.encode_inputs([text])[0] if text and text.strip() else []
     else:
@@ -271,12 +272,10 @@ def walk(
     probs = probabilities(logits.values)
     norm = model.decoder_norm if isinstance(model, EncoderDecoder) else model.final_norm
     stack = logits.stack
-    if outputs:  # the layers below the last through the norm and head in one matmul
-        below = torch.cat(outputs[:-1]) if len(outputs) > 1 else None
-        read = [] if below is None else list(probabilities(model.head(norm(below))))
-        for layer, rows in enumerate([*read, probs]):
-            lens = Stage("logit_lens", formula, rows.float().cpu(), vocabulary, layer, stack=stack)
-            out.stages.append(lens)
+    for layer, h in enumerate(outputs):  # one layer at a time: (seq, vocabulary) each
+        rows = probs if layer == len(outputs) - 1 else probabilities(model.head(norm(h)))[0]
+        lens = Stage("logit_lens", formula, rows.float().cpu(), vocabulary, layer, stack=stack)
+        out.stages.append(lens)
     out.stages.append(logits)
     out.stages.append(Stage("probabilities", PROBABILITIES_FORMULA, probs, vocabulary, stack=stack))
     return out
@@ -556,7 +555,7 @@ def next_token(
         },
         "ids": best.indices.tolist(),
         "tokens": [walkthrough.vocabulary[i] for i in best.indices.tolist()],
-        "probs": _rounded(best.values),
+        "probs": _rounded(best.values, "the next-token distribution"),
         "candidates": candidates,
         "sampled": sampled,
     }
@@ -594,18 +593,32 @@ def _stage_json(
         data["top"] = {
             "ids": best.indices.tolist(),
             "tokens": [[vocabulary[i] for i in row] for row in best.indices.tolist()],
-            "values": _rounded(best.values),
+            "values": _rounded(best.values, _where(stage)),
         }
         return data
-    data.update(values=_rounded(values), columns=columns, shape=list(values.shape))
+    data.update(values=_rounded(values, _where(stage)), columns=columns, shape=list(values.shape))
     return data
 
 
-def _rounded(values: Tensor) -> list[Any]:
+def _where(stage: Stage) -> str:
+    """A stage as a message names it: 'stage scores (decoder layer 1, cross_attention)'."""
+    place = [] if stage.layer is None else [f"{stage.stack or 'layer'} {stage.layer}"]
+    place = [stage.stack] if stage.layer is None and stage.stack else place
+    place += [stage.sublayer] if stage.sublayer else []
+    return f"stage {stage.name}" + (f" ({', '.join(place)})" if place else "")
+
+
+def _rounded(values: Tensor, what: str) -> list[Any]:
     """A tensor as nested lists; floats rounded to DECIMALS places in float64, so that JSON
-    spells them short (0.123457, not float32's 0.12345699965953827)."""
+    spells them short (0.123457, not float32's 0.12345699965953827). Inf and NaN, which JSON
+    cannot hold, are refused with `what` they are in."""
     if not values.is_floating_point():
         return values.tolist()
+    if not torch.isfinite(values).all():
+        raise QkvError(
+            f"{what} holds inf or NaN: the model's numbers overflow on this input, so there is "
+            "nothing to show; check its weights (a diverged training run gives these)"
+        )
     return values.double().round(decimals=DECIMALS).tolist()
 
 
@@ -619,9 +632,11 @@ def _residual_stream(walkthrough: Walkthrough) -> dict[str, Any]:
     rows = [
         {
             "label": label,
-            "norm": _rounded(s.values.norm(dim=-1)),
-            "mean": _rounded(s.values.mean(dim=-1)),
-            "std": _rounded(s.values.std(dim=-1, correction=0)),
+            "norm": _rounded(s.values.norm(dim=-1), f"the residual stream after {label}"),
+            "mean": _rounded(s.values.mean(dim=-1), f"the residual stream after {label}"),
+            "std": _rounded(
+                s.values.std(dim=-1, correction=0), f"the residual stream after {label}"
+            ),
         }
         for label, s in points
     ]

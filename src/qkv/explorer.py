@@ -8,6 +8,7 @@ No build step and no library: the page is plain HTML, CSS and JavaScript shipped
 from __future__ import annotations
 
 import json
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -26,20 +27,20 @@ def page(settings: dict[str, Any], data: dict[str, Any] | None = None) -> str:
         "{{SETTINGS}}": _script_json(settings),
         "{{DATA}}": _script_json(data),
     }
-    for marker, text in parts.items():
-        html = html.replace(marker, text)
-    return html
+    return re.sub(r"\{\{[A-Z]+\}\}", lambda m: parts[m.group()], html)  # one pass: none re-read
 
 
 def write_html(data: dict[str, Any], text: str, path: str | Path) -> Path:
     """`qkv explain --html`: the page with `data` (payload of `text`) embedded, written
     atomically; it needs no server and opens offline."""
     path = Path(path)
-    settings = {"api": False, "model": None, "notes": bool(data.get("untrained")), "text": text}
+    settings = {"api": False, "model": None, "notes": bool(data.get("untrained")), "text": text,
+                "chat": False, "sample": False}  # fmt: skip
     atomic_write_text(path, page(settings, data | {"text": text}))
     return path
 
 
 def _script_json(value: Any) -> str:
-    """JSON safe inside a <script> element: no '</' can close it early."""
-    return json.dumps(value, allow_nan=False).replace("</", "<\\/")
+    """JSON safe inside a <script> element: every '<' spelled \\u003c, so no '</script>' or
+    '<!--' in a token's text can end or change it."""
+    return json.dumps(value, allow_nan=False).replace("<", "\\u003c")

@@ -61,6 +61,7 @@ from qkv.sampling import SamplingConfig
 from qkv.tokenizer import Tokenizer
 
 MAX_BODY = 8 << 20  # bytes of a request body
+MAX_EXPLAINS = 4  # explain requests waiting for or holding the model; more get a 503
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}  # Continuation's -> OpenAI's
 
 
@@ -146,8 +147,8 @@ class ExplainRequest(BaseModel):
     model: str | None = None
     text: str | None = None
     token_ids: list[int] | None = None
-    layers: list[int] | None = None
-    heads: list[int] | None = None
+    layers: list[int] | None = Field(None, min_length=1)
+    heads: list[int] | None = Field(None, min_length=1)
     top: int = Field(10, ge=1, le=100)
     temperature: float = Field(1.0, ge=0.0, le=100.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -194,6 +195,8 @@ class Engine:
         self.inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
         self.tickets: dict[int, Ticket] = {}
         self.waiting = 0  # tickets submitted and not yet running (read by other threads)
+        self.arriving = 0  # tickets in the inbox, not yet taken (under self.lock)
+        self.lock = threading.Lock()
         self.stopping = False
         self.deadline: float | None = None  # draining: every row ends at this monotonic time
         self.metrics: Metrics | None = None  # the server's, once it serves
@@ -206,6 +209,8 @@ class Engine:
         if self.waiting + len(tickets) > self.max_queue:
             raise ApiError(503, "the server is busy (its queue is full); retry shortly")
         self.waiting += len(tickets)
+        with self.lock:
+            self.arriving += len(tickets)
         for ticket in tickets:
             self.inbox.put(("add", ticket))
 
@@ -249,6 +254,8 @@ class Engine:
             if ticket is None:  # stop or drain
                 return
             if command == "add":
+                with self.lock:
+                    self.arriving -= 1
                 ticket.sequence = self.batcher.add(
                     ticket.prompt_ids, ticket.config, top_logprobs=ticket.top_logprobs
                 )
@@ -266,7 +273,9 @@ class Engine:
                     future.set_exception(err)
 
     def _publish(self, changed: list[Sequence]) -> None:
-        self.waiting = sum(1 for s in self.batcher.waiting if not s.cancelled) + self.inbox.qsize()
+        waiting = sum(1 for s in self.batcher.waiting if not s.cancelled)
+        with self.lock:
+            self.waiting = waiting + self.arriving
         if self.metrics is not None:
             self.metrics.queue.set(self.waiting)
             self.metrics.running.set(len(self.batcher.running))
@@ -320,6 +329,7 @@ class Served:
     api_key: str | None = None
     metrics: Metrics = field(default_factory=Metrics)
     encoding: asyncio.Lock = field(default_factory=asyncio.Lock)  # one embedding batch at a time
+    explaining: int = 0  # explain requests waiting for or holding the model (event loop only)
 
     @property
     def window(self) -> int:
@@ -336,11 +346,32 @@ class Served:
     async def exclusive(self, work: Callable[[], Any]) -> Any:
         """Run `work` (which may use the model) off the event loop, alone with the model: on the
         engine's thread between steps, under the encoder's lock, or (the notes' example, a
-        model of its own per call) on a worker thread."""
-        if self.engine is not None:
-            return await asyncio.wrap_future(self.engine.call(work))
-        async with self.encoding:
-            return await asyncio.to_thread(work)
+        model of its own per call) on a worker thread. At most MAX_EXPLAINS wait at a time;
+        running out of memory is a 503, the server keeps serving."""
+        if self.explaining >= MAX_EXPLAINS:
+            raise ApiError(503, f"the server is busy ({MAX_EXPLAINS} explain requests are "
+                           "waiting); retry shortly")  # fmt: skip
+        self.explaining += 1
+        try:
+            if self.engine is not None:
+                return await asyncio.wrap_future(self.engine.call(work))
+            async with self.encoding:
+                return await asyncio.to_thread(work)
+        except (MemoryError, torch.OutOfMemoryError):
+            raise ApiError(503, "not enough memory to explain this input; give a shorter text "
+                           "or fewer layers") from None  # fmt: skip
+        finally:
+            self.explaining -= 1
+
+    def settings(self) -> dict[str, Any]:
+        """What the explorer page needs to know of this server: its model's name, whether it
+        is the notes' example, whether it chats (a decoder with role tokens) and whether its
+        next token can be sampled and appended (a decoder, or the notes' example)."""
+        decoder = isinstance(self.model, DecoderLM)
+        notes = self.model is None
+        chat = decoder and self.tokenizer is not None and _has_roles(self.tokenizer)
+        return {"api": True, "model": self.name, "notes": notes, "text": NOTES_SENTENCE,
+                "chat": chat, "sample": decoder or notes}  # fmt: skip
 
     def check_name(self, name: str | None) -> None:
         if name not in (None, self.name):
@@ -568,9 +599,7 @@ def create_app(served: Served) -> FastAPI:
 
     @app.get("/", include_in_schema=False)
     async def explorer() -> HTMLResponse:
-        settings = {"api": True, "model": served.name, "notes": served.model is None,
-                    "text": NOTES_SENTENCE}  # fmt: skip
-        return HTMLResponse(page(settings))
+        return HTMLResponse(page(served.settings()))
 
     @app.post("/v1/explain")
     async def explain(body: ExplainRequest) -> JSONResponse:
@@ -594,7 +623,9 @@ def create_app(served: Served) -> FastAPI:
                                             body.token_ids)  # fmt: skip
             return payload(walkthrough, body.layers, body.heads, body.top, sampling, seed)
 
-        return JSONResponse(await served.exclusive(work))
+        data = await served.exclusive(work)
+        text = await asyncio.to_thread(json.dumps, data, allow_nan=False)  # megabytes: off the loop
+        return Response(text, media_type="application/json")
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -659,12 +690,10 @@ def create_app(served: Served) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest) -> Any:
         served.decoding()
-        try:
-            role_ids(served.tokenizer)
-        except QkvError:
+        if not _has_roles(served.tokenizer):
             raise ApiError(400, "this model has no chat template (no role tokens); use "
                            "/v1/completions, or fine-tune it with `qkv finetune`",
-                           "messages") from None  # fmt: skip
+                           "messages")  # fmt: skip
         turns = [(m.role, m.content) for m in body.messages]
         prompt = answer_prompt(turns, served.tokenizer)
         stop = (*ROLE_TOKENS.values(), *(body.stop or ()))
@@ -697,8 +726,9 @@ def create_app(served: Served) -> FastAPI:
         served.check_name(body.model)
         served.loaded()
         if not isinstance(served.model, Encoder):
-            raise ApiError(400, f"{served.name} is a decoder; embeddings need an encoder "
-                           "(such as a BERT directory)", "model")  # fmt: skip
+            kind = "an encoder-decoder" if isinstance(served.model, EncoderDecoder) else "a decoder"
+            raise ApiError(400, f"{served.name} is {kind}; embeddings need an encoder (such "
+                           "as a BERT directory)", "model")  # fmt: skip
         size = served.model.config.d_model
         if body.dimensions not in (None, size):
             raise ApiError(400, f"dimensions: this model's embeddings have {size}", "dimensions")
@@ -770,6 +800,15 @@ def load_served(
     if engine is not None:
         engine.metrics = served.metrics
     return served
+
+
+def _has_roles(tokenizer: Tokenizer) -> bool:
+    """Whether the tokenizer has the role tokens chat prompts are made of."""
+    try:
+        role_ids(tokenizer)
+    except QkvError:
+        return False
+    return True
 
 
 def check_port(port: int) -> None:

@@ -8,8 +8,7 @@ import sys
 import webbrowser
 from pathlib import Path
 
-from qkv.cli.options import add_command, add_device
-from qkv.errors import QkvError
+from qkv.cli.options import add_command, add_device, server
 
 EXAMPLES = """examples:
   qkv explore                                  the notes' 4-dimensional example, untrained
@@ -45,16 +44,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    try:
-        from qkv.server import check_port, load_served, notes_served, serve
-    except ImportError as err:
-        raise QkvError(
-            f"qkv explore needs the serve extra ({err.name} is missing): pip install 'qkv[serve]'"
-        ) from None
-    check_port(args.port)
-    served = notes_served() if args.model is None else load_served(args.model, args.device)
+    serving = server("explore")
+    serving.check_port(args.port)
+    if args.model is None:
+        served = serving.notes_served()
+    else:
+        served = serving.load_served(args.model, args.device)
     url = f"http://{args.host}:{args.port}/"
     what = "the notes' example" if args.model is None else served.name
     print(f"exploring {what} at {url}; Ctrl-C stops", file=sys.stderr, flush=True)
     opened = None if args.no_browser else (lambda: webbrowser.open(url))
-    serve(served, args.host, args.port, on_ready=opened)
+    serving.serve(served, args.host, args.port, on_ready=opened)

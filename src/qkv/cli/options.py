@@ -1,15 +1,20 @@
 """What several commands share: the parser class, value types, and the option groups for the
-device, model loading and token sampling. Nothing here imports PyTorch or the library."""
+device, model loading and token sampling. Nothing here imports PyTorch or the library (but
+`server`, when a command asks for it)."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
+
+from qkv.errors import QkvError
 
 
 class Parser(argparse.ArgumentParser):
@@ -104,3 +109,13 @@ def warnings_to_stderr(command: str, repeat: bool = True) -> Iterator[None]:
             f"qkv {command}: warning: {message}", file=sys.stderr
         )
         yield
+
+
+def server(command: str) -> ModuleType:
+    """qkv.server, or one line naming the missing serve extra and how to install it."""
+    try:
+        return importlib.import_module("qkv.server")
+    except ImportError as err:
+        raise QkvError(
+            f"qkv {command} needs the serve extra ({err.name} is missing): pip install 'qkv[serve]'"
+        ) from None

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from qkv.cli.options import add_command, add_device, add_model, positive
+from qkv.cli.options import add_command, add_device, add_model, positive, server
 from qkv.errors import QkvError
 
 EXAMPLES = """examples:
@@ -51,21 +51,16 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    try:
-        from qkv.server import check_port, load_served, serve
-    except ImportError as err:
-        raise QkvError(
-            f"qkv serve needs the serve extra ({err.name} is missing): pip install 'qkv[serve]'"
-        ) from None
+    serving = server("serve")
     from qkv.text import read_text_file
 
-    check_port(args.port)
+    serving.check_port(args.port)
     if not 0 <= args.shutdown_grace <= 600:
         raise QkvError(f"--shutdown-grace must be 0 to 600 seconds, got {args.shutdown_grace}")
     key = args.api_key
     if args.api_key_file is not None:
         key = read_text_file(args.api_key_file, "API key file").strip()
-    served = load_served(
+    served = serving.load_served(
         args.model, args.device, args.served_model_name, key, args.max_batch, args.max_queue
     )
     url = f"http://{args.host}:{args.port}"
@@ -78,4 +73,4 @@ def run(args: argparse.Namespace) -> None:
         file=sys.stderr,
         flush=True,
     )
-    serve(served, args.host, args.port, args.shutdown_grace)
+    serving.serve(served, args.host, args.port, args.shutdown_grace)

@@ -5,7 +5,8 @@
 const settings = JSON.parse(document.getElementById("qkv-settings").textContent);
 const embedded = JSON.parse(document.getElementById("qkv-data").textContent);
 const $ = (id) => document.getElementById(id);
-const state = { data: null, layer: 0, head: 0, kind: "attention", stack: "decoder", selected: 0, tokenIds: null, draws: 0 };
+// selected: the token (a row of d.tokens); sourceSelected: an encoder-decoder's source row.
+const state = { data: null, layer: 0, head: 0, kind: "attention", stack: "decoder", selected: 0, sourceSelected: 0, tokenIds: null, draws: 0 };
 const apiKey = new URLSearchParams(location.hash.slice(1)).get("key");
 
 // ---- colour scales (each drawn with a legend that states its numbers) ----
@@ -56,8 +57,12 @@ function stage(name, layer = null, sublayer = null) {
 function rowsOf(s) {  // the tokens a stage's rows are: the source's in the encoder
   return s.rows || state.data.tokens;
 }
-function rowIndex(s) {  // the selected token's row in this stage
-  return Math.min(state.selected, rowsOf(s).length - 1);
+function rowIndex(s) {  // the selected token's row in this stage (the source's own selection)
+  return Math.min(s.rows ? state.sourceSelected : state.selected, rowsOf(s).length - 1);
+}
+function causal(s) {  // scores are recorded before the mask: a decoder's self-attention hides j > i
+  const arch = state.data.config.arch;
+  return s.sublayer !== "cross_attention" && (arch === "decoder" || (arch === "encoder-decoder" && s.stack === "decoder"));
 }
 function label(token) {
   const shown = JSON.stringify(token).slice(1, -1).replaceAll(" ", "·");
@@ -65,12 +70,12 @@ function label(token) {
 }
 function absMax(rows) {
   let m = 0;
-  for (const row of rows) for (const v of row) if (Number.isFinite(v)) m = Math.max(m, Math.abs(v));
+  for (const row of rows) for (const v of row) m = Math.max(m, Math.abs(v));
   return m;
 }
 function range(rows) {
   let lo = Infinity, hi = -Infinity;
-  for (const row of rows) for (const v of row) if (Number.isFinite(v)) { lo = Math.min(lo, v); hi = Math.max(hi, v); }
+  for (const row of rows) for (const v of row) { lo = Math.min(lo, v); hi = Math.max(hi, v); }
   return [lo, hi];
 }
 
@@ -105,6 +110,7 @@ async function explain(extra = {}) {
     const data = await (await post("/v1/explain", body)).json();
     state.data = data;
     state.selected = Math.min(state.selected, data.tokens.length - 1);
+    if (data.source) state.sourceSelected = Math.min(state.sourceSelected, data.source.length - 1);
     render();
     $("status").textContent = `${data.tokens.length} tokens, explained in ${Math.round(performance.now() - started)} ms`;
     return data;
@@ -125,15 +131,17 @@ function render() {
   $("model-weights").textContent = d.untrained ? "weights: freshly initialised, untrained (the notes' worked example)" : "weights: as loaded";
   renderTokens();
   renderEmbeddings();
-  fillSelect($("layer-select"), c.n_layers, state.layer, "layer");
-  fillSelect($("head-select"), c.n_heads, state.head, "head");
+  // a server answers for any layer; an exported file holds the layers and heads it was made with
+  const layers = settings.api ? [...Array(c.n_layers).keys()] : d.layers;
+  if (!layers.includes(state.layer)) state.layer = layers[0];
+  if (!d.heads.includes(state.head)) state.head = d.heads[0];
+  fillSelect($("layer-select"), layers, state.layer, "layer");
+  fillSelect($("head-select"), d.heads, state.head, "head");
   const stacks = [...new Set(d.stages.filter((s) => s.stack && s.layer !== undefined).map((s) => s.stack))];
   $("stack-label").hidden = stacks.length < 2;
   if (stacks.length && !stacks.includes(state.stack)) state.stack = stacks[stacks.length - 1];
   $("stack-select").innerHTML = "";
   for (const k of stacks) $("stack-select").append(new Option(k, k, false, k === state.stack));
-  $("source-line").hidden = !d.source;
-  if (d.source) $("source-line").textContent = `source (the encoder reads): ${d.source.map(label).join(" ")}; below: the target the decoder reads (E, then what it wrote)`;
   const kinds = [...new Set(d.stages.filter((s) => s.name === "attention_weights" && inStack(s)).map((s) => s.sublayer || "attention"))];
   $("kind-label").hidden = kinds.length < 2;
   if (!kinds.includes(state.kind)) state.kind = kinds[0] || "attention";
@@ -145,42 +153,55 @@ function render() {
   renderLens();
   renderNext();
 }
-function fillSelect(select, count, value, name) {
+function fillSelect(select, choices, value, name) {
   select.innerHTML = "";
-  for (let i = 0; i < count; i++) select.append(new Option(`${name} ${i}`, String(i), false, i === value));
+  for (const i of choices) select.append(new Option(`${name} ${i}`, String(i), false, i === value));
 }
-function renderTokens() {
-  const d = state.data, box = $("tokens");
-  $("tokens-formula").textContent = stage("token_ids") ? stage("token_ids").formula : "";
+function chips(box, tokens, ids, selected, source) {
+  // One button per token (its text and id); the chosen one pressed.
   box.innerHTML = "";
-  d.tokens.forEach((token, i) => {
+  tokens.forEach((token, i) => {
     const chip = document.createElement("button");
     chip.type = "button"; chip.className = "token";
-    chip.setAttribute("aria-pressed", String(i === state.selected));
+    chip.setAttribute("aria-pressed", String(i === selected));
     chip.dataset.index = String(i);
     chip.append(label(token));
     const id = document.createElement("small");
-    id.textContent = String(d.token_ids[i]);
+    id.textContent = String(ids[i]);
     chip.append(id);
-    chip.title = `token ${i}: ${JSON.stringify(token)}, id ${d.token_ids[i]}`;
-    chip.addEventListener("click", () => select(i));
+    chip.title = `token ${i}: ${JSON.stringify(token)}, id ${ids[i]}`;
+    chip.addEventListener("click", () => select(i, source));
     box.append(chip);
   });
 }
-function select(i) {
-  state.selected = i;
+function renderTokens() {
+  const d = state.data;
+  $("tokens-formula").textContent = stage("token_ids") ? stage("token_ids").formula : "";
+  chips($("tokens"), d.tokens, d.token_ids, state.selected, false);
+  $("source-block").hidden = !d.source;
+  if (d.source) {
+    const ids = d.stages.find((s) => s.name === "token_ids" && s.stack === "encoder").values.map((r) => r[0]);
+    chips($("source-tokens"), d.source, ids, state.sourceSelected, true);
+  }
+}
+function select(i, source = false) {
+  if (source) state.sourceSelected = i; else state.selected = i;
   renderTokens();
   renderAttention();
   renderFeedForward();
   renderLens();
-  const chip = $("tokens").children[i];
+  const chip = $(source ? "source-tokens" : "tokens").children[i];
   if (chip) chip.focus();
 }
-$("tokens").addEventListener("keydown", (event) => {
-  const n = state.data ? state.data.tokens.length : 0;
-  if (event.key === "ArrowRight" || event.key === "ArrowDown") { select(Math.min(n - 1, state.selected + 1)); event.preventDefault(); }
-  if (event.key === "ArrowLeft" || event.key === "ArrowUp") { select(Math.max(0, state.selected - 1)); event.preventDefault(); }
-});
+for (const [box, source] of [["tokens", false], ["source-tokens", true]]) {
+  $(box).addEventListener("keydown", (event) => {  // arrow keys move the choice
+    const n = $(box).children.length, at = source ? state.sourceSelected : state.selected;
+    const step = { ArrowRight: 1, ArrowDown: 1, ArrowLeft: -1, ArrowUp: -1 }[event.key];
+    if (!step) return;
+    select(Math.max(0, Math.min(n - 1, at + step)), source);
+    event.preventDefault();
+  });
+}
 
 function strip(container, title, formula, rows, columns, rowLabels) {
   // A heat strip: one row per token, one column per value, hover for the number.
@@ -233,8 +254,9 @@ function heatmap(container, s, h, scale) {
   head.append(document.createElement("th"));
   for (const t of s.columns) { const th = document.createElement("th"); th.textContent = label(t); head.append(th); }
   const body = table.createTBody();
-  const finite = rows.map((r) => r.filter(Number.isFinite));
-  const [lo, hi] = scale === "sequential" ? [0, 1] : range(finite);
+  const hidden = (i, j) => causal(s) && j > i;  // a future key the mask removes
+  const shown = rows.map((r, i) => r.filter((_, j) => !hidden(i, j)));
+  const [lo, hi] = scale === "sequential" ? [0, 1] : range(shown);
   const m = Math.max(Math.abs(lo), Math.abs(hi));
   rows.forEach((row, i) => {
     const tr = body.insertRow();
@@ -246,12 +268,19 @@ function heatmap(container, s, h, scale) {
       const td = tr.insertCell();
       td.dataset.value = String(v);
       td.title = `${label(tokens[i])} → ${label(s.columns[j])}: ${fmt(v)}`;
-      if (Number.isFinite(v)) td.style.background = scale === "sequential" ? sequential(v) : diverging(v, m);
-      else { td.textContent = "·"; td.title += " (masked)"; }
+      if (hidden(i, j)) { td.className = "masked"; td.title += " (masked: a later token)"; }
+      else td.style.background = scale === "sequential" ? sequential(v) : diverging(v, m);
     });
-    tr.addEventListener("click", () => select(i));
+    tr.addEventListener("click", () => select(i, Boolean(s.rows)));
   });
-  container.append(scale === "sequential" ? legend("sequential", 0, 1) : legend("diverging", -m, m), table);
+  container.append(scale === "sequential" ? legend("sequential", 0, 1) : legend("diverging", -m, m));
+  if (causal(s)) {
+    const note = document.createElement("span");
+    note.className = "note masked-note";
+    note.textContent = "hatched: a later key, removed by the causal mask (its score is shown on hover; its weight is 0)";
+    container.append(note);
+  }
+  container.append(table);
 }
 function headBlock(s, h) {
   // A per-head stage's columns for head h (keys and values: the key/value head h reads).
@@ -289,7 +318,7 @@ function renderAttention() {
     canvas.width = side * weights.columns.length; canvas.height = side * n;
     const g = canvas.getContext("2d");
     weights.values[k].forEach((r, i) => r.forEach((w, j) => {
-      g.fillStyle = sequential(Number.isFinite(w) ? w : 0);
+      g.fillStyle = sequential(w);
       g.fillRect(j * side, i * side, side, side);
     }));
     button.append(canvas, `head ${head}`);
@@ -420,7 +449,7 @@ function renderNext() {
 // ---- controls ----
 $("text-form").addEventListener("submit", (event) => {
   event.preventDefault();
-  state.tokenIds = null; state.selected = 0;
+  state.tokenIds = null; state.selected = 0; state.sourceSelected = 0;
   explain();
 });
 $("layer-select").addEventListener("change", () => {
@@ -507,9 +536,12 @@ $("chat-reset").addEventListener("click", () => { conversation.length = 0; $("ch
 
 // ---- start ----
 if (!settings.api) {
-  for (const id of ["explain-button", "apply-sampling", "sample-button", "chat-send"]) $(id).disabled = true;
+  for (const id of ["explain-button", "apply-sampling", "chat-send"]) $(id).disabled = true;
 }
-$("tab-chat").hidden = !settings.api || settings.notes;  // the notes' example cannot chat
+// only a decoder (or the notes' example) appends its own next token; only one with role tokens chats
+$("sample-button").disabled = !settings.sample;
+if (!settings.sample) $("sample-button").title = settings.api ? "only a decoder writes a next token onto its text" : "this file has no server: use qkv explore";
+$("tab-chat").hidden = !settings.chat;
 if (embedded) {
   state.data = embedded;
   state.layer = embedded.layers.length ? embedded.layers[0] : 0;
