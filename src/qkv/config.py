@@ -21,11 +21,13 @@ from qkv.text import read_text_file
 ARCHS = ("decoder", "encoder", "encoder-decoder")
 POSITIONS = ("sinusoidal", "learned", "rope", "none")
 NORMS = ("layernorm", "rmsnorm")
-FEED_FORWARDS = ("relu", "gelu", "gelu_tanh", "swiglu", "geglu")
+FEED_FORWARDS = ("relu", "relu2", "gelu", "gelu_tanh", "swiglu", "geglu")
 KERNELS = ("fused", "explicit")
 TOKENIZERS = ("bpe", "char")
 STRATEGIES = ("ddp", "fsdp")  # under torchrun: copy the model to every process, or shard it
 DTYPES = ("auto", "float32", "bfloat16")
+OPTIMIZERS = ("adamw", "muon")  # muon: Muon for the blocks' matrices, AdamW for the rest
+SCHEDULES = ("cosine", "wsd")  # after warmup: cosine decay, or warmup-stable-decay
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,9 @@ class ModelConfig:
     embedding_norm: bool = False  # BERT: a norm over the summed embeddings
     kernels: str = "fused"
     init_std: float | None = 0.02
+    qk_norm: bool = False  # RMSNorm of each head's queries and keys before the scores
+    logit_softcap: float | None = None  # logits = c tanh(logits / c)
+    zero_init: bool = False  # output projections (and an untied head) start at zero
 
     def __post_init__(self) -> None:
         for derived, value in self._derived().items():
@@ -117,6 +122,12 @@ class ModelConfig:
                 "position",
                 f"rope rotates pairs of dimensions, so d_model/n_heads must be even "
                 f"(got {self.head_dim}); change d_model or n_heads",
+            )
+        if self.logit_softcap is not None:
+            _require(
+                0 < self.logit_softcap < math.inf,
+                "logit_softcap",
+                f"must be positive and finite, or null, got {self.logit_softcap}",
             )
         if self.init_std is not None:
             _require(
@@ -273,6 +284,7 @@ class TrainConfig:
     `--resume` continues the same run; most fields are `qkv train` options."""
 
     data: list[str] = field(default_factory=lambda: ["builtin:stdlib-docs"])
+    val_data: list[str] | None = None  # validation files (all of them scored) instead of a share
     val_fraction: float = 0.05
     tokenizer: str = "bpe"
     vocab_size: int = 4096
@@ -287,8 +299,13 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
+    optimizer: str = "adamw"
+    muon_lr: float = 0.02
+    schedule: str = "cosine"
+    decay_fraction: float = 0.3  # wsd: the last share of the steps, decayed linearly
     eval_every: int = 250
     eval_windows: int = 256
+    target_loss: float | None = None  # stop at the first evaluation at or below it
     save_every: int = 500
     seed: int = 0
     device: str = "auto"
@@ -320,6 +337,16 @@ class TrainConfig:
             raise QkvError(f"--dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         if self.tokenizer not in TOKENIZERS:
             raise QkvError(f"--tokenizer must be bpe or char, got {self.tokenizer!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise QkvError(f"--optimizer must be adamw or muon, got {self.optimizer!r}")
+        if self.schedule not in SCHEDULES:
+            raise QkvError(f"--schedule must be cosine or wsd, got {self.schedule!r}")
+        if not 0 < self.muon_lr < math.inf:
+            raise QkvError(f"--muon-lr must be positive and finite, got {self.muon_lr}")
+        if not 0 < self.decay_fraction <= 1:
+            raise QkvError(f"--decay-fraction must be in (0, 1], got {self.decay_fraction}")
+        if self.target_loss is not None and not 0 < self.target_loss < math.inf:
+            raise QkvError(f"--target-loss must be positive, got {self.target_loss}")
 
 
 # Defaults the command line shows in its help, kept here because this module loads no PyTorch.
@@ -349,3 +376,35 @@ QUICKSTART = TrainConfig(
     eval_every=500,
 )
 QUICKSTART_MINUTES = 4.0
+
+# Training recipes (`qkv train --recipe NAME`): model fields and TrainConfig fields, which
+# --preset / --set and the training options still override.
+RECIPES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    # nanoGPT's config/train_shakespeare_char.py with its README's CPU overrides. One
+    # difference: nanoGPT also decays the embedding tables; qkv never does.
+    "nanogpt": (
+        {"d_model": 128, "n_heads": 4, "n_layers": 4, "position": "learned",
+         "norm": "layernorm", "feed_forward": "gelu", "bias": False, "tie_embeddings": True,
+         "dropout": 0.0},
+        {"tokenizer": "char", "steps": 2000, "batch_size": 12, "context": 64, "lr": 1e-3,
+         "min_lr_ratio": 0.1, "warmup_steps": 100, "weight_decay": 0.1, "beta1": 0.9,
+         "beta2": 0.99, "grad_clip": 1.0, "eval_every": 250, "save_every": 2000},
+    ),
+    "speedrun": (
+        {"d_model": 128, "n_heads": 4, "n_layers": 4, "position": "rope", "norm": "rmsnorm",
+         "feed_forward": "relu2", "bias": False, "tie_embeddings": False, "qk_norm": True,
+         "zero_init": True, "logit_softcap": 15.0},
+        {"tokenizer": "char", "steps": 2000, "batch_size": 32, "context": 64, "lr": 3e-3,
+         "min_lr_ratio": 0.0, "warmup_steps": 50, "weight_decay": 0.0, "beta1": 0.9,
+         "beta2": 0.95, "grad_clip": 1.0, "optimizer": "muon", "muon_lr": 0.02,
+         "schedule": "wsd", "decay_fraction": 0.4, "eval_every": 100, "save_every": 2000},
+    ),
+}  # fmt: skip
+
+
+def recipe(name: str) -> tuple[ModelConfig, TrainConfig]:
+    """The model config and training settings of recipe `name` (RECIPES)."""
+    if name not in RECIPES:
+        raise QkvError(f"unknown recipe {name!r}; choose one of {sorted(RECIPES)}")
+    model, train = RECIPES[name]
+    return ModelConfig.preset("tiny", **model), TrainConfig(**train)

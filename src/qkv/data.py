@@ -101,8 +101,11 @@ def split_into_documents(source: str, text: str, target_chars: int) -> list[Docu
     return [Document(f"{source}#{i}", piece) for i, piece in enumerate(pieces)]
 
 
-def read_corpus(specs: list[str], progress: Callable[[str], None] | None = None) -> list[Document]:
-    """Documents of every spec: builtin:NAME, a file, a folder or a glob."""
+def read_corpus(
+    specs: list[str], progress: Callable[[str], None] | None = None, whole_files: bool = False
+) -> list[Document]:
+    """Documents of every spec: builtin:NAME, a file, a folder or a glob; a file is cut into
+    documents of about 1/64 of the text (so a share can be held out) unless `whole_files`."""
     if not specs:
         raise QkvError("no data given; pass files, folders, globs or builtin:stdlib-docs")
     files: list[tuple[str, str]] = []
@@ -115,7 +118,9 @@ def read_corpus(specs: list[str], progress: Callable[[str], None] | None = None)
     total = sum(len(text) for _, text in files)
     target = min(65536, max(1024, total // 64))
     for source, text in files:
-        documents += split_into_documents(source, text, target)
+        documents += (
+            [Document(source, text)] if whole_files else split_into_documents(source, text, target)
+        )
     return documents
 
 
@@ -346,11 +351,19 @@ def prepare_corpus(
     vocab_size: int = 4096,
     val_fraction: float = 0.05,
     progress: Callable[[str], None] | None = None,
+    val_specs: list[str] | None = None,
 ) -> Corpus:
     """Read, split and tokenize a corpus; `tokenizer` is a Tokenizer or a kind to train
-    ("bpe", "char"), cached by (corpus, kind, vocab_size)."""
-    documents = read_corpus(specs, progress)
-    train, val = split_train_val(documents, val_fraction)
+    ("bpe", "char"), cached by (corpus, kind, vocab_size). With `val_specs` the validation text
+    is those files and the training text all of `specs`, each file one document (as a
+    benchmark's own split is read); else validation is `val_fraction` of the documents."""
+    if val_specs:
+        train = read_corpus(specs, progress, whole_files=True)
+        val = read_corpus(val_specs, progress, whole_files=True)
+        documents = train + val
+    else:
+        documents = read_corpus(specs, progress)
+        train, val = split_train_val(documents, val_fraction)
     if isinstance(tokenizer, str):
         kind = tokenizer
         suffix = f"-{vocab_size}" if kind == "bpe" else ""
@@ -375,13 +388,16 @@ def prepare_corpus(
 def prepare_eval_data(
     specs: list[str] | None,
     tokenizer: Tokenizer,
-    training: tuple[list[str], float] | None = None,
+    training: tuple[list[str], float, list[str] | None] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> TokenFile:
     """All of the given corpus; without specs, the validation split of the model's own training
-    data (`training` = its data specs and val_fraction), else of builtin:stdlib-docs."""
+    data (`training` = its data specs, val_fraction and val_data: those files, whole, where it
+    had them), else of builtin:stdlib-docs."""
     if specs:
         return tokenize_split(read_corpus(specs, progress), tokenizer, "all")
-    data, val_fraction = training or (["builtin:stdlib-docs"], 0.05)
+    data, val_fraction, val_data = training or (["builtin:stdlib-docs"], 0.05, None)
+    if val_data:
+        return tokenize_split(read_corpus(val_data, progress, whole_files=True), tokenizer, "val")
     _, val = split_train_val(read_corpus(data, progress), val_fraction)
     return tokenize_split(val, tokenizer, "val")

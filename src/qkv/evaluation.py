@@ -132,7 +132,10 @@ def evaluate_checkpoint(
     if context > model.config.max_seq_len:
         raise QkvError(f"--context must be at most the model's {model.config.max_seq_len}")
     run = None if data else find_run(path)
-    training = None if run is None else (run.train_config.data, run.train_config.val_fraction)
+    training = None
+    if run is not None:
+        cfg = run.train_config
+        training = (cfg.data, cfg.val_fraction, cfg.val_data)
     tokens = prepare_eval_data(data, tokenizer, training, progress)
     total, done = (len(tokens.tokens) - 1) // context, 0
     rows = min(batch_size, total)

@@ -53,7 +53,10 @@ STAGE_OF_MODULE = {
 BLOCKS = {"blocks": None, "encoder_blocks": "encoder", "decoder_blocks": "decoder"}
 MAX_TARGET = 32  # target tokens an encoder-decoder writes for explain
 # Per-head records (batch, heads, seq, d_k), shown as (seq, heads * d_k): heads side by side.
-SIDE_BY_SIDE = {"query", "key", "value", "rotated_query", "rotated_key", "weighted_values"}
+SIDE_BY_SIDE = {
+    "query", "key", "value", "normed_query", "normed_key", "rotated_query", "rotated_key",
+    "weighted_values",
+}  # fmt: skip
 COLUMN_PREFIX = {"feed_forward_hidden": "f"}
 DECIMALS = 6  # places kept in JSON: below what any tolerance or panel shows
 # The embedder's stages, in order; the last one present is what enters the first block.
@@ -188,8 +191,8 @@ def explain_model(
     limit = min(MAX_WORDS, model.config.max_seq_len)
     if len(ids) > limit:
         raise QkvError(f"the text has {len(ids)} tokens; explain shows at most {limit}")
-    tokens = [tokenizer.decode([i]) for i in ids]
     texts = tokenizer.token_texts()
+    tokens = [texts[i] for i in ids]
     vocabulary = texts[: model.config.vocab_size]
     vocabulary += [tokenizer.decode([i]) for i in range(len(vocabulary), model.config.vocab_size)]
     if isinstance(model, EncoderDecoder):

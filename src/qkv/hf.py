@@ -110,6 +110,8 @@ def _decoder_misfits(config: ModelConfig, needs: dict[str, tuple[object, bool]])
         "scale_embeddings": (False, not config.scale_embeddings),
         "type_vocab_size": (0, config.type_vocab_size == 0),
         "embedding_norm": (False, not config.embedding_norm),
+        "qk_norm": (False, not config.qk_norm),
+        "logit_softcap": (None, config.logit_softcap is None),
     }
     return [f"{name}={getattr(config, name)!r} (needs {need})"
             for name, (need, ok) in {**common, **needs}.items() if not ok]  # fmt: skip

@@ -45,6 +45,7 @@ def block_config(config: ModelConfig) -> BlockConfig:
         bias=config.bias,
         dropout=config.dropout,
         kernels=config.kernels,
+        qk_norm=config.qk_norm,
     )
 
 
@@ -54,20 +55,27 @@ def _norm(config: ModelConfig) -> LayerNorm | RMSNorm:
 
 
 class OutputHead(Recordable, nn.Module):
-    """logits = h W^T: (batch, seq, d_model) -> (batch, seq, vocab_size).
+    """logits = h W^T: (batch, seq, d_model) -> (batch, seq, vocab_size); with a `softcap` c,
+    logits = c tanh(h W^T / c), each within (-c, c) (Gemma 2; modded-nanogpt).
 
     Tied to the embedding, W is the embedding table E itself (no new parameters).
     """
 
     FORMULAS: ClassVar[dict[str, str]] = {
         "logits": "logits_i = h_i W^T: one score per vocabulary entry (W = the embedding table E "
-        "when tied)"
+        "when tied){capped}"
     }
 
     def __init__(
-        self, d_model: int, vocab_size: int, tied_to: TokenEmbedding | None = None
+        self,
+        d_model: int,
+        vocab_size: int,
+        tied_to: TokenEmbedding | None = None,
+        softcap: float | None = None,
     ) -> None:
         super().__init__()
+        self.softcap = softcap
+        self.capped = "" if softcap is None else f", capped: c tanh(logits / c), c = {softcap:g}"
         # A tied table is held outside this module's tree, so it is stored and counted once.
         self.tied_to = (tied_to,) if tied_to is not None else ()
         self.weight = None
@@ -81,6 +89,8 @@ class OutputHead(Recordable, nn.Module):
 
     def forward(self, h: Tensor) -> Tensor:
         logits = linear(h, self.matrix)
+        if self.softcap is not None:
+            logits = self.softcap * torch.tanh(logits / self.softcap)
         if self.recorder is not None:
             self.recorder("logits", logits)
         return logits
@@ -180,11 +190,15 @@ class _Model(nn.Module):
 
     def make_head(self, embedder: Embedder) -> OutputHead:
         tied = embedder.token_embedding if self.config.tie_embeddings else None
-        return OutputHead(self.config.d_model, self.config.vocab_size, tied)
+        return OutputHead(
+            self.config.d_model, self.config.vocab_size, tied, self.config.logit_softcap
+        )
 
     def init_weights(self) -> None:
         """N(0, init_std) for matrices and embeddings, zero biases; residual outputs scaled by
-        1/sqrt(2 n_layers) (GPT-2). `init_std = None` keeps PyTorch's default per-module init."""
+        1/sqrt(2 n_layers) (GPT-2), or zero with `zero_init` (as is an untied head: each block
+        starts as the identity, the model as the uniform guess). `init_std = None` keeps
+        PyTorch's default per-module init."""
         std = self.config.init_std
         if std is None:
             return
@@ -195,7 +209,9 @@ class _Model(nn.Module):
                 continue
             scale = 1.0
             if name.endswith(("o_proj.weight", "w2.weight", "down.weight")):
-                scale = 1.0 / math.sqrt(2 * self.config.n_layers)
+                scale = 0.0 if self.config.zero_init else 1.0 / math.sqrt(2 * self.config.n_layers)
+            if name == "head.weight" and self.config.zero_init:
+                scale = 0.0
             nn.init.normal_(param, std=std * scale)
 
     def num_parameters(self) -> int:

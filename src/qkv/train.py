@@ -62,7 +62,7 @@ from qkv.files import one_writer
 from qkv.memory import check_fits, check_model_fits, training_parts
 from qkv.metrics import record
 from qkv.model import DecoderLM, build_model
-from qkv.optim import lookup_tables, lr_at, parameter_groups
+from qkv.optim import build_optimizer, lookup_tables, lr_scale
 from qkv.tokenizer import Tokenizer
 
 
@@ -179,12 +179,13 @@ class Trainer:
         )  # fmt: skip
         self.model.to(self.device).train()
         self.wrapped = wrap(self.model, self.strategy, self.world, self.device)
-        self.optimizer = torch.optim.AdamW(
-            parameter_groups(self.model, self.cfg.weight_decay),
-            lr=self.cfg.lr,
-            betas=(self.cfg.beta1, self.cfg.beta2),
-            fused=self.device.type in ("cpu", "cuda"),  # one kernel for all parameters
-        )
+        if self.cfg.optimizer == "muon" and self.strategy == "fsdp" and self.world.size > 1:
+            raise QkvError(
+                "--optimizer muon orthogonalises whole matrices, which FSDP shards: use "
+                "--strategy ddp, or --optimizer adamw"
+            )
+        self.fused = self.device.type in ("cpu", "cuda")  # AdamW: one kernel for all parameters
+        self.optimizer = build_optimizer(self.model, self.cfg, self.fused)
         self.forward = torch.compile(self.wrapped) if self.cfg.compile else self.wrapped
         self.batches = self.make_batches(self.micro_batch, self.accum, self.world)
         self.step = 0
@@ -195,6 +196,8 @@ class Trainer:
         self.stop_signal = signal.SIGINT
         self._snapshot = self._rng_state()
         self.saved_step: int | None = None
+        self.reached: tuple[int, float] | None = None  # (step, seconds): target_loss met
+        self.started = time.perf_counter()
 
     def _rng_state(self) -> dict[str, Tensor]:
         return {
@@ -264,7 +267,9 @@ class Trainer:
             load_adapter_weights(self.model, folder / ADAPTER)
         tensors, state = load_training_state(folder)
         optimizer_state: dict[str, Any] = {"state": {}, "param_groups": state["param_groups"]}
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        groups = self.optimizer.param_groups
+        names = [group["name"] for group in groups]
+        params = [p for group in groups for p in group["params"]]
         for key, value in tensors.items():
             if key.startswith("optimizer."):
                 _, index, name = key.split(".", 2)
@@ -275,10 +280,13 @@ class Trainer:
             self.optimizer.load_state_dict(optimizer_state)
         except (ValueError, KeyError) as err:
             raise QkvError(f"optimizer state in {folder} does not fit this model ({err})") from None
-        decay, no_decay = self.optimizer.param_groups  # hyper-parameters given now win
-        decay["weight_decay"] = self.cfg.weight_decay
-        for group in (decay, no_decay):
-            group["betas"] = (self.cfg.beta1, self.cfg.beta2)
+        for group, name in zip(self.optimizer.param_groups, names, strict=True):
+            group["name"] = name  # hyper-parameters given now win over the saved ones
+            group["peak_lr"] = self.cfg.muon_lr if name == "muon" else self.cfg.lr
+            if name == "decay":
+                group["weight_decay"] = self.cfg.weight_decay
+            if "betas" in group:
+                group["betas"] = (self.cfg.beta1, self.cfg.beta2)
         torch.set_rng_state(tensors["rng.torch"])
         self.batches.generator.set_state(tensors["rng.batches"])
         self.step = self.saved_step = state["step"]
@@ -346,16 +354,18 @@ class Trainer:
         return self.history
 
     def _loop(self) -> None:
-        while self.step < self.cfg.steps:
+        self.started = time.perf_counter()
+        while self.step < self.cfg.steps and self.reached is None:
             if self.world.any(self._stop_requested):  # every process stops at the same step
                 self._step_ended()
                 self.save()
                 raise KeyboardInterrupt
             step_start = time.perf_counter()
             self._seed_other_ranks()
-            lr = lr_at(self.step, self.cfg)
+            scale = lr_scale(self.step, self.cfg)
+            lr = self.cfg.lr * scale
             for group in self.optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = group["peak_lr"] * scale
             loss = self.world.mean(self._accumulate())
             grad_norm = float(
                 whole(nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip))
@@ -397,8 +407,11 @@ class Trainer:
                 )
                 if self.world.is_main:
                     record(self.history, self.run_dir)
+                target = self.cfg.target_loss
+                if target is not None and result.loss <= target:
+                    self.reached = (self.step, time.perf_counter() - self.started)
                 self.on_eval(self.step, result)
-            if self.step % self.cfg.save_every == 0 or last:
+            if self.step % self.cfg.save_every == 0 or last or self.reached:
                 self.save()
 
     def _accumulate(self) -> float:
@@ -430,9 +443,9 @@ class Trainer:
         """Median time of one optimizer step at this run's shapes, timed on a copy of the model
         with random tokens: the run's model, optimizer, batches and RNG are left as they were."""
         model = copy.deepcopy(self.model)
-        optimizer = torch.optim.AdamW(
-            model.parameters(), lr=0.0, fused=self.optimizer.defaults["fused"]
-        )
+        optimizer = build_optimizer(model, self.cfg, self.fused)
+        for group in optimizer.param_groups:
+            group["lr"] = 0.0
         shape = (self.cfg.batch_size, self.cfg.context)
         times = []
         with torch.random.fork_rng(devices=[]):
@@ -460,16 +473,15 @@ def text_trainer(
     **options: Any,
 ) -> Trainer:
     """A Trainer of a decoder on a corpus: random windows of `train_data`, scored on the first
-    `cfg.eval_windows` windows of `val_data`."""
+    `cfg.eval_windows` windows of `val_data` (on all of it when given as `cfg.val_data`)."""
 
     def make_batches(micro_batch: int, accum: int, world: World) -> Batches:
         return Batches(train_data, micro_batch, cfg.context, cfg.seed, accum, world.rank,
                        world.size)  # fmt: skip
 
     def evaluator(model: nn.Module, dtype: torch.dtype, world: World) -> EvalResult:
-        return evaluate(
-            model, val_data, cfg.context, cfg.batch_size, cfg.eval_windows, dtype, world=world
-        )
+        windows = None if cfg.val_data else cfg.eval_windows
+        return evaluate(model, val_data, cfg.context, cfg.batch_size, windows, dtype, world=world)
 
     return Trainer(model, tokenizer, cfg, run_dir, make_batches, evaluator, **options)
 
@@ -539,6 +551,7 @@ def prepare_run(
     out = Path(out)
     cfg.validate()
     cfg.data = absolute_specs(cfg.data)
+    cfg.val_data = absolute_specs(cfg.val_data) if cfg.val_data else None
     resolve_device(cfg.device)
     folder = None if resume is None else resolve(resume)
     check_run_directory(out, folder)
@@ -547,7 +560,8 @@ def prepare_run(
         model_config = load_config(folder)
         tokenizer = Tokenizer.load(folder)
     with world.local_first():
-        corpus = prepare_corpus(cfg.data, tokenizer, cfg.vocab_size, cfg.val_fraction, progress)
+        corpus = prepare_corpus(cfg.data, tokenizer, cfg.vocab_size, cfg.val_fraction, progress,
+                                cfg.val_data)  # fmt: skip
     world.check_same(
         f"{corpus.tokenizer.backend.to_str()} {len(corpus.train.tokens)}", "the tokenized corpus"
     )

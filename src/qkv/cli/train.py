@@ -10,7 +10,15 @@ from pathlib import Path
 from typing import Any
 
 from qkv.cli.options import add_command, positive, say, seed
-from qkv.config import PRESETS, STRATEGIES, TOKENIZERS, ModelConfig, TrainConfig
+from qkv.config import (
+    PRESETS,
+    RECIPES,
+    STRATEGIES,
+    TOKENIZERS,
+    ModelConfig,
+    TrainConfig,
+    recipe,
+)
 from qkv.errors import QkvError
 
 EXAMPLES = """examples:
@@ -18,6 +26,8 @@ EXAMPLES = """examples:
   qkv train --data ../shared/data/tinyshakespeare.txt --tokenizer char --context 64 \\
             --batch-size 12 --steps 2000 --out runs/shakespeare  nanoGPT's CPU benchmark
   qkv train --data "docs/**/*.md" --preset llama-small --set n_layers=4 --out runs/llama
+  qkv train --recipe speedrun --data train.txt --val-data val.txt --tokenizer char \
+            --target-loss 1.88       the fastest recipe, until validation loss 1.88 (then stop)
   qkv train --resume runs/notes --steps 4000                    continue a run (or after Ctrl-C)
   qkv train --task reverse --out runs/reverse                   an encoder-decoder on a task
   torchrun --nproc-per-node 4 -m qkv train --data notes/ --batch-size 8 --grad-accum 4 \\
@@ -31,13 +41,20 @@ OPTIONS = [
     ("--batch-size", positive, "sequences per micro-batch"),
     ("--context", positive, "tokens per sequence"),
     ("--grad-accum", positive, "micro-batches per step"),
-    ("--lr", float, "peak learning rate"),
+    ("--lr", float, "peak learning rate (AdamW)"),
+    ("--min-lr-ratio", float, "the schedule ends at lr times this"),
     ("--warmup-steps", int, "linear warmup steps"),
+    ("--schedule", str, "after warmup: cosine decay, or wsd (stable, then a linear decay)"),
+    ("--decay-fraction", float, "wsd: the share of the steps spent decaying"),
+    ("--optimizer", str, "adamw, or muon: Muon for the blocks' matrices, AdamW for the rest"),
+    ("--muon-lr", float, "Muon's peak learning rate"),
     ("--weight-decay", float, "AdamW weight decay on matrices"),
+    ("--beta1", float, "AdamW beta1"),
     ("--beta2", float, "AdamW beta2"),
     ("--grad-clip", float, "clip the gradient norm to this"),
     ("--eval-every", positive, "evaluate every N steps"),
-    ("--eval-windows", positive, "validation windows per evaluation"),
+    ("--eval-windows", positive, "validation windows per evaluation (--val-data: all)"),
+    ("--target-loss", float, "stop (and save) at the first evaluation at or below this loss"),
     ("--save-every", positive, "checkpoint every N steps"),
     ("--seed", seed, "random seed"),
     ("--device", str, "auto, cpu, cuda or cuda:N"),
@@ -64,7 +81,21 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         metavar="PATH",
         help="files, folders, globs or builtin:stdlib-docs (default: builtin:stdlib-docs)",
     )
+    train.add_argument(
+        "--val-data",
+        nargs="+",
+        metavar="PATH",
+        help="validation text, all of it scored, instead of a share of --data (a benchmark's "
+        "own split); each file is read whole",
+    )
     train.add_argument("--out", type=Path, help="run directory (default: runs/train)")
+    train.add_argument(
+        "--recipe",
+        choices=sorted(RECIPES),
+        help="model and training settings together (--preset, --set and the options above "
+        "override them): nanogpt is nanoGPT's CPU recipe for Shakespeare, speedrun the fastest "
+        "to its loss (see README: Speedrun)",
+    )
     model = train.add_mutually_exclusive_group()
     model.add_argument("--preset", help=f"model preset: {', '.join(PRESETS)} (default tiny)")
     model.add_argument("--config", type=Path, help="model config JSON file")
@@ -101,7 +132,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     defaults = TrainConfig()
     for flag, kind, text in OPTIONS:
         default = getattr(defaults, flag[2:].replace("-", "_"))
-        train.add_argument(flag, type=kind, help=f"{text} (default {default})")
+        train.add_argument(flag, type=kind, help=f"{text} (default {default}, or the recipe's)")
     train.add_argument("--compile", action="store_true", default=None, help="use torch.compile")
     train.add_argument(
         "--strategy",
@@ -139,18 +170,22 @@ def run(args: argparse.Namespace) -> None:
         if (value := getattr(args, name, None)) is not None
     }
     seq2seq = args.task is not None or args.arch == "encoder-decoder"
-    model_config = None
+    model_config, base = None, None
     if args.resume is not None:
         model_options = (args.preset, args.config, args.set, args.tokenizer, args.vocab_size)
-        if any(model_options) or args.task or args.arch:
+        if any(model_options) or args.task or args.arch or args.recipe:
             raise QkvError(
                 "--resume continues a run with its own model, tokenizer and data: drop "
-                "--preset/--config/--set/--tokenizer/--vocab-size/--task/--arch"
+                "--preset/--config/--set/--tokenizer/--vocab-size/--task/--arch/--recipe"
             )
         seq2seq = read_run(args.resume).kind == "seq2seq"
-    elif args.config is not None:
+    elif args.recipe is not None:
+        if seq2seq:
+            raise QkvError("a --recipe trains a decoder language model: drop --task/--arch")
+        model_config, base = recipe(args.recipe)
+    if args.resume is None and args.config is not None:
         model_config = ModelConfig.load(args.config)
-    elif args.preset or not seq2seq:
+    elif args.resume is None and (args.preset or (not seq2seq and model_config is None)):
         model_config = ModelConfig.preset(args.preset or "tiny")
     if args.set:
         if model_config is None:  # an encoder-decoder's vocabulary and length come from its data
@@ -162,11 +197,18 @@ def run(args: argparse.Namespace) -> None:
     world = launched_world()
     with training_bar() as started:
         result = train(
-            args.out, None, model_config, args.resume, world=world, strategy=args.strategy,
+            args.out, base, model_config, args.resume, world=world, strategy=args.strategy,
             progress=say, on_start=started, **options,
         )  # fmt: skip
     if world.is_main:
         last, out = last_evaluation(result.trainer), result.trainer.run_dir
+        if result.trainer.reached is not None:
+            step, seconds = result.trainer.reached
+            print(
+                f"reached the target: validation loss {last['val_loss']:.4f} <= "
+                f"{result.trainer.cfg.target_loss:g} at step {step} after {seconds:.1f} s "
+                "of training"
+            )
         print(
             f"done: validation loss {last['val_loss']:.4f}, bits/byte "
             f"{last['val_bits_per_byte']:.3f}; checkpoint {out / 'latest'}, metrics "

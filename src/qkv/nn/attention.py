@@ -20,6 +20,7 @@ from torch.nn import functional as F
 
 from qkv.nn.kv_cache import KVCache
 from qkv.nn.linear import Linear
+from qkv.nn.norm import HeadNorm
 from qkv.nn.position import apply_rotary
 from qkv.nn.recording import Recordable
 
@@ -135,6 +136,9 @@ class MultiHeadAttention(Recordable, nn.Module):
         "{n_kv_heads} key heads for {n_heads} query heads: query head h reads key head "
         "h // (n_heads / n_kv_heads)",
         "value": "V = S W_V + b_V, split into {n_kv_heads} heads, shared like the keys",
+        "normed_query": "Q_h = RMSNorm(Q_h) over its d_k values (QK-norm: scores stay in range "
+        "however large the weights grow)",
+        "normed_key": "K_h = RMSNorm(K_h) over its d_k values (QK-norm)",
         "rotated_query": "RoPE: Q' = Q cos(theta) + rotate_half(Q) sin(theta), each pair "
         "(i, i + d_k/2) turned by its position's angle",
         "rotated_key": "RoPE: K' = K cos(theta) + rotate_half(K) sin(theta); Q' K'^T then depends "
@@ -155,7 +159,9 @@ class MultiHeadAttention(Recordable, nn.Module):
         bias: bool = True,
         dropout: float = 0.0,
         implementation: str = "fused",
+        qk_norm_eps: float | None = None,
     ) -> None:
+        """`qk_norm_eps`: normalise each head's queries and keys (QK-norm) with this eps."""
         super().__init__()
         n_kv_heads = n_kv_heads or n_heads
         if d_model % n_heads or n_heads % n_kv_heads:
@@ -172,6 +178,10 @@ class MultiHeadAttention(Recordable, nn.Module):
         self.k_proj = Linear(d_model, self.n_kv_heads * self.head_dim, bias=bias)
         self.v_proj = Linear(d_model, self.n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = Linear(n_heads * self.head_dim, d_model, bias=bias)
+        self.q_norm = self.k_norm = None
+        if qk_norm_eps is not None:
+            self.q_norm = HeadNorm(self.head_dim, qk_norm_eps)
+            self.k_norm = HeadNorm(self.head_dim, qk_norm_eps)
 
     def split_heads(self, x: Tensor, n_heads: int) -> Tensor:
         """(batch, seq, n_heads * d_k) -> (batch, n_heads, seq, d_k)."""
@@ -203,6 +213,11 @@ class MultiHeadAttention(Recordable, nn.Module):
             record("query", q)
             record("key", k)
             record("value", v)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+            if record is not None:
+                record("normed_query", q)
+                record("normed_key", k)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
             if record is not None:

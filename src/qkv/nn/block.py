@@ -31,19 +31,21 @@ class BlockConfig:
     n_heads: int
     d_ff: int
     n_kv_heads: int | None = None
-    feed_forward: str = "gelu"  # relu | gelu | gelu_tanh | swiglu | geglu
+    feed_forward: str = "gelu"  # relu | relu2 | gelu | gelu_tanh | swiglu | geglu
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5
     norm_first: bool = True
     bias: bool = True
     dropout: float = 0.0
     kernels: str = "fused"
+    qk_norm: bool = False
 
 
 def _attention(config: BlockConfig, n_kv_heads: int | None) -> MultiHeadAttention:
     return MultiHeadAttention(
-        config.d_model, config.n_heads, n_kv_heads, config.bias, config.dropout, config.kernels
-    )
+        config.d_model, config.n_heads, n_kv_heads, config.bias, config.dropout, config.kernels,
+        config.norm_eps if config.qk_norm else None,
+    )  # fmt: skip
 
 
 def _norm(config: BlockConfig) -> LayerNorm | RMSNorm:

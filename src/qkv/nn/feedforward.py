@@ -16,6 +16,11 @@ from qkv.nn.linear import Linear
 from qkv.nn.recording import Recordable
 
 
+def relu2(x: Tensor) -> Tensor:
+    """ReLU squared: max(0, x)^2 (Primer; modded-nanogpt's MLP)."""
+    return F.relu(x).square()
+
+
 def gelu_tanh(x: Tensor) -> Tensor:
     """GELU with GPT-2's tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
     return F.gelu(x, approximate="tanh")
@@ -23,6 +28,7 @@ def gelu_tanh(x: Tensor) -> Tensor:
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": F.relu,
+    "relu2": relu2,
     "gelu": F.gelu,
     "gelu_tanh": gelu_tanh,
     "silu": F.silu,
@@ -30,7 +36,8 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 
 
 class FeedForward(Recordable, nn.Module):
-    """FFN(x) = act(x W1 + b1) W2 + b2, act = max(0, .) or GELU; d_model -> d_ff -> d_model."""
+    """FFN(x) = act(x W1 + b1) W2 + b2, act = max(0, .), max(0, .)^2 or GELU; d_model -> d_ff ->
+    d_model."""
 
     FORMULAS: ClassVar[dict[str, str]] = {
         "feed_forward_hidden": "hidden = {activation_name}(x W1 + b1): W1 projects up from "
@@ -101,7 +108,7 @@ class GatedFeedForward(Recordable, nn.Module):
 def build_feed_forward(
     kind: str, d_model: int, d_ff: int, bias: bool, dropout: float
 ) -> FeedForward | GatedFeedForward:
-    """`kind` is ModelConfig.feed_forward: relu | gelu | gelu_tanh | swiglu | geglu."""
+    """`kind` is ModelConfig.feed_forward: relu | relu2 | gelu | gelu_tanh | swiglu | geglu."""
     if kind == "swiglu":
         return GatedFeedForward(d_model, d_ff, "silu", bias, dropout)
     if kind == "geglu":

@@ -79,6 +79,20 @@ class RMSNorm(Recordable, nn.Module):
         return y
 
 
+class HeadNorm(nn.Module):
+    """QK-norm: gamma * x / sqrt(mean(x^2) + eps) over each head's d_k values (batch, heads,
+    seq, d_k), gamma shared by the heads (as Qwen3, OLMo 2 and modded-nanogpt normalise Q and K).
+    Not recorded itself: the attention records what it gives."""
+
+    def __init__(self, head_dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(head_dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, self.weight.shape, self.weight.to(x.dtype), self.eps)
+
+
 def build_norm(
     kind: str, d_model: int, eps: float, bias: bool = True, fused: bool = False
 ) -> LayerNorm | RMSNorm:
