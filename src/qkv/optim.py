@@ -73,17 +73,19 @@ def muon_matrices(model: nn.Module) -> list[nn.Parameter]:
 
 def orthogonalize(g: Tensor, steps: int = 5) -> Tensor:
     """U V^T of G = U S V^T, approximately (singular values into about [0.7, 1.2]), by five
-    Newton-Schulz steps in float32, for a stack of same-shaped matrices (..., rows, cols)."""
+    Newton-Schulz steps in float32, for a matrix or a stack of same-shaped ones (..., rows,
+    cols); each step is two batched matmuls with the polynomial folded in (baddbmm)."""
     a, b, c = NEWTON_SCHULZ
-    x = g.float()
+    x = g.float().reshape(-1, *g.shape[-2:])
     tall = x.shape[-2] > x.shape[-1]
     if tall:
         x = x.mT
     x = x / (torch.linalg.matrix_norm(x, keepdim=True) + 1e-7)  # every singular value <= 1
     for _ in range(steps):
         gram = x @ x.mT
-        x = a * x + (b * gram + c * gram @ gram) @ x
-    return x.mT if tall else x
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b A + c A^2
+        x = torch.baddbmm(x, poly, x, beta=a)  # a X + (b A + c A^2) X
+    return (x.mT if tall else x).reshape(g.shape)
 
 
 class Muon(torch.optim.Optimizer):
@@ -113,7 +115,8 @@ class Muon(torch.optim.Optimizer):
                 orthogonal = orthogonalize(torch.stack(updates))
                 scale = group["lr"] * math.sqrt(max(1.0, rows / cols))
                 for p, update in zip(params, orthogonal, strict=True):
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                    if group["weight_decay"]:
+                        p.mul_(1 - group["lr"] * group["weight_decay"])
                     p.add_(update.to(p.dtype), alpha=-scale)
 
 

@@ -45,7 +45,7 @@ from qkv.checkpoint import (
 )
 from qkv.config import ModelConfig, TrainConfig
 from qkv.data import Batches, Corpus, TokenFile, absolute_specs, prepare_corpus
-from qkv.device import resolve_device, resolve_dtype
+from qkv.device import keep_freed_memory, resolve_device, resolve_dtype
 from qkv.distributed import (
     ONE_PROCESS,
     World,
@@ -156,6 +156,7 @@ class Trainer:
                 f"{self.model.config.max_seq_len}; lower --context or --set max_seq_len=..."
             )
         torch.set_flush_denormal(True)  # tiny Adam moments otherwise slow fp32 CPU math ~40x
+        keep_freed_memory()  # activations reuse freed memory instead of page-faulting it back
         if self.world.size == 1:
             self.device = resolve_device(self.cfg.device)
         else:
