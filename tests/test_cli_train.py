@@ -183,6 +183,8 @@ def test_quickstart_runs_end_to_end(tmp_path):
     assert (tmp_path / "qs" / "latest" / "tokenizer.json").is_file()
     assert len([line for line in result.stdout.splitlines() if line.startswith("--- ")]) == 4
     assert "steps fit in" not in result.stderr  # --steps given: no time budget
+    exported = qkv("export", "--model", str(tmp_path / "qs"), "--out", str(tmp_path / "hf"))
+    assert "as LlamaForCausalLM" in exported.stdout, exported.stderr  # its shape is a Llama's
 
 
 @pytest.mark.slow

@@ -204,7 +204,7 @@ def test_a_broken_directory_gets_one_clear_message(
 @pytest.mark.parametrize(
     "changes",
     [
-        {"position": "learned", "feed_forward": "gelu"},  # the quickstart's shape: GPT-2
+        {"position": "learned", "feed_forward": "gelu"},  # GPT-2
         {"position": "learned", "feed_forward": "gelu_tanh", "tie_embeddings": False},
         {
             "position": "rope",
@@ -215,8 +215,15 @@ def test_a_broken_directory_gets_one_clear_message(
             "tie_embeddings": False,
             "rope_base": 500.0,
         },  # Llama, GQA
+        {
+            "position": "rope",
+            "norm": "rmsnorm",
+            "feed_forward": "swiglu",
+            "d_ff": 86,
+            "bias": False,
+        },  # the quickstart's shape: a Llama, tied, SwiGLU at 8/3 d_model
     ],
-    ids=["gpt2", "gpt2-untied", "llama-gqa"],
+    ids=["gpt2", "gpt2-untied", "llama-gqa", "llama-tied"],
 )
 @torch.no_grad()
 def test_exported_models_load_in_transformers_with_the_same_logits(tmp_path: Path, changes) -> None:

@@ -371,9 +371,10 @@ QUICKSTART = TrainConfig(
     steps=1500,
     batch_size=16,
     context=128,
-    lr=2e-3,
+    lr=3e-3,
     warmup_steps=100,
     eval_every=500,
+    optimizer="muon",
 )
 QUICKSTART_MINUTES = 4.0
 
