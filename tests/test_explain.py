@@ -153,3 +153,25 @@ def test_each_formula_is_the_one_its_module_states():
     assert w.stage("layer_norm").formula == LayerNorm.FORMULAS["layer_norm"].format(eps=1e-5)
     hidden = FeedForward.FORMULAS["feed_forward_hidden"]
     assert w.stage("feed_forward_hidden").formula == hidden.format(activation_name="relu", d_ff=32)
+
+
+@pytest.mark.parametrize("lens_rows", [6, 12, 18, 512])  # 1, 2 (uneven), 3 layers a call; all
+@torch.no_grad()
+def test_logit_lens_is_each_blocks_output_through_final_norm_and_head(monkeypatch, lens_rows):
+    import qkv.explain
+
+    monkeypatch.setattr(qkv.explain, "LENS_ROWS", lens_rows)
+    torch.manual_seed(0)
+    model = DecoderLM(ModelConfig(vocab_size=16, d_model=16, n_heads=2, n_layers=5)).eval()
+    ids = torch.randint(0, 16, (1, 6))
+    outputs = []
+    hooks = [b.register_forward_hook(lambda _m, _a, out: outputs.append(out)) for b in model.blocks]
+    model(ids)
+    for hook in hooks:
+        hook.remove()
+    w = walk(model, ids, [f"t{i}" for i in range(6)], [f"v{i}" for i in range(16)])
+    lens = [s for s in w.stages if s.name == "logit_lens"]
+    assert [s.layer for s in lens] == list(range(5))
+    for stage, h in zip(lens, outputs, strict=True):
+        expected = torch.softmax(model.head(model.final_norm(h)), -1)[0]
+        torch.testing.assert_close(stage.values, expected, atol=1e-6, rtol=0)

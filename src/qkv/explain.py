@@ -52,6 +52,7 @@ STAGE_OF_MODULE = {
 }
 BLOCKS = {"blocks": None, "encoder_blocks": "encoder", "decoder_blocks": "decoder"}
 MAX_TARGET = 32  # target tokens an encoder-decoder writes for explain
+LENS_ROWS = 512  # token rows per logit-lens matmul: layers batched read the head's weight once
 # Per-head records (batch, heads, seq, d_k), shown as (seq, heads * d_k): heads side by side.
 SIDE_BY_SIDE = {
     "query", "key", "value", "normed_query", "normed_key", "rotated_query", "rotated_key",
@@ -275,8 +276,12 @@ def walk(
     probs = probabilities(logits.values)
     norm = model.decoder_norm if isinstance(model, EncoderDecoder) else model.final_norm
     stack = logits.stack
-    for layer, h in enumerate(outputs):  # one layer at a time: (seq, vocabulary) each
-        rows = probs if layer == len(outputs) - 1 else probabilities(model.head(norm(h)))[0]
+    per_call = max(1, LENS_ROWS // token_ids.shape[1])  # layers one head matmul reads at once
+    lenses = list(probs[None]) if outputs else []  # the last block: the model's own output
+    for end in range(len(outputs) - 1, 0, -per_call):
+        chunk = torch.cat(outputs[max(0, end - per_call) : end])
+        lenses[:0] = probabilities(model.head(norm(chunk))).unbind()
+    for layer, rows in enumerate(lenses):
         lens = Stage("logit_lens", formula, rows.float().cpu(), vocabulary, layer, stack=stack)
         out.stages.append(lens)
     out.stages.append(logits)
