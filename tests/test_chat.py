@@ -105,7 +105,7 @@ def test_one_shot_chat_answers_and_chat_needs_chat_tokens(chat_dir: Path, tmp_pa
     assert result.returncode == 0, result.stderr
     assert result.stdout == expected_reply(chat_dir, "<|user|>the fox<|assistant|>", 6) + "\n"
     plain = qkv("chat", "--model", str(checkpoint(tmp_path / "plain", "decoder")), "-p", "hi")
-    assert plain.returncode == 2 and "no chat tokens" in plain.stderr
+    assert plain.returncode == 2 and "no chat template" in plain.stderr
     assert len(plain.stderr.strip().splitlines()) == 1
 
 

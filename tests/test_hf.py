@@ -201,32 +201,31 @@ def test_a_broken_directory_gets_one_clear_message(
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+LLAMA_SHAPE = {"position": "rope", "norm": "rmsnorm", "feed_forward": "swiglu", "bias": False}
+
+
 @pytest.mark.parametrize(
-    "changes",
+    "changes, hf_class",
     [
-        {"position": "learned", "feed_forward": "gelu"},  # GPT-2
-        {"position": "learned", "feed_forward": "gelu_tanh", "tie_embeddings": False},
-        {
-            "position": "rope",
-            "norm": "rmsnorm",
-            "feed_forward": "swiglu",
-            "bias": False,
-            "n_kv_heads": 2,
-            "tie_embeddings": False,
-            "rope_base": 500.0,
-        },  # Llama, GQA
-        {
-            "position": "rope",
-            "norm": "rmsnorm",
-            "feed_forward": "swiglu",
-            "d_ff": 86,
-            "bias": False,
-        },  # the quickstart's shape: a Llama, tied, SwiGLU at 8/3 d_model
+        ({"position": "learned", "feed_forward": "gelu"}, "GPT2LMHeadModel"),
+        ({"position": "learned", "feed_forward": "gelu_tanh", "tie_embeddings": False},
+         "GPT2LMHeadModel"),
+        (LLAMA_SHAPE | {"n_kv_heads": 2, "tie_embeddings": False, "rope_base": 500.0},
+         "LlamaForCausalLM"),  # GQA
+        (LLAMA_SHAPE | {"d_ff": 86}, "LlamaForCausalLM"),  # the quickstart's: tied, 8/3 d_model
+        (LLAMA_SHAPE | {"rope_scaling": "llama3", "rope_factor": 8.0,
+                        "rope_original_context": 16, "head_dim": 16}, "LlamaForCausalLM"),
+        (LLAMA_SHAPE | {"sliding_window": 7}, "MistralForCausalLM"),
+        (LLAMA_SHAPE | {"qkv_bias": True, "sliding_window": 7, "sliding_layers": (1,)},
+         "Qwen2ForCausalLM"),
+        (LLAMA_SHAPE | {"qk_norm": True, "n_kv_heads": 2}, "Qwen3ForCausalLM"),
     ],
-    ids=["gpt2", "gpt2-untied", "llama-gqa", "llama-tied"],
-)
+    ids=["gpt2", "gpt2-untied", "llama-gqa", "llama-tied", "llama3", "mistral", "qwen2", "qwen3"],
+)  # fmt: skip
 @torch.no_grad()
-def test_exported_models_load_in_transformers_with_the_same_logits(tmp_path: Path, changes) -> None:
+def test_exported_models_load_in_transformers_with_the_same_logits(
+    tmp_path: Path, changes, hf_class
+) -> None:
     from transformers import AutoModelForCausalLM
 
     from qkv.checkpoint import write_checkpoint
@@ -245,6 +244,7 @@ def test_exported_models_load_in_transformers_with_the_same_logits(tmp_path: Pat
     result = qkv("export", "--model", str(tmp_path / "ours"), "--out", str(tmp_path / "hf"))
     assert result.returncode == 0, result.stderr
     theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    assert type(theirs).__name__ == hf_class and f"as {hf_class}" in result.stdout
     ids = torch.randint(
         0, tokenizer.vocab_size, (2, 40), generator=torch.Generator().manual_seed(3)
     )

@@ -28,6 +28,7 @@ STRATEGIES = ("ddp", "fsdp")  # under torchrun: copy the model to every process,
 DTYPES = ("auto", "float32", "bfloat16")
 OPTIMIZERS = ("adamw", "muon")  # muon: Muon for the blocks' matrices, AdamW for the rest
 SCHEDULES = ("cosine", "wsd")  # after warmup: cosine decay, or warmup-stable-decay
+ROPE_SCALINGS = ("llama3", "linear")  # Llama 3.1+'s per-frequency scaling; positions / factor
 
 
 @dataclass(frozen=True)
@@ -58,10 +59,21 @@ class ModelConfig:
     kernels: str = "fused"
     init_std: float | None = 0.02
     qk_norm: bool = False  # RMSNorm of each head's queries and keys before the scores
+    head_dim: int | None = None  # d_k; default d_model / n_heads (Qwen3 and Gemma set their own)
+    qkv_bias: bool | None = None  # biases on W_Q, W_K, W_V; default `bias` (Qwen2: only these)
+    sliding_window: int | None = None  # a query sees its last `sliding_window` keys only
+    sliding_layers: tuple[int, ...] | None = None  # the layers that slide; default all of them
+    rope_scaling: str | None = None  # llama3 | linear: stretch RoPE past its trained context
+    rope_factor: float = 1.0  # how many times the trained context
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths above context / this are scaled
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths below context / this are kept
+    rope_original_context: int = 8192  # llama3: the context the model was first trained for
     logit_softcap: float | None = None  # logits = c tanh(logits / c)
     zero_init: bool = False  # output projections (and an untied head) start at zero
 
     def __post_init__(self) -> None:
+        if isinstance(self.sliding_layers, list):  # as read from JSON
+            object.__setattr__(self, "sliding_layers", tuple(self.sliding_layers))
         for derived, value in self._derived().items():
             if getattr(self, derived) is None:
                 object.__setattr__(self, derived, value)
@@ -69,19 +81,28 @@ class ModelConfig:
 
     def _derived(self) -> dict[str, Any]:
         """Defaults computed from other fields: d_ff = 4 d_model, n_kv_heads = n_heads, final
-        norm when pre-norm."""
-        d_ff = 4 * self.d_model if isinstance(self.d_model, int) else None
-        return {"d_ff": d_ff, "n_kv_heads": self.n_heads, "final_norm": self.norm_first}
+        norm when pre-norm, d_k = d_model / n_heads, Q/K/V biases as the others."""
+        ints = isinstance(self.d_model, int) and isinstance(self.n_heads, int) and self.n_heads
+        return {
+            "d_ff": 4 * self.d_model if isinstance(self.d_model, int) else None,
+            "n_kv_heads": self.n_heads,
+            "final_norm": self.norm_first,
+            "head_dim": self.d_model // self.n_heads if ints else None,
+            "qkv_bias": self.bias,
+        }
 
-    @property
-    def head_dim(self) -> int:
-        """d_k = d_model / n_heads."""
-        return self.d_model // self.n_heads
+    def slides(self, layer: int) -> bool:
+        """Whether `layer` attends through the sliding window (the last sliding_window keys)."""
+        if self.sliding_window is None:
+            return False
+        return self.sliding_layers is None or layer in self.sliding_layers
 
     def validate(self) -> None:
         """Raise ConfigError naming the first invalid field and how to fix it."""
         _check_type(self)
-        for name in ("vocab_size", "d_model", "n_heads", "n_layers", "d_ff", "n_kv_heads"):
+        for name in (
+            "vocab_size", "d_model", "n_heads", "n_layers", "d_ff", "n_kv_heads", "head_dim",
+        ):  # fmt: skip
             _require(
                 getattr(self, name) >= 1, name, f"must be at least 1, got {getattr(self, name)}"
             )
@@ -93,7 +114,7 @@ class ModelConfig:
         _choice(self, "norm", NORMS)
         _choice(self, "feed_forward", FEED_FORWARDS)
         _choice(self, "kernels", KERNELS)
-        if self.d_model % self.n_heads:
+        if self.d_model % self.n_heads and self.head_dim * self.n_heads != self.d_model:
             divisors = [h for h in range(1, min(self.d_model, 64) + 1) if self.d_model % h == 0]
             _require(
                 False,
@@ -122,6 +143,32 @@ class ModelConfig:
                 "position",
                 f"rope rotates pairs of dimensions, so d_model/n_heads must be even "
                 f"(got {self.head_dim}); change d_model or n_heads",
+            )
+        if self.sliding_window is not None:
+            _require(
+                self.sliding_window >= 1,
+                "sliding_window",
+                f"must be at least 1, or null, got {self.sliding_window}",
+            )
+        _require(
+            self.sliding_layers is None or isinstance(self.sliding_layers, tuple),
+            "sliding_layers",
+            f"must be a list of layer numbers, or null, got {self.sliding_layers!r}",
+        )
+        for layer in self.sliding_layers or ():
+            _require(
+                isinstance(layer, int) and 0 <= layer < self.n_layers,
+                "sliding_layers",
+                f"{layer!r} is not a layer (0..{self.n_layers - 1})",
+            )
+        if self.rope_scaling is not None:
+            _choice(self, "rope_scaling", ROPE_SCALINGS)
+            _require(self.rope_factor >= 1, "rope_factor", f"must be >= 1, got {self.rope_factor}")
+            _require(
+                0 < self.rope_low_freq_factor < self.rope_high_freq_factor,
+                "rope_low_freq_factor",
+                "must be positive and below rope_high_freq_factor, got "
+                f"{self.rope_low_freq_factor} and {self.rope_high_freq_factor}",
             )
         if self.logit_softcap is not None:
             _require(

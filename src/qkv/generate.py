@@ -170,7 +170,7 @@ class Continuation:
     stop_reason: str | None = None
 
     def add(self, token: int, tokenizer: Tokenizer) -> None:
-        if token == tokenizer.end_of_text_id:
+        if token in tokenizer.stop_ids:
             self.finish("eos", tokenizer)
             return
         self.token_ids.append(token)

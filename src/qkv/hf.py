@@ -112,6 +112,13 @@ def _decoder_misfits(config: ModelConfig, needs: dict[str, tuple[object, bool]])
         "embedding_norm": (False, not config.embedding_norm),
         "qk_norm": (False, not config.qk_norm),
         "logit_softcap": (None, config.logit_softcap is None),
+        "head_dim": (
+            config.d_model // config.n_heads,
+            config.head_dim * config.n_heads == config.d_model,
+        ),
+        "qkv_bias": (config.bias, config.qkv_bias == config.bias),
+        "sliding_window": (None, config.sliding_window is None),
+        "rope_scaling": (None, config.rope_scaling is None),
     }
     return [f"{name}={getattr(config, name)!r} (needs {need})"
             for name, (need, ok) in {**common, **needs}.items() if not ok]  # fmt: skip
@@ -128,26 +135,59 @@ def gpt2_misfits(config: ModelConfig) -> list[str]:
     })  # fmt: skip
 
 
-def llama_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    """A Llama-family config.json (as a dict) -> the ModelConfig computing the same function."""
+def _rope(hf: dict[str, Any], name: str) -> dict[str, Any]:
+    """RoPE's base and scaling from config.json: transformers 5 writes rope_parameters
+    {rope_theta, rope_type, ...}; earlier versions rope_theta and rope_scaling (null, or
+    {rope_type or type, factor, ...})."""
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    fields: dict[str, Any] = {
+        "rope_base": float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    }
+    if kind == "llama3":
+        fields |= {
+            "rope_scaling": "llama3",
+            "rope_factor": float(rope["factor"]),
+            "rope_low_freq_factor": float(rope["low_freq_factor"]),
+            "rope_high_freq_factor": float(rope["high_freq_factor"]),
+            "rope_original_context": int(rope["original_max_position_embeddings"]),
+        }
+    elif kind == "linear":
+        fields |= {"rope_scaling": "linear", "rope_factor": float(rope["factor"])}
+    elif kind != "default":
+        raise QkvError(f"{name} RoPE scaling {kind!r} is not supported (default, llama3, linear)")
+    return fields
+
+
+def _sliding(hf: dict[str, Any], name: str) -> dict[str, Any]:
+    """The sliding window and the layers that use it: config.json's layer_types
+    ("sliding_attention" / "full_attention" per layer) where written, else every layer."""
+    window = hf.get("sliding_window")
+    if window is None or hf.get("use_sliding_window") is False:
+        return {}
+    types = hf.get("layer_types")
+    if types is None:
+        return {"sliding_window": int(window)}
+    unknown = set(types) - {"sliding_attention", "full_attention"}
+    if unknown:
+        raise QkvError(f"{name} layer_types {sorted(unknown)} are not supported")
+    layers = tuple(i for i, kind in enumerate(types) if kind == "sliding_attention")
+    if not layers:
+        return {}
+    return {"sliding_window": int(window), "sliding_layers": layers}
+
+
+def llama_config_from_hf(
+    hf: dict[str, Any], name: str = "Llama", qkv_bias: bool = False, qk_norm: bool = False
+) -> ModelConfig:
+    """A Llama-family config.json (as a dict) -> the ModelConfig computing the same function;
+    Qwen2 adds biases to W_Q, W_K, W_V (`qkv_bias`), Qwen3 RMSNorms each head's q and k
+    (`qk_norm`); Mistral and both Qwens may slide their attention windows."""
     if hf.get("hidden_act", "silu") != "silu":
-        raise QkvError(f"Llama hidden_act {hf['hidden_act']!r} is not supported (only silu)")
-    # transformers 5 writes rope_parameters {rope_theta, rope_type}; earlier versions
-    # rope_theta and rope_scaling (null, or {rope_type, factor, ...}).
-    for field_name in ("rope_parameters", "rope_scaling"):
-        rope = hf.get(field_name) or {}
-        if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise QkvError(f"Llama {field_name} {rope} is not supported (only plain RoPE)")
-    theta = (hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta", 10000.0))
+        raise QkvError(f"{name} hidden_act {hf['hidden_act']!r} is not supported (only silu)")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
-        raise QkvError("Llama attention_bias / mlp_bias is not supported (only no biases)")
+        raise QkvError(f"{name} attention_bias / mlp_bias is not supported (only no biases)")
     heads = hf["num_attention_heads"]
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-    if head_dim * heads != hf["hidden_size"]:
-        raise QkvError(
-            f"Llama head_dim {head_dim} x {heads} heads != hidden_size {hf['hidden_size']}: "
-            "not supported"
-        )
     return ModelConfig(
         vocab_size=hf["vocab_size"],
         d_model=hf["hidden_size"],
@@ -155,37 +195,109 @@ def llama_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         n_kv_heads=hf.get("num_key_value_heads") or heads,
         n_layers=hf["num_hidden_layers"],
         d_ff=hf["intermediate_size"],
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
         max_seq_len=hf.get("max_position_embeddings", 2048),
         position="rope",
-        rope_base=float(theta),
+        **_rope(hf, name),
         norm="rmsnorm",
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         feed_forward="swiglu",
         bias=False,
+        qkv_bias=qkv_bias,
+        qk_norm=qk_norm,
+        **_sliding(hf, name),
         tie_embeddings=hf.get("tie_word_embeddings", False),
     )
 
 
+def _rope_to_hf(config: ModelConfig) -> dict[str, Any]:
+    """config.json's rope_theta and rope_scaling for `config`."""
+    fields: dict[str, Any] = {"rope_theta": config.rope_base, "rope_scaling": None}
+    if config.rope_scaling == "llama3":
+        fields["rope_scaling"] = {
+            "rope_type": "llama3", "factor": config.rope_factor,
+            "low_freq_factor": config.rope_low_freq_factor,
+            "high_freq_factor": config.rope_high_freq_factor,
+            "original_max_position_embeddings": config.rope_original_context,
+        }  # fmt: skip
+    elif config.rope_scaling == "linear":
+        fields["rope_scaling"] = {"rope_type": "linear", "factor": config.rope_factor}
+    return fields
+
+
+def _sliding_to_hf(config: ModelConfig) -> dict[str, Any]:
+    """config.json's sliding window and, per layer, layer_types."""
+    if config.sliding_window is None:
+        return {"use_sliding_window": False, "sliding_window": None}
+    return {
+        "use_sliding_window": True,
+        "sliding_window": config.sliding_window,
+        "max_window_layers": 0,
+        "layer_types": [
+            "sliding_attention" if config.slides(i) else "full_attention"
+            for i in range(config.n_layers)
+        ],
+    }
+
+
 def llama_config_to_hf(config: ModelConfig) -> dict[str, Any]:
-    """The Llama config.json fields (as a dict) computing what `config` does."""
+    """The Llama config.json fields (as a dict) computing what `config` does (Mistral and the
+    Qwens add their sliding window)."""
     return {
         "vocab_size": config.vocab_size, "hidden_size": config.d_model,
         "num_attention_heads": config.n_heads, "num_key_value_heads": config.n_kv_heads,
         "num_hidden_layers": config.n_layers, "intermediate_size": config.d_ff,
-        "max_position_embeddings": config.max_seq_len, "rope_theta": config.rope_base,
-        "rms_norm_eps": config.norm_eps, "hidden_act": "silu",
+        "head_dim": config.head_dim, "max_position_embeddings": config.max_seq_len,
+        **_rope_to_hf(config), "rms_norm_eps": config.norm_eps, "hidden_act": "silu",
         "tie_word_embeddings": config.tie_embeddings, "attention_bias": False, "mlp_bias": False,
     }  # fmt: skip
 
 
-def llama_misfits(config: ModelConfig) -> list[str]:
-    """What in `config` Llama cannot express (empty when it fits)."""
+def _llama_misfits(config: ModelConfig, **needs: tuple[object, bool]) -> list[str]:
+    """What a Llama-shaped family cannot express of `config`; `needs` as _decoder_misfits'."""
     return _decoder_misfits(config, {
         "position": ("rope", config.position == "rope"),
         "norm": ("rmsnorm", config.norm == "rmsnorm"),
         "feed_forward": ("swiglu", config.feed_forward == "swiglu"),
         "bias": (False, not config.bias),
+        "head_dim": ("any", True),
+        "rope_scaling": ("none, llama3 or linear", True),
+        **needs,
     })  # fmt: skip
+
+
+def llama_misfits(config: ModelConfig) -> list[str]:
+    """What in `config` Llama cannot express (empty when it fits)."""
+    return _llama_misfits(config)
+
+
+def mistral_misfits(config: ModelConfig) -> list[str]:
+    """Mistral: Llama's design with a sliding window on every layer."""
+    window = config.sliding_window is not None and config.sliding_layers is None
+    return _llama_misfits(config, sliding_window=("a window on every layer", window))
+
+
+def qwen2_misfits(config: ModelConfig) -> list[str]:
+    """Qwen2: Llama's design with biases on W_Q, W_K, W_V; any sliding layers."""
+    return _llama_misfits(
+        config, qkv_bias=(True, bool(config.qkv_bias)), sliding_window=("any", True)
+    )
+
+
+def qwen3_misfits(config: ModelConfig) -> list[str]:
+    """Qwen3: Llama's design with QK-norm; any sliding layers."""
+    return _llama_misfits(config, qk_norm=(True, config.qk_norm), sliding_window=("any", True))
+
+
+def mistral_config_to_hf(config: ModelConfig) -> dict[str, Any]:
+    """Llama's config.json fields and Mistral's sliding_window (every layer: no layer_types,
+    which transformers reads as Ministral)."""
+    return llama_config_to_hf(config) | {"sliding_window": config.sliding_window}
+
+
+def sliding_config_to_hf(config: ModelConfig) -> dict[str, Any]:
+    """Llama's config.json fields and the sliding window's, per layer (Qwen2, Qwen3)."""
+    return llama_config_to_hf(config) | _sliding_to_hf(config)
 
 
 def bert_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
@@ -262,6 +374,29 @@ GPT2 = Family(
     base_prefix="transformer.",
 )
 
+LLAMA_TENSORS = {
+    "model.embed_tokens.weight": "embedder.token_embedding.weight",
+    "model.layers.{}.input_layernorm.weight": "blocks.{}.attention_norm.weight",
+    "model.layers.{}.self_attn.q_proj.weight": "blocks.{}.self_attention.q_proj.weight",
+    "model.layers.{}.self_attn.k_proj.weight": "blocks.{}.self_attention.k_proj.weight",
+    "model.layers.{}.self_attn.v_proj.weight": "blocks.{}.self_attention.v_proj.weight",
+    "model.layers.{}.self_attn.o_proj.weight": "blocks.{}.self_attention.o_proj.weight",
+    "model.layers.{}.post_attention_layernorm.weight": "blocks.{}.feed_forward_norm.weight",
+    "model.layers.{}.mlp.gate_proj.weight": "blocks.{}.feed_forward.gate.weight",
+    "model.layers.{}.mlp.up_proj.weight": "blocks.{}.feed_forward.up.weight",
+    "model.layers.{}.mlp.down_proj.weight": "blocks.{}.feed_forward.down.weight",
+    "model.norm.weight": "final_norm.weight",
+    "lm_head.weight": "head.weight",
+}
+QKV_BIASES = {
+    f"model.layers.{{}}.self_attn.{p}_proj.bias": f"blocks.{{}}.self_attention.{p}_proj.bias"
+    for p in "qkv"
+}
+QK_NORMS = {
+    f"model.layers.{{}}.self_attn.{p}_norm.weight": f"blocks.{{}}.self_attention.{p}_norm.weight"
+    for p in "qk"
+}
+
 LLAMA = Family(
     model_type="llama",
     name="Llama",
@@ -269,20 +404,44 @@ LLAMA = Family(
     config_from_hf=llama_config_from_hf,
     config_to_hf=llama_config_to_hf,
     misfits=llama_misfits,
-    weight_map={
-        "model.embed_tokens.weight": "embedder.token_embedding.weight",
-        "model.layers.{}.input_layernorm.weight": "blocks.{}.attention_norm.weight",
-        "model.layers.{}.self_attn.q_proj.weight": "blocks.{}.self_attention.q_proj.weight",
-        "model.layers.{}.self_attn.k_proj.weight": "blocks.{}.self_attention.k_proj.weight",
-        "model.layers.{}.self_attn.v_proj.weight": "blocks.{}.self_attention.v_proj.weight",
-        "model.layers.{}.self_attn.o_proj.weight": "blocks.{}.self_attention.o_proj.weight",
-        "model.layers.{}.post_attention_layernorm.weight": "blocks.{}.feed_forward_norm.weight",
-        "model.layers.{}.mlp.gate_proj.weight": "blocks.{}.feed_forward.gate.weight",
-        "model.layers.{}.mlp.up_proj.weight": "blocks.{}.feed_forward.up.weight",
-        "model.layers.{}.mlp.down_proj.weight": "blocks.{}.feed_forward.down.weight",
-        "model.norm.weight": "final_norm.weight",
-        "lm_head.weight": "head.weight",
-    },
+    weight_map=LLAMA_TENSORS,
+    base_prefix="model.",
+)
+
+# Mistral: Llama's design and names, with a sliding window (sliding_window, every layer).
+MISTRAL = Family(
+    model_type="mistral",
+    name="Mistral",
+    hf_class="MistralForCausalLM",
+    config_from_hf=lambda hf: llama_config_from_hf(hf, "Mistral"),
+    config_to_hf=mistral_config_to_hf,
+    misfits=mistral_misfits,
+    weight_map=LLAMA_TENSORS,
+    base_prefix="model.",
+)
+
+# Qwen2 and Qwen2.5: Llama's design with biases on W_Q, W_K, W_V.
+QWEN2 = Family(
+    model_type="qwen2",
+    name="Qwen2",
+    hf_class="Qwen2ForCausalLM",
+    config_from_hf=lambda hf: llama_config_from_hf(hf, "Qwen2", qkv_bias=True),
+    config_to_hf=sliding_config_to_hf,
+    misfits=qwen2_misfits,
+    weight_map=LLAMA_TENSORS | QKV_BIASES,
+    base_prefix="model.",
+)
+
+# Qwen3: Llama's design with each head's q and k RMS-normalised (q_norm, k_norm) and its own
+# head_dim (128 with hidden_size 1024 in Qwen3-0.6B).
+QWEN3 = Family(
+    model_type="qwen3",
+    name="Qwen3",
+    hf_class="Qwen3ForCausalLM",
+    config_from_hf=lambda hf: llama_config_from_hf(hf, "Qwen3", qk_norm=True),
+    config_to_hf=sliding_config_to_hf,
+    misfits=qwen3_misfits,
+    weight_map=LLAMA_TENSORS | QK_NORMS,
     base_prefix="model.",
 )
 
@@ -317,7 +476,7 @@ BERT = Family(
     base_prefix="bert.",
 )
 
-FAMILIES = {family.model_type: family for family in (GPT2, LLAMA, BERT)}
+FAMILIES = {family.model_type: family for family in (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, BERT)}
 
 
 def _pairs(family: Family, n_layers: int) -> list[tuple[str, tuple[str, ...], bool]]:
@@ -501,7 +660,45 @@ def load_hf_tokenizer(folder: Path, config: dict[str, Any]) -> Tokenizer:
         raise QkvError(f"{folder}: neither config.json nor tokenizer_config.json names an "
                        "end-of-text token (eos_token_id) the tokenizer knows")  # fmt: skip
     pad = _special(config, extra, backend, "pad_token_id", ("pad_token",))
-    return Tokenizer(backend, end_of_text, pad)
+    tokenizer = Tokenizer(backend, end_of_text, pad)
+    tokenizer.chat_template = _chat_template(folder, extra)
+    for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        token = extra.get(name)
+        token = token.get("content") if isinstance(token, dict) else token
+        if isinstance(token, str):
+            tokenizer.template_tokens[name] = token
+    tokenizer.extra_stop_ids = _stop_ids(folder, config, backend)
+    return tokenizer
+
+
+def _chat_template(folder: Path, extra: dict[str, Any]) -> str | None:
+    """The model's chat template: chat_template.jinja, else tokenizer_config.json's
+    chat_template (a string, or a list of named ones: "default")."""
+    path = folder / "chat_template.jinja"
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    template = extra.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
+
+
+def _stop_ids(
+    folder: Path, config: dict[str, Any], backend: tokenizers.Tokenizer
+) -> tuple[int, ...]:
+    """Every eos_token_id of generation_config.json and config.json (each an id or a list)."""
+    try:
+        generation = json.loads((folder / "generation_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        generation = {}
+    ids: list[int] = []
+    for source in (generation if isinstance(generation, dict) else {}, config):
+        value = source.get("eos_token_id")
+        for token_id in value if isinstance(value, list) else [value]:
+            if isinstance(token_id, int) and backend.id_to_token(token_id) is not None:
+                ids.append(token_id)
+    return tuple(dict.fromkeys(ids))
 
 
 def load_hf_directory(folder: Path) -> tuple[DecoderLM | Encoder, Tokenizer]:

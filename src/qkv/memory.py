@@ -33,9 +33,11 @@ CGROUP = Path("/sys/fs/cgroup")
 
 def parameter_count(config: ModelConfig) -> int:
     """P of the model `config` describes, exactly, without allocating it: models of one and two
-    layers are built on the meta device; each further layer adds what the second did."""
+    layers are built on the meta device; each further layer adds what the second did (which
+    layers slide changes no parameter)."""
     with torch.device("meta"):
-        models = [build_model(config.replace(n_layers=n, init_std=None)) for n in (1, 2)]
+        layers = [config.replace(n_layers=n, init_std=None, sliding_layers=None) for n in (1, 2)]
+        models = [build_model(layer_config) for layer_config in layers]
     one, two = (sum(p.numel() for p in model.parameters()) for model in models)
     return one + (config.n_layers - 1) * (two - one)
 

@@ -10,6 +10,7 @@ their softmax. `attention_mask` (batch, seq) marks real tokens with 1 and paddin
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -27,6 +28,8 @@ from qkv.nn.position import (
     LearnedPositionalEmbedding,
     RotaryEmbedding,
     SinusoidalPositionalEncoding,
+    linear_scaling,
+    llama3_scaling,
 )
 from qkv.nn.recording import Recordable
 
@@ -46,7 +49,23 @@ def block_config(config: ModelConfig) -> BlockConfig:
         dropout=config.dropout,
         kernels=config.kernels,
         qk_norm=config.qk_norm,
+        head_dim=config.head_dim,
+        qkv_bias=config.qkv_bias,
     )
+
+
+def rope_scaling(config: ModelConfig) -> Callable[[Tensor], Tensor] | None:
+    """The frequency map of `config.rope_scaling` (None: plain RoPE)."""
+    if config.rope_scaling == "llama3":
+        return llama3_scaling(
+            config.rope_factor,
+            config.rope_low_freq_factor,
+            config.rope_high_freq_factor,
+            config.rope_original_context,
+        )
+    if config.rope_scaling == "linear":
+        return linear_scaling(config.rope_factor)
+    return None
 
 
 def _norm(config: ModelConfig) -> LayerNorm | RMSNorm:
@@ -128,7 +147,9 @@ class Embedder(Recordable, nn.Module):
         elif config.position == "learned":
             self.position = LearnedPositionalEmbedding(config.max_seq_len, config.d_model)
         elif config.position == "rope":
-            self.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_base)
+            self.rotary = RotaryEmbedding(
+                config.head_dim, config.max_seq_len, config.rope_base, rope_scaling(config)
+            )
         self.token_type = (
             TokenEmbedding(config.type_vocab_size, config.d_model)
             if config.type_vocab_size
@@ -177,6 +198,19 @@ def _self_attention_mask(
     if causal:
         allowed = allowed & causal_mask(q_len, attention_mask.shape[-1], attention_mask.device)
     return additive_mask(allowed, dtype)
+
+
+def _window_mask(
+    attention_mask: Tensor | None, q_len: int, k_len: int, window: int, like: Tensor
+) -> Tensor | None:
+    """Causal within the sliding window (query i sees keys j with 0 <= i - j < window), padding
+    hidden, as a float mask like `like`; None when nothing is hidden but the future."""
+    if k_len <= window and attention_mask is None:
+        return None
+    allowed = causal_mask(q_len, k_len, like.device, window)
+    if attention_mask is not None:
+        allowed = padding_mask(attention_mask) & allowed
+    return additive_mask(allowed, like.dtype)
 
 
 def _final_norm(config: ModelConfig) -> nn.Module:
@@ -252,10 +286,16 @@ class DecoderLM(_Stack):
         an `attention_mask` covering cached + new tokens if there is padding.
         """
         x, rotary = self.embedder(token_ids, positions)
-        mask = _self_attention_mask(attention_mask, token_ids.shape[-1], True, x.dtype)
+        q_len = token_ids.shape[-1]
+        mask = _self_attention_mask(attention_mask, q_len, True, x.dtype)
+        window, windowed = self.config.sliding_window, None
+        if window is not None:
+            k_len = q_len + (caches[0].length if caches else 0)
+            windowed = _window_mask(attention_mask, q_len, k_len, window, x)
         for i, block in enumerate(self.blocks):
             cache = caches[i] if caches is not None else None
-            x = block(x, mask=mask, is_causal=mask is None, rotary=rotary, cache=cache)
+            sees = windowed if self.config.slides(i) else mask
+            x = block(x, mask=sees, is_causal=sees is None, rotary=rotary, cache=cache)
         return self.final_norm(x)
 
     def forward(

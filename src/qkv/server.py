@@ -48,7 +48,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.types import Message as AsgiMessage
 
 from qkv.batching import Batcher, Sequence, TokenLogprob
-from qkv.chat_template import ROLE_TOKENS, answer_prompt, role_ids
+from qkv.chat_template import chat_prompt, chat_stops, has_chat_template
 from qkv.checkpoint import load_model
 from qkv.device import resolve_device
 from qkv.embed import embed_ids
@@ -369,7 +369,7 @@ class Served:
         next token can be sampled and appended (a decoder, or the notes' example)."""
         decoder = isinstance(self.model, DecoderLM)
         notes = self.model is None
-        chat = decoder and self.tokenizer is not None and _has_roles(self.tokenizer)
+        chat = decoder and self.tokenizer is not None and has_chat_template(self.tokenizer)
         return {"api": True, "model": self.name, "notes": notes, "text": NOTES_SENTENCE,
                 "chat": chat, "sample": decoder or notes}  # fmt: skip
 
@@ -639,7 +639,7 @@ def create_app(served: Served) -> FastAPI:
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
         _, tokenizer = served.loaded()
         if body.messages is not None:
-            tokens = answer_prompt([(m.role, m.content) for m in body.messages], tokenizer)
+            tokens = chat_prompt([(m.role, m.content) for m in body.messages], tokenizer)
         else:
             tokens = tokenizer.encode_inputs([body.prompt or ""])[0]
         return {"tokens": tokens, "count": len(tokens), "max_model_len": served.window}
@@ -690,13 +690,13 @@ def create_app(served: Served) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest) -> Any:
         served.decoding()
-        if not _has_roles(served.tokenizer):
-            raise ApiError(400, "this model has no chat template (no role tokens); use "
-                           "/v1/completions, or fine-tune it with `qkv finetune`",
-                           "messages")  # fmt: skip
+        if not has_chat_template(served.tokenizer):
+            raise ApiError(400, "this model has no chat template (no role tokens, no "
+                           "chat_template of its own); use /v1/completions, or fine-tune it "
+                           "with `qkv finetune`", "messages")  # fmt: skip
         turns = [(m.role, m.content) for m in body.messages]
-        prompt = answer_prompt(turns, served.tokenizer)
-        stop = (*ROLE_TOKENS.values(), *(body.stop or ()))
+        prompt = chat_prompt(turns, served.tokenizer)
+        stop = (*chat_stops(served.tokenizer), *(body.stop or ()))
         top = (body.top_logprobs or 0) if body.logprobs else None
         tickets = _tickets(served, body, [prompt], stop, top)
 
@@ -800,15 +800,6 @@ def load_served(
     if engine is not None:
         engine.metrics = served.metrics
     return served
-
-
-def _has_roles(tokenizer: Tokenizer) -> bool:
-    """Whether the tokenizer has the role tokens chat prompts are made of."""
-    try:
-        role_ids(tokenizer)
-    except QkvError:
-        return False
-    return True
 
 
 def check_port(port: int) -> None:

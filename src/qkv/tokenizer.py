@@ -47,6 +47,11 @@ class Tokenizer:
         backend.no_padding()  # batches are padded by the code that makes them
         backend.no_truncation()
         self.end_of_text, self.pad = end_of_text, pad or end_of_text
+        # A model's own chat template (Jinja, from tokenizer_config.json), the special tokens
+        # it names, and the ids that end a reply besides end-of-text (generation_config.json).
+        self.chat_template: str | None = None
+        self.template_tokens: dict[str, str] = {}
+        self.extra_stop_ids: tuple[int, ...] = ()
         self._plain: tokenizers.Tokenizer | None = None  # see encode_plain
         self._vocab_size: int | None = None  # see vocab_size
         self._texts: list[str] | None = None  # see token_texts
@@ -146,6 +151,11 @@ class Tokenizer:
     @property
     def end_of_text_id(self) -> int:
         return self.backend.token_to_id(self.end_of_text)
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        """The ids that end a continuation: end-of-text and any other eos id the model names."""
+        return frozenset((self.end_of_text_id, *self.extra_stop_ids))
 
     @property
     def pad_id(self) -> int:

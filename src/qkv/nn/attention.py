@@ -25,13 +25,17 @@ from qkv.nn.position import apply_rotary
 from qkv.nn.recording import Recordable
 
 
-def causal_mask(q_len: int, k_len: int, device: torch.device | None = None) -> Tensor:
-    """Bool (q_len, k_len), True = may attend: query i sees keys j <= i + (k_len - q_len).
+def causal_mask(
+    q_len: int, k_len: int, device: torch.device | None = None, window: int | None = None
+) -> Tensor:
+    """Bool (q_len, k_len), True = may attend: query i sees keys j <= i + (k_len - q_len), and
+    with a sliding `window` w only the last w of them: j > i + (k_len - q_len) - w.
 
     The queries are the last q_len of k_len positions (bottom-right aligned), as when decoding
     with a cache.
     """
-    return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)
+    allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)
+    return allowed if window is None else allowed.triu(k_len - q_len - window + 1)
 
 
 def padding_mask(attention_mask: Tensor) -> Tensor:
@@ -160,23 +164,28 @@ class MultiHeadAttention(Recordable, nn.Module):
         dropout: float = 0.0,
         implementation: str = "fused",
         qk_norm_eps: float | None = None,
+        head_dim: int | None = None,
+        qkv_bias: bool | None = None,
     ) -> None:
-        """`qk_norm_eps`: normalise each head's queries and keys (QK-norm) with this eps."""
+        """`qk_norm_eps`: normalise each head's queries and keys (QK-norm) with this eps;
+        `head_dim`: d_k (default d_model / n_heads); `qkv_bias`: biases on W_Q, W_K, W_V
+        (default `bias`, which W_O always follows)."""
         super().__init__()
         n_kv_heads = n_kv_heads or n_heads
-        if d_model % n_heads or n_heads % n_kv_heads:
+        if (head_dim is None and d_model % n_heads) or n_heads % n_kv_heads:
             raise ValueError(
                 f"d_model={d_model} must divide into n_heads={n_heads}, "
                 f"and n_heads into n_kv_heads={n_kv_heads}"
             )
         self.n_heads = n_heads
         self.n_kv_heads = n_kv_heads
-        self.head_dim = d_model // n_heads
+        self.head_dim = head_dim or d_model // n_heads
         self.dropout = dropout
         self.implementation = implementation
-        self.q_proj = Linear(d_model, n_heads * self.head_dim, bias=bias)
-        self.k_proj = Linear(d_model, self.n_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = Linear(d_model, self.n_kv_heads * self.head_dim, bias=bias)
+        qkv_bias = bias if qkv_bias is None else qkv_bias
+        self.q_proj = Linear(d_model, n_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = Linear(d_model, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = Linear(d_model, self.n_kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = Linear(n_heads * self.head_dim, d_model, bias=bias)
         self.q_norm = self.k_norm = None
         if qk_norm_eps is not None:

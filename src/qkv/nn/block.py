@@ -39,12 +39,14 @@ class BlockConfig:
     dropout: float = 0.0
     kernels: str = "fused"
     qk_norm: bool = False
+    head_dim: int | None = None  # d_k; None: d_model / n_heads
+    qkv_bias: bool | None = None  # biases on W_Q, W_K, W_V; None: `bias`
 
 
 def _attention(config: BlockConfig, n_kv_heads: int | None) -> MultiHeadAttention:
     return MultiHeadAttention(
         config.d_model, config.n_heads, n_kv_heads, config.bias, config.dropout, config.kernels,
-        config.norm_eps if config.qk_norm else None,
+        config.norm_eps if config.qk_norm else None, config.head_dim, config.qkv_bias,
     )  # fmt: skip
 
 

@@ -7,6 +7,8 @@ use 10000. With the "none" choice a model gets no positional signal at all.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -83,11 +85,17 @@ class RotaryEmbedding(Recordable, nn.Module):
         "attention turns each pair (i, i + d_k/2) of q and k by it"
     }
 
-    def __init__(self, head_dim: int, max_seq_len: int, base: float = 10000.0) -> None:
+    def __init__(
+        self, head_dim: int, max_seq_len: int, base: float = 10000.0,
+        scaling: Callable[[Tensor], Tensor] | None = None,
+    ) -> None:  # fmt: skip
+        """`scaling` maps the frequencies base^(-2i/d_head) to those used (RoPE scaling)."""
         super().__init__()
         self.base = base
         exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
-        self.register_buffer("inv_freq", 1.0 / base**exponents, persistent=False)
+        inv_freq = 1.0 / base**exponents
+        inv_freq = scaling(inv_freq) if scaling else inv_freq
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
         angle = self.angles(torch.arange(max_seq_len))
         angle = torch.cat([angle, angle], dim=-1)
         self.register_buffer("cos", angle.cos(), persistent=False)
@@ -104,6 +112,32 @@ class RotaryEmbedding(Recordable, nn.Module):
         if self.recorder is not None:
             self.recorder("positional_encoding", self.angles(positions))
         return self.cos[positions].unsqueeze(-3), self.sin[positions].unsqueeze(-3)
+
+
+def llama3_scaling(
+    factor: float, low_freq_factor: float, high_freq_factor: float, original_context: int
+) -> Callable[[Tensor], Tensor]:
+    """Llama 3.1's RoPE scaling of each frequency f, wavelength w = 2 pi / f, L = original_context:
+    f / factor where w > L / low_freq_factor (long waves: stretched), f where w < L /
+    high_freq_factor (short waves: kept), between them (1 - s) f / factor + s f with
+    s = (L / w - low_freq_factor) / (high_freq_factor - low_freq_factor)."""
+
+    def scale(inv_freq: Tensor) -> Tensor:
+        wavelength = 2 * math.pi / inv_freq
+        smooth = (original_context / wavelength - low_freq_factor) / (
+            high_freq_factor - low_freq_factor
+        )
+        blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        scaled = torch.where(wavelength > original_context / low_freq_factor, inv_freq / factor,
+                             blended)  # fmt: skip
+        return torch.where(wavelength < original_context / high_freq_factor, inv_freq, scaled)
+
+    return scale
+
+
+def linear_scaling(factor: float) -> Callable[[Tensor], Tensor]:
+    """Position interpolation: theta(pos) = (pos / factor) * f, i.e. every frequency f / factor."""
+    return lambda inv_freq: inv_freq / factor
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

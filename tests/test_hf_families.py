@@ -1,0 +1,119 @@
+"""The families beyond GPT-2, Llama and BERT: a random-init transformers model of each, with its
+special features switched on, saved to a temporary directory, gives transformers' logits on a
+left-padded batch (1e-4) and the same 32 greedy tokens once loaded by qkv."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from test_hf import TOLERANCE, padded_batch, save_hf
+
+from qkv.checkpoint import load_model
+from qkv.generate import GenerationConfig, decode
+
+VOCAB = 97
+SHAPE = {
+    "vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
+    "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "eos_token_id": VOCAB - 1,
+    "bos_token_id": None, "pad_token_id": None,
+}  # fmt: skip
+# (transformers config class, its fields beyond SHAPE, what qkv must have read from them)
+FAMILIES = {
+    "llama3-rope-scaling": (
+        "LlamaConfig",
+        {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                          "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+         "rope_theta": 5000.0},
+        {"rope_scaling": "llama3", "rope_factor": 8.0, "rope_original_context": 64},
+    ),
+    "mistral-sliding-window": (
+        "MistralConfig",
+        {"sliding_window": 5, "rope_theta": 5000.0},
+        {"sliding_window": 5, "sliding_layers": None},
+    ),
+    "qwen2-qkv-biases": (
+        "Qwen2Config",
+        {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 1},
+        {"qkv_bias": True, "bias": False, "sliding_window": 5, "sliding_layers": (1,)},
+    ),
+    "qwen3-qk-norm": (
+        "Qwen3Config",
+        {"head_dim": 32, "tie_word_embeddings": True},
+        {"qk_norm": True, "head_dim": 32, "tie_embeddings": True},
+    ),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request, tmp_path_factory):
+    import transformers
+
+    config_class, fields, expected = FAMILIES[request.param]
+    config = getattr(transformers, config_class)(**(SHAPE | fields))
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # away from init, so biases and norm gains count
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    return model, save_hf(model, tmp_path_factory.mktemp(request.param) / "model"), expected
+
+
+@torch.no_grad()
+def test_logits_match_transformers_on_a_left_padded_batch(family) -> None:
+    hf, folder, expected = family
+    ours, _ = load_model(folder)
+    for name, value in expected.items():
+        assert getattr(ours.config, name) == value, name
+    ids, mask, positions = padded_batch(VOCAB)  # 12 tokens: longer than the sliding windows
+    theirs = hf(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    actual = ours(ids, mask, positions)
+    real = mask.bool()
+    assert (actual[real] - theirs[real]).abs().max() <= TOLERANCE
+
+
+@torch.no_grad()
+def test_greedy_tokens_match_transformers_generate(family) -> None:
+    hf, folder, _ = family
+    ours, _ = load_model(folder)
+    prompt = torch.randint(0, VOCAB - 1, (1, 6), generator=torch.Generator().manual_seed(2))
+    expected = hf.generate(
+        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=32, min_new_tokens=32,
+        do_sample=False, pad_token_id=0,
+    )[0, 6:]  # fmt: skip
+    steps = decode(ours, prompt.tolist(), GenerationConfig(temperature=0), pad_id=0)
+    tokens = [int(token) for _, (token, _) in zip(range(32), steps, strict=False)]
+    assert tokens == expected.tolist()
+
+
+def test_a_config_json_round_trip_keeps_every_new_field(tmp_path: Path) -> None:
+    from qkv.config import ModelConfig
+
+    config = ModelConfig(d_model=64, n_heads=4, head_dim=32, qkv_bias=True, bias=False,
+                         sliding_window=5, sliding_layers=(1,), n_layers=2,
+                         rope_scaling="llama3", rope_factor=8.0, position="rope")  # fmt: skip
+    assert ModelConfig.from_json(config.to_json()) == config
+
+
+@pytest.mark.parametrize(
+    "model_type, change, message",
+    [
+        ("qwen2", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
+         "Qwen2 RoPE scaling 'yarn' is not supported"),
+        ("mistral", {"hidden_act": "gelu"}, "Mistral hidden_act 'gelu' is not supported"),
+        ("qwen3", {"attention_bias": True}, "Qwen3 attention_bias / mlp_bias is not supported"),
+        ("gemma2", {}, "model_type 'gemma2' is not supported"),
+    ],
+)  # fmt: skip
+def test_what_is_not_supported_is_named_in_one_line(model_type, change, message, tmp_path):
+    import json
+
+    from qkv.errors import QkvError
+
+    config = SHAPE | {"model_type": model_type} | change
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(QkvError, match=message) as refused:
+        load_model(tmp_path)
+    assert "\n" not in str(refused.value)
