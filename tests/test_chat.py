@@ -147,8 +147,9 @@ def test_chat_refuses_bad_messages_one_line_each_and_goes_on(chat_dir: Path) -> 
     script = b"the fox \xff\n" + b"fox " * 60 + b"\nthe fox\n"
     result = sp.run([sys.executable, "-m", "qkv", "chat", "--model", str(chat_dir), *GREEDY],
                     input=script, capture_output=True, timeout=120)  # fmt: skip
-    err = result.stderr.decode().splitlines()
+    summary, *err = result.stderr.decode().splitlines()
     assert result.returncode == 1 and "Traceback" not in result.stderr.decode()
+    assert summary.startswith("model: qkv decoder, ") and "float32" in summary
     assert err[0] == (
         "qkv chat: error: input line 1 is not UTF-8 text (byte 0xff at offset 8); skipped"
     )
@@ -170,7 +171,7 @@ def test_every_piped_line_gets_its_slot_when_one_is_not_utf8(chat_dir: Path) -> 
         input=b"hello\n\xff\xfe\nbye\n", capture_output=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 1
-    assert result.stderr.decode().splitlines() == [
+    assert result.stderr.decode().splitlines()[1:] == [
         "qkv chat: error: input line 2 is not UTF-8 text (byte 0xff at offset 0); skipped",
         "qkv chat: error: no reply to input line 2 (see above); the other lines were answered",
     ]

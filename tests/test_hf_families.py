@@ -4,6 +4,7 @@ left-padded batch (1e-4) and the same 32 greedy tokens once loaded by qkv."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -117,3 +118,25 @@ def test_what_is_not_supported_is_named_in_one_line(model_type, change, message,
     with pytest.raises(QkvError, match=message) as refused:
         load_model(tmp_path)
     assert "\n" not in str(refused.value)
+
+
+def test_generate_says_what_runs_and_in_which_dtype(tmp_path: Path) -> None:
+    import transformers
+    from test_cli_generate import qkv
+
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(**SHAPE)
+    model = transformers.Qwen2ForCausalLM(config).to(torch.bfloat16)  # stored in bfloat16
+    folder = save_hf(model, tmp_path / "qwen2")
+    asked = qkv("generate", "--model", str(folder), "w1 w2", "--dtype", "float32",
+                "--max-new-tokens", "4")  # fmt: skip
+    assert asked.returncode == 0, asked.stderr
+    count = sum(p.numel() for p in model.parameters())
+    line = asked.stderr.splitlines()[0]
+    assert line.startswith(f"model: Qwen2, {count / 1e3:.2f}K parameters, float32 (as asked), ")
+    assert f"{count * 4 / 2**20:.1f} MiB on cpu" in line  # float32: 4 bytes a parameter
+    auto = qkv("generate", "--model", str(folder), "w1 w2", "--max-new-tokens", "4")
+    assert auto.returncode == 0, auto.stderr
+    chosen = auto.stderr.splitlines()[0]  # bfloat16 only where this CPU runs it as fast
+    assert re.search(r", (bfloat16|float32) \(auto: this CPU multiplies bfloat16 at \d+ GFLOP/s, "
+                     r"float32 at \d+\)", chosen), chosen  # fmt: skip

@@ -76,11 +76,13 @@ class Chat:
 
     @classmethod
     def load(
-        cls, path: str | Path, device: str = "auto", system: str | None = None, **options: Any
-    ) -> Chat:
-        """A chat with the model at `path`; `options` are GenerationConfig's fields over chat's
-        defaults (config.CHAT: temperature 0.7, repetition penalty 1.1, replies of 200 tokens)."""
-        generator = Generator.load(path, resolve_device(device))
+        cls, path: str | Path, device: str = "auto", system: str | None = None,
+        dtype: str = "float32", **options: Any,
+    ) -> Chat:  # fmt: skip
+        """A chat with the model at `path` in `dtype` (Generator.load); `options` are
+        GenerationConfig's fields over chat's defaults (config.CHAT: temperature 0.7, repetition
+        penalty 1.1, replies of 200 tokens)."""
+        generator = Generator.load(path, resolve_device(device), dtype)
         return cls(generator, GenerationConfig(**{**CHAT, **options}), system)
 
     def reply(

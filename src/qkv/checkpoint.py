@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from qkv import files, hf
 from qkv.chat_template import grow_vocabulary
 from qkv.config import ModelConfig, TrainConfig
+from qkv.device import choose_load_dtype
 from qkv.distributed import shard_as
 from qkv.errors import QkvError
 from qkv.memory import MORE_MEMORY, check_model_fits
@@ -239,6 +240,47 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[An
     if device.type == "cuda":  # built on the CPU (checked there): does it fit the GPU too?
         check_model_fits(model.config, str(folder), device, MORE_MEMORY)
     return model.to(device).eval(), tokenizer
+
+
+def stored_dtype(folder: Path) -> torch.dtype:
+    """The dtype a Hugging Face directory's weights are stored in (config.json's dtype or
+    torch_dtype); float32 for qkv's checkpoints."""
+    if not hf.is_hf_directory(folder):
+        return torch.float32
+    config = hf.read_hf_config(folder)
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    dtype = getattr(torch, str(name), None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
+def load_for_inference(
+    path: str | Path, device: torch.device, dtype: str = "auto"
+) -> tuple[Any, Tokenizer, str]:
+    """load_model, then the model in the dtype choose_load_dtype picks, and one line saying
+    what runs: the family, parameters, dtype (and why) and the memory its weights take."""
+    folder = resolve(path)
+    model, tokenizer = load_model(folder, device)
+    chosen, why = choose_load_dtype(dtype, device, stored_dtype(folder))
+    model = model.to(chosen)
+    family = "qkv " + model.config.arch
+    if hf.is_hf_directory(folder):
+        family = hf.FAMILIES[hf.read_hf_config(folder)["model_type"]].name
+    count = sum(p.numel() for p in model.parameters())
+    size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    dtype_name = str(chosen).removeprefix("torch.")
+    memory = f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+    line = (
+        f"model: {family}, {_amount(count)} parameters, {dtype_name} ({why}), {memory} on {device}"
+    )
+    return model, tokenizer, line
+
+
+def _amount(count: int) -> str:
+    """1,234,567 -> 1.23M; 1,100,048,384 -> 1.10B."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if count >= scale:
+            return f"{count / scale:.2f}{unit}"
+    return str(count)
 
 
 def check_vocabulary(

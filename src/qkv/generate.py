@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from qkv.checkpoint import load_model
+from qkv.checkpoint import load_for_inference
 from qkv.config import GENERATION
 from qkv.data import pad_rows
 from qkv.errors import QkvError
@@ -236,18 +236,24 @@ class Generator:
             )
         self.model = model.eval()
         self.tokenizer = tokenizer
+        self.summary = f"model: qkv decoder, {model.num_parameters():,} parameters"
         torch.set_flush_denormal(True)  # denormal activations slow fp32 CPU math
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Generator:
-        """From a checkpoint or run directory."""
-        model, tokenizer = load_model(path, device)
+    def load(
+        cls, path: str | Path, device: str | torch.device = "cpu", dtype: str = "float32"
+    ) -> Generator:
+        """From a checkpoint, run or Hugging Face directory, in `dtype` (auto, float32,
+        bfloat16, float16: checkpoint.load_for_inference); `.summary` says what runs."""
+        model, tokenizer, summary = load_for_inference(path, torch.device(device), dtype)
         if not isinstance(model, DecoderLM):
             raise QkvError(
                 f"{path} holds an {model.config.arch} model; generation needs a decoder "
                 "(arch=decoder), such as one trained by `qkv train`"
             )
-        return cls(model, tokenizer)
+        generator = cls(model, tokenizer)
+        generator.summary = summary
+        return generator
 
     def check(self, prompts: list[Prompt]) -> None:
         """Refuse empty or non-UTF-8 prompts (or ids outside the vocabulary) and warn about

@@ -49,7 +49,7 @@ from starlette.types import Message as AsgiMessage
 
 from qkv.batching import Batcher, Sequence, TokenLogprob
 from qkv.chat_template import chat_prompt, chat_stops, has_chat_template
-from qkv.checkpoint import load_model
+from qkv.checkpoint import load_for_inference
 from qkv.device import resolve_device
 from qkv.embed import embed_ids
 from qkv.errors import QkvError
@@ -330,6 +330,7 @@ class Served:
     metrics: Metrics = field(default_factory=Metrics)
     encoding: asyncio.Lock = field(default_factory=asyncio.Lock)  # one embedding batch at a time
     explaining: int = 0  # explain requests waiting for or holding the model (event loop only)
+    summary: str = ""  # what runs: family, parameters, dtype, memory
 
     @property
     def window(self) -> int:
@@ -788,15 +789,17 @@ def load_served(
     api_key: str | None = None,
     max_batch: int = 8,
     max_queue: int = 64,
+    dtype: str = "float32",
 ) -> Served:
     """A decoder (from a checkpoint, run, adapter or Hugging Face directory) or an encoder,
-    ready to serve."""
-    model, tokenizer = load_model(model_dir, resolve_device(device))
+    ready to serve, in `dtype` (checkpoint.load_for_inference; `.summary` says what runs)."""
+    model, tokenizer, summary = load_for_inference(model_dir, resolve_device(device), dtype)
     torch.set_flush_denormal(True)
     engine = (
         Engine(model, tokenizer, max_batch, max_queue) if isinstance(model, DecoderLM) else None
     )
-    served = Served(model.eval(), tokenizer, name or Path(model_dir).name, engine, api_key)
+    served = Served(model.eval(), tokenizer, name or Path(model_dir).name, engine, api_key,
+                    summary=summary)  # fmt: skip
     if engine is not None:
         engine.metrics = served.metrics
     return served

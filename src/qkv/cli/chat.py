@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from qkv.cli.options import (
     add_command,
     add_device,
+    add_dtype,
     add_model,
     add_sampling,
     sampling,
@@ -42,6 +43,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     chat.add_argument("--system", help="a system message kept at the start of the conversation")
     add_sampling(chat, CHAT)
     add_device(chat)
+    add_dtype(chat)
 
 
 class UnansweredLines(QkvError):
@@ -75,7 +77,8 @@ def input_lines(interactive: bool) -> Iterator[str | UnicodeDecodeError]:
 def run(args: argparse.Namespace) -> None:
     from qkv.chat import Chat
 
-    chat = Chat.load(args.model, args.device, args.system, **sampling(args))
+    chat = Chat.load(args.model, args.device, args.system, args.dtype, **sampling(args))
+    print(chat.generator.summary, file=sys.stderr)
     interactive = sys.stdin.isatty() and args.prompt is None
 
     def dropped(count: int) -> None:

@@ -11,6 +11,7 @@ import warnings
 from qkv.cli.options import (
     add_command,
     add_device,
+    add_dtype,
     add_model,
     add_sampling,
     positive,
@@ -59,6 +60,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "--batch-size", type=positive, default=8, help="prompts decoded together with --json (8)"
     )
     add_device(generate)
+    add_dtype(generate)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -69,9 +71,10 @@ def run(args: argparse.Namespace) -> None:
     if not prompts:
         raise QkvError("give a prompt to continue, or --prompts FILE")
     config = GenerationConfig(**sampling(args), stop=tuple(args.stop), use_cache=not args.no_cache)
-    generator = Generator.load(args.model, resolve_device(args.device))
+    generator = Generator.load(args.model, resolve_device(args.device), args.dtype)
     with warnings_to_stderr("generate"):
         generator.check(prompts)  # every prompt's errors and warnings before any output
+    print(generator.summary, file=sys.stderr)
     started, produced = time.perf_counter(), 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # reported above, numbered over all the prompts

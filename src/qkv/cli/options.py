@@ -65,6 +65,14 @@ def add_device(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
 
+def add_dtype(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+        help="precision to run in (default auto: the stored dtype on a GPU; on a CPU, float32 "
+        "unless a short measurement finds its half-precision matmuls as fast)",
+    )  # fmt: skip
+
+
 def add_sampling(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
     """--max-new-tokens, --temperature, --top-k, --top-p, --repetition-penalty and --seed, with
     the command's defaults (config.GENERATION or config.CHAT)."""

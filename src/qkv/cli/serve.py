@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from qkv.cli.options import add_command, add_device, add_model, positive, server
+from qkv.cli.options import add_command, add_device, add_dtype, add_model, positive, server
 from qkv.errors import QkvError
 
 EXAMPLES = """examples:
@@ -48,6 +48,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="on Ctrl-C / SIGTERM, seconds running requests get to finish (3)",
     )  # fmt: skip
     add_device(serve)
+    add_dtype(serve)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -61,8 +62,10 @@ def run(args: argparse.Namespace) -> None:
     if args.api_key_file is not None:
         key = read_text_file(args.api_key_file, "API key file").strip()
     served = serving.load_served(
-        args.model, args.device, args.served_model_name, key, args.max_batch, args.max_queue
-    )
+        args.model, args.device, args.served_model_name, key, args.max_batch, args.max_queue,
+        args.dtype,
+    )  # fmt: skip
+    print(served.summary, file=sys.stderr)
     url = f"http://{args.host}:{args.port}"
     auth = " -H 'Authorization: Bearer $KEY'" if key else ""
     print(
