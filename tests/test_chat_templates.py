@@ -155,6 +155,9 @@ def test_generation_stops_at_each_eos_id_the_model_names(tmp_path: Path) -> None
     greedy_options = ["--temperature", "0", "--repetition-penalty", "1", "--max-new-tokens", "12"]
     chat = qkv("chat", "--model", str(folder), "-p", "What does json.dumps do?", *greedy_options)
     assert chat.returncode == 0 and chat.stdout == reply + "\n", chat.stderr
+    one = qkv("generate", "--model", str(folder), "--chat", "What does json.dumps do?",
+              *greedy_options)  # fmt: skip
+    assert one.returncode == 0 and one.stdout == reply + "\n", one.stderr
     from fastapi.testclient import TestClient
 
     from qkv.server import create_app, load_served

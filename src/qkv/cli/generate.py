@@ -26,6 +26,7 @@ EXAMPLES = """examples:
   qkv generate --model runs/quickstart "Return the" --temperature 0 --max-new-tokens 40
   qkv generate --model runs/quickstart "If the file" --top-p 0.9 --stop "." --seed 3
   qkv generate --model runs/quickstart --prompts prompts.txt --json > completions.jsonl
+  qkv generate --model ~/models/Qwen2.5-0.5B-Instruct --chat "What is a list?"
 """
 
 
@@ -55,6 +56,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     generate.add_argument(
         "--no-cache", action="store_true", help="recompute every step instead of the KV cache"
     )
+    generate.add_argument(
+        "--chat", action="store_true",
+        help="each prompt is a user message in the model's chat template; the reply is printed",
+    )  # fmt: skip
     generate.add_argument("--json", action="store_true", help="one JSON object per prompt")
     generate.add_argument(
         "--batch-size", type=positive, default=8, help="prompts decoded together with --json (8)"
@@ -64,14 +69,23 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    from qkv.chat_template import chat_prompt, chat_stops, has_chat_template, role_ids
     from qkv.device import resolve_device
     from qkv.generate import GenerationConfig, Generator, read_prompts
 
     prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])
     if not prompts:
         raise QkvError("give a prompt to continue, or --prompts FILE")
-    config = GenerationConfig(**sampling(args), stop=tuple(args.stop), use_cache=not args.no_cache)
     generator = Generator.load(args.model, resolve_device(args.device), args.dtype)
+    stop = tuple(args.stop)
+    texts = list(prompts)
+    if args.chat:
+        tokenizer = generator.tokenizer
+        if not has_chat_template(tokenizer):
+            role_ids(tokenizer)  # refuses it, naming what is missing
+        prompts = [chat_prompt([("user", text)], tokenizer) for text in texts]
+        stop += chat_stops(tokenizer)
+    config = GenerationConfig(**sampling(args), stop=stop, use_cache=not args.no_cache)
     with warnings_to_stderr("generate"):
         generator.check(prompts)  # every prompt's errors and warnings before any output
     print(generator.summary, file=sys.stderr)
@@ -86,7 +100,8 @@ def run(args: argparse.Namespace) -> None:
                     print(json.dumps(completion.to_dict()), flush=True)
         else:
             for number, prompt in enumerate(prompts):
-                print(("\n" if number else "") + prompt, end="", flush=True)
+                shown = "" if args.chat else texts[number]  # --chat prints the reply alone
+                print(("\n" if number else "") + shown, end="", flush=True)
                 completion = generator.generate(
                     prompt, config, on_text=lambda _, text: print(text, end="", flush=True)
                 )
