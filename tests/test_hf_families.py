@@ -140,3 +140,33 @@ def test_generate_says_what_runs_and_in_which_dtype(tmp_path: Path) -> None:
     chosen = auto.stderr.splitlines()[0]  # bfloat16 only where this CPU runs it as fast
     assert re.search(r", (bfloat16|float32) \(auto: this CPU multiplies bfloat16 at \d+ GFLOP/s, "
                      r"float32 at \d+\)", chosen), chosen  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "fields, sliding",
+    [
+        ({"sliding_window": 16}, {}),  # use_sliding_window defaults to off
+        ({"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 1},
+         {"sliding_window": 16, "sliding_layers": (1,)}),  # layers >= max_window_layers slide
+        ({"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 2}, {}),
+    ],
+)  # fmt: skip
+def test_qwen_slides_the_layers_transformers_slides(fields, sliding) -> None:
+    import transformers
+
+    from qkv.hf import qwen2_config_from_hf
+
+    hf = SHAPE | {"model_type": "qwen2"} | fields
+    ours = qwen2_config_from_hf(hf)
+    theirs = transformers.Qwen2Config(**hf)
+    slid = tuple(i for i, kind in enumerate(theirs.layer_types) if kind == "sliding_attention")
+    assert (ours.sliding_window, ours.sliding_layers) == (
+        sliding.get("sliding_window"),
+        sliding.get("sliding_layers"),
+    ) and slid == (sliding.get("sliding_layers") or ())
+
+
+def test_a_head_dim_of_its_own_needs_no_divisible_d_model() -> None:
+    from qkv.config import ModelConfig
+
+    assert ModelConfig(d_model=96, n_heads=5, head_dim=32).head_dim == 32

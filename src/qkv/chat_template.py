@@ -173,5 +173,5 @@ def render_model_template(
         )  # fmt: skip
     except _TemplateRefused as refused:
         raise QkvError(f"the model's chat template refuses this conversation: {refused}") from None
-    except jinja2.TemplateError as err:
+    except (jinja2.TemplateError, TypeError, ValueError, OverflowError, KeyError) as err:
         raise QkvError(f"the model's chat template failed: {err}") from None

@@ -114,7 +114,7 @@ class ModelConfig:
         _choice(self, "norm", NORMS)
         _choice(self, "feed_forward", FEED_FORWARDS)
         _choice(self, "kernels", KERNELS)
-        if self.d_model % self.n_heads and self.head_dim * self.n_heads != self.d_model:
+        if self.d_model % self.n_heads and self.head_dim == self.d_model // self.n_heads:
             divisors = [h for h in range(1, min(self.d_model, 64) + 1) if self.d_model % h == 0]
             _require(
                 False,

@@ -159,15 +159,20 @@ def _rope(hf: dict[str, Any], name: str) -> dict[str, Any]:
     return fields
 
 
-def _sliding(hf: dict[str, Any], name: str) -> dict[str, Any]:
+def _sliding(hf: dict[str, Any], name: str, qwen: bool) -> dict[str, Any]:
     """The sliding window and the layers that use it: config.json's layer_types
-    ("sliding_attention" / "full_attention" per layer) where written, else every layer."""
+    ("sliding_attention" / "full_attention" per layer) where written; else Mistral's on every
+    layer, and the Qwens' (only with use_sliding_window) on layers >= max_window_layers."""
     window = hf.get("sliding_window")
-    if window is None or hf.get("use_sliding_window") is False:
+    if window is None or (qwen and not hf.get("use_sliding_window", False)):
         return {}
     types = hf.get("layer_types")
-    if types is None:
+    if types is None and not qwen:
         return {"sliding_window": int(window)}
+    if types is None:
+        first = hf.get("max_window_layers", hf["num_hidden_layers"])
+        types = ["sliding_attention" if i >= first else "full_attention"
+                 for i in range(hf["num_hidden_layers"])]  # fmt: skip
     unknown = set(types) - {"sliding_attention", "full_attention"}
     if unknown:
         raise QkvError(f"{name} layer_types {sorted(unknown)} are not supported")
@@ -205,9 +210,14 @@ def llama_config_from_hf(
         bias=False,
         qkv_bias=qkv_bias,
         qk_norm=qk_norm,
-        **_sliding(hf, name),
+        **_sliding(hf, name, qwen=qkv_bias or qk_norm),
         tie_embeddings=hf.get("tie_word_embeddings", False),
     )
+
+
+def qwen2_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+    """A Qwen2 config.json: Llama's with biases on W_Q, W_K, W_V."""
+    return llama_config_from_hf(hf, "Qwen2", qkv_bias=True)
 
 
 def _rope_to_hf(config: ModelConfig) -> dict[str, Any]:
@@ -425,7 +435,7 @@ QWEN2 = Family(
     model_type="qwen2",
     name="Qwen2",
     hf_class="Qwen2ForCausalLM",
-    config_from_hf=lambda hf: llama_config_from_hf(hf, "Qwen2", qkv_bias=True),
+    config_from_hf=qwen2_config_from_hf,
     config_to_hf=sliding_config_to_hf,
     misfits=qwen2_misfits,
     weight_map=LLAMA_TENSORS | QKV_BIASES,
