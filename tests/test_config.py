@@ -86,3 +86,12 @@ def test_load_reports_missing_and_malformed_files(tmp_path):
     good = tmp_path / "good.json"
     good.write_text(ModelConfig.preset("tiny").to_json())
     assert ModelConfig.load(good) == ModelConfig.preset("tiny")
+
+
+def test_a_step_of_more_sequences_than_can_be_drawn_is_refused() -> None:
+    from qkv.config import MAX_WINDOWS_PER_STEP, TrainConfig
+    from qkv.errors import QkvError
+
+    with pytest.raises(QkvError, match="sequences a step; at most"):
+        TrainConfig(batch_size=2, grad_accum=MAX_WINDOWS_PER_STEP).validate()
+    TrainConfig(batch_size=2, grad_accum=MAX_WINDOWS_PER_STEP // 2).validate()

@@ -28,6 +28,7 @@ STRATEGIES = ("ddp", "fsdp")  # under torchrun: copy the model to every process,
 DTYPES = ("auto", "float32", "bfloat16")
 OPTIMIZERS = ("adamw", "muon")  # muon: Muon for the blocks' matrices, AdamW for the rest
 SCHEDULES = ("cosine", "wsd")  # after warmup: cosine decay, or warmup-stable-decay
+MAX_WINDOWS_PER_STEP = 2**24  # sequences in one optimizer step (batch_size x grad_accum)
 ROPE_SCALINGS = ("llama3", "linear")  # Llama 3.1+'s per-frequency scaling; positions / factor
 
 
@@ -365,6 +366,12 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise QkvError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.batch_size * self.grad_accum > MAX_WINDOWS_PER_STEP:
+            raise QkvError(
+                f"--batch-size {self.batch_size} x --grad-accum {self.grad_accum} is "
+                f"{self.batch_size * self.grad_accum:,} sequences a step; at most "
+                f"{MAX_WINDOWS_PER_STEP:,} (each step draws their starts at once): lower either"
+            )
         if not 0 < self.lr < math.inf:
             raise QkvError(f"--lr must be positive and finite, got {self.lr}")
         if not 0 < self.grad_clip < math.inf:

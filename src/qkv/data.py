@@ -298,16 +298,20 @@ class Batches:
         self.batch_size, self.context = batch_size, context
         self.accum, self.rank, self.world = accum, rank, world
         self.generator = torch.Generator().manual_seed(seed)
-        self.pending: list[int] = []
+        # This process's window starts for the step, a tensor (8 bytes each, so a huge
+        # --grad-accum costs memory linearly, not 5x that as Python ints), and how many are used.
+        self.pending = torch.empty(0, dtype=torch.int64)
+        self.used = 0
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(batch, context) inputs and targets: this process's next micro-batch."""
-        if not self.pending:
+        if self.used >= len(self.pending):
             high = len(self.tokens) - self.context - 1
             share = self.batch_size * self.accum
             starts = torch.randint(0, high + 1, (share * self.world,), generator=self.generator)
-            self.pending = starts[self.rank * share : (self.rank + 1) * share].tolist()
-        starts, self.pending = self.pending[: self.batch_size], self.pending[self.batch_size :]
+            self.pending, self.used = starts[self.rank * share : (self.rank + 1) * share], 0
+        starts = self.pending[self.used : self.used + self.batch_size].tolist()
+        self.used += self.batch_size
         span = self.context + 1
         window = torch.from_numpy(
             np.stack([self.tokens[s : s + span] for s in starts]).astype(np.int64)
