@@ -28,7 +28,7 @@ STRATEGIES = ("ddp", "fsdp")  # under torchrun: copy the model to every process,
 DTYPES = ("auto", "float32", "bfloat16")
 OPTIMIZERS = ("adamw", "muon")  # muon: Muon for the blocks' matrices, AdamW for the rest
 SCHEDULES = ("cosine", "wsd")  # after warmup: cosine decay, or warmup-stable-decay
-MAX_WINDOWS_PER_STEP = 2**24  # sequences in one optimizer step (batch_size x grad_accum)
+MAX_WINDOWS_PER_STEP = 2**24  # sequences in an accumulated step (batch_size x grad_accum)
 ROPE_SCALINGS = ("llama3", "linear")  # Llama 3.1+'s per-frequency scaling; positions / factor
 
 
@@ -366,7 +366,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise QkvError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.batch_size * self.grad_accum > MAX_WINDOWS_PER_STEP:
+        if self.grad_accum > 1 and self.batch_size * self.grad_accum > MAX_WINDOWS_PER_STEP:
             raise QkvError(
                 f"--batch-size {self.batch_size} x --grad-accum {self.grad_accum} is "
                 f"{self.batch_size * self.grad_accum:,} sequences a step; at most "
