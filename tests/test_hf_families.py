@@ -45,6 +45,30 @@ FAMILIES = {
         {"head_dim": 32, "tie_word_embeddings": True},
         {"qk_norm": True, "head_dim": 32, "tie_embeddings": True},
     ),
+    "phi3-fused-projections": (
+        "Phi3Config",
+        {"sliding_window": 5, "rope_theta": 5000.0, "pad_token_id": 0},
+        {"sliding_window": 5, "sliding_layers": None, "n_kv_heads": 2},
+    ),
+    "gemma2-softcaps-sandwich-norms": (
+        "Gemma2Config",
+        {"head_dim": 24, "query_pre_attn_scalar": 20, "attn_logit_softcapping": 5.0,
+         "final_logit_softcapping": 3.0, "sliding_window": 5, "tie_word_embeddings": True,
+         "hidden_activation": "gelu_pytorch_tanh", "pad_token_id": 0},
+        {"attention_softcap": 5.0, "logit_softcap": 3.0, "attention_scale": 20**-0.5,
+         "sliding_layers": (0,), "post_norms": True, "norm_unit_offset": True,
+         "feed_forward": "geglu_tanh", "scale_embeddings": True, "head_dim": 24},
+    ),
+    "gemma3-local-rope-qk-norm": (
+        "Gemma3TextConfig",
+        {"head_dim": 24, "query_pre_attn_scalar": 24, "sliding_window": 5,
+         "layer_types": ["sliding_attention", "full_attention"], "pad_token_id": 0,
+         "rope_parameters": {
+             "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 50000.0},
+             "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}}},
+        {"qk_norm": True, "rope_local_base": 100.0, "rope_base": 50000.0, "rope_factor": 4.0,
+         "rope_scaling": "linear", "sliding_layers": (0,), "norm_unit_offset": True},
+    ),
 }  # fmt: skip
 
 
@@ -105,7 +129,13 @@ def test_a_config_json_round_trip_keeps_every_new_field(tmp_path: Path) -> None:
          "Qwen2 RoPE scaling 'yarn' is not supported"),
         ("mistral", {"hidden_act": "gelu"}, "Mistral hidden_act 'gelu' is not supported"),
         ("qwen3", {"attention_bias": True}, "Qwen3 attention_bias / mlp_bias is not supported"),
-        ("gemma2", {}, "model_type 'gemma2' is not supported"),
+        ("phi3", {"rope_scaling": {"type": "longrope", "long_factor": [1.0], "short_factor": [1.0]}},
+         "Phi-3 RoPE scaling 'longrope' is not supported"),
+        ("phi3", {"partial_rotary_factor": 0.75}, "Phi-3 partial_rotary_factor 0.75 is not"),
+        ("gemma3_text", {"use_bidirectional_attention": True},
+         "Gemma 3 use_bidirectional_attention is not supported"),
+        ("gemma2", {"hidden_activation": "relu"}, "Gemma 2 hidden_activation 'relu' is not"),
+        ("falcon", {}, "model_type 'falcon' is not supported"),
     ],
 )  # fmt: skip
 def test_what_is_not_supported_is_named_in_one_line(model_type, change, message, tmp_path):

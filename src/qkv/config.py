@@ -21,7 +21,7 @@ from qkv.text import read_text_file
 ARCHS = ("decoder", "encoder", "encoder-decoder")
 POSITIONS = ("sinusoidal", "learned", "rope", "none")
 NORMS = ("layernorm", "rmsnorm")
-FEED_FORWARDS = ("relu", "relu2", "gelu", "gelu_tanh", "swiglu", "geglu")
+FEED_FORWARDS = ("relu", "relu2", "gelu", "gelu_tanh", "swiglu", "geglu", "geglu_tanh")
 KERNELS = ("fused", "explicit")
 TOKENIZERS = ("bpe", "char")
 STRATEGIES = ("ddp", "fsdp")  # under torchrun: copy the model to every process, or shard it
@@ -69,7 +69,12 @@ class ModelConfig:
     rope_low_freq_factor: float = 1.0  # llama3: wavelengths above context / this are scaled
     rope_high_freq_factor: float = 4.0  # llama3: wavelengths below context / this are kept
     rope_original_context: int = 8192  # llama3: the context the model was first trained for
+    rope_local_base: float | None = None  # sliding layers' own RoPE base, unscaled (Gemma 3)
     logit_softcap: float | None = None  # logits = c tanh(logits / c)
+    attention_softcap: float | None = None  # scores = c tanh(scores / c) (Gemma 2)
+    attention_scale: float | None = None  # scores = Q K^T * this; None: 1 / sqrt(d_k)
+    norm_unit_offset: bool = False  # norms scale by (1 + gamma), gamma starting at 0 (Gemma)
+    post_norms: bool = False  # x + Norm(Sublayer(Norm(x))): sublayer outputs normed too (Gemma)
     zero_init: bool = False  # output projections (and an untied head) start at zero
 
     def __post_init__(self) -> None:
@@ -171,11 +176,12 @@ class ModelConfig:
                 "must be positive and below rope_high_freq_factor, got "
                 f"{self.rope_low_freq_factor} and {self.rope_high_freq_factor}",
             )
-        if self.logit_softcap is not None:
+        for name in ("logit_softcap", "attention_softcap", "attention_scale", "rope_local_base"):
+            value = getattr(self, name)
             _require(
-                0 < self.logit_softcap < math.inf,
-                "logit_softcap",
-                f"must be positive and finite, or null, got {self.logit_softcap}",
+                value is None or 0 < value < math.inf,
+                name,
+                f"must be positive and finite, or null, got {value}",
             )
         if self.init_std is not None:
             _require(

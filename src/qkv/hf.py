@@ -47,7 +47,8 @@ class Family:
     model_type: config.json's "model_type"; name: the family in messages; hf_class: the
     transformers class whose tensors the map names (the one an export loads in);
     weight_map: their tensor name -> ours, "{}" standing for the layer number;
-    fused: their tensor -> ours it packs in equal parts along dim 0 (GPT-2's c_attn: Q, K, V);
+    fused: their tensor -> ours it packs along dim 0, each as many rows as ours has (GPT-2's
+    c_attn: Q, K, V; Phi-3's qkv_proj, whose K and V are narrower under grouped-query attention);
     transposed: their tensors stored (in, out), the transpose of nn.Linear's (out, in);
     base_prefix: what task models put before the base model's names ("transformer." in
     GPT2LMHeadModel, none in GPT2Model); names are matched with it removed;
@@ -119,6 +120,11 @@ def _decoder_misfits(config: ModelConfig, needs: dict[str, tuple[object, bool]])
         "qkv_bias": (config.bias, config.qkv_bias == config.bias),
         "sliding_window": (None, config.sliding_window is None),
         "rope_scaling": (None, config.rope_scaling is None),
+        "rope_local_base": (None, config.rope_local_base is None),
+        "attention_scale": (None, config.attention_scale is None),
+        "attention_softcap": (None, config.attention_softcap is None),
+        "norm_unit_offset": (False, not config.norm_unit_offset),
+        "post_norms": (False, not config.post_norms),
     }
     return [f"{name}={getattr(config, name)!r} (needs {need})"
             for name, (need, ok) in {**common, **needs}.items() if not ok]  # fmt: skip
@@ -173,13 +179,18 @@ def _sliding(hf: dict[str, Any], name: str, qwen: bool) -> dict[str, Any]:
         first = hf.get("max_window_layers", hf["num_hidden_layers"])
         types = ["sliding_attention" if i >= first else "full_attention"
                  for i in range(hf["num_hidden_layers"])]  # fmt: skip
+    return _windowed_layers(types, int(window), name)
+
+
+def _windowed_layers(types: list[str], window: int, name: str) -> dict[str, Any]:
+    """sliding_window and sliding_layers from layer_types: the layers of "sliding_attention"."""
     unknown = set(types) - {"sliding_attention", "full_attention"}
     if unknown:
         raise QkvError(f"{name} layer_types {sorted(unknown)} are not supported")
     layers = tuple(i for i, kind in enumerate(types) if kind == "sliding_attention")
     if not layers:
         return {}
-    return {"sliding_window": int(window), "sliding_layers": layers}
+    return {"sliding_window": window, "sliding_layers": layers}
 
 
 def llama_config_from_hf(
@@ -308,6 +319,87 @@ def mistral_config_to_hf(config: ModelConfig) -> dict[str, Any]:
 def sliding_config_to_hf(config: ModelConfig) -> dict[str, Any]:
     """Llama's config.json fields and the sliding window's, per layer (Qwen2, Qwen3)."""
     return llama_config_to_hf(config) | _sliding_to_hf(config)
+
+
+def phi3_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+    """A Phi-3 config.json: Llama's design (W_Q, W_K, W_V fused in one qkv_proj, gate and up in
+    one gate_up_proj) with a sliding window on every layer; partial RoPE and longrope (Phi-3
+    128k, Phi-4-mini) are refused."""
+    rope = hf.get("rope_parameters") or {}
+    partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise QkvError(
+            f"Phi-3 partial_rotary_factor {partial} is not supported (only 1.0: RoPE on all of "
+            "each head)"
+        )
+    return llama_config_from_hf(hf, "Phi-3")
+
+
+def _gemma_rope(hf: dict[str, Any], name: str, local: bool) -> dict[str, Any]:
+    """Gemma's RoPE: Gemma 3 turns its sliding layers by their own base (rope_local_base_freq,
+    or rope_parameters["sliding_attention"]), unscaled, its full ones by rope_theta (default
+    1e6), maybe scaled; Gemma 2 one base for all."""
+    params = hf.get("rope_parameters") or {}
+    if not local:
+        return _rope(hf, name)
+    if "full_attention" in params:
+        sliding = params.get("sliding_attention") or {}
+        if sliding.get("rope_type", "default") != "default":
+            raise QkvError(f"{name} sliding-layer RoPE scaling {sliding['rope_type']!r} is not "
+                           "supported (only default)")  # fmt: skip
+        full = _rope({"rope_parameters": params["full_attention"] or {}}, name)
+        return full | {"rope_local_base": float(sliding.get("rope_theta", 10000.0))}
+    full = _rope({"rope_theta": 1e6} | hf, name)
+    return full | {"rope_local_base": float(hf.get("rope_local_base_freq", 10000.0))}
+
+
+def gemma_config_from_hf(hf: dict[str, Any], name: str = "Gemma 2", gemma3: bool = False
+                         ) -> ModelConfig:  # fmt: skip
+    """A Gemma 2 (or, `gemma3`, Gemma 3 text) config.json -> the ModelConfig computing the same
+    function: embeddings times sqrt(d_model), RMSNorms of gain (1 + gamma) before and after each
+    sublayer, GELU-tanh gating, scores scaled by query_pre_attn_scalar^-1/2 and soft-capped,
+    alternating sliding-window layers; Gemma 3 adds QK-norm and a local RoPE base."""
+    activation = hf.get("hidden_activation") or hf.get("hidden_act", "gelu_pytorch_tanh")
+    activations = {"gelu_pytorch_tanh": "geglu_tanh", "gelu_new": "geglu_tanh", "gelu": "geglu"}
+    if activation not in activations:
+        raise QkvError(f"{name} hidden_activation {activation!r} is not supported")
+    if hf.get("attention_bias"):
+        raise QkvError(f"{name} attention_bias is not supported (only no biases)")
+    if hf.get("use_bidirectional_attention"):
+        raise QkvError(f"{name} use_bidirectional_attention is not supported (only causal)")
+    heads, layers = hf["num_attention_heads"], hf["num_hidden_layers"]
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    pattern = 6 if gemma3 else 2
+    pattern = hf.get("sliding_window_pattern", pattern)
+    types = hf.get("layer_types") or [
+        "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)
+    ]
+    window = hf.get("sliding_window")
+    return ModelConfig(
+        vocab_size=hf["vocab_size"],
+        d_model=hf["hidden_size"],
+        n_heads=heads,
+        n_kv_heads=hf.get("num_key_value_heads") or heads,
+        n_layers=layers,
+        d_ff=hf["intermediate_size"],
+        head_dim=head_dim,
+        max_seq_len=hf.get("max_position_embeddings", 8192),
+        position="rope",
+        **_gemma_rope(hf, name, local=gemma3),
+        norm="rmsnorm",
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        norm_unit_offset=True,
+        post_norms=True,
+        feed_forward=activations[activation],
+        bias=False,
+        qk_norm=gemma3,
+        scale_embeddings=True,
+        attention_scale=float(hf.get("query_pre_attn_scalar", head_dim)) ** -0.5,
+        attention_softcap=hf.get("attn_logit_softcapping"),
+        logit_softcap=hf.get("final_logit_softcapping"),
+        **(_windowed_layers(types, int(window), name) if window else {}),
+        tie_embeddings=hf.get("tie_word_embeddings", True),
+    )
 
 
 def bert_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
@@ -455,6 +547,57 @@ QWEN3 = Family(
     base_prefix="model.",
 )
 
+# Phi-3 (mini, small, medium; 4k contexts): Llama's design, two fused projections.
+PHI3 = Family(
+    model_type="phi3",
+    name="Phi-3",
+    hf_class="Phi3ForCausalLM",
+    config_from_hf=phi3_config_from_hf,
+    weight_map={
+        theirs: ours
+        for theirs, ours in LLAMA_TENSORS.items()
+        if not re.search(r"\.(q|k|v|gate|up)_proj\.", theirs)
+    },
+    fused={
+        "model.layers.{}.self_attn.qkv_proj.weight": tuple(
+            f"blocks.{{}}.self_attention.{p}_proj.weight" for p in "qkv"
+        ),
+        "model.layers.{}.mlp.gate_up_proj.weight": (
+            "blocks.{}.feed_forward.gate.weight",
+            "blocks.{}.feed_forward.up.weight",
+        ),
+    },
+    base_prefix="model.",
+)
+
+# Gemma 2 and 3: Llama's names, but post_attention_layernorm norms the attention's output (before
+# the residual add), and the feed-forward has its own norms before and after.
+GEMMA_TENSORS = LLAMA_TENSORS | {
+    "model.layers.{}.post_attention_layernorm.weight": "blocks.{}.attention_post_norm.weight",
+    "model.layers.{}.pre_feedforward_layernorm.weight": "blocks.{}.feed_forward_norm.weight",
+    "model.layers.{}.post_feedforward_layernorm.weight": "blocks.{}.feed_forward_post_norm.weight",
+}
+
+GEMMA2 = Family(
+    model_type="gemma2",
+    name="Gemma 2",
+    hf_class="Gemma2ForCausalLM",
+    config_from_hf=gemma_config_from_hf,
+    weight_map=GEMMA_TENSORS,
+    base_prefix="model.",
+)
+
+# Gemma 3 text (gemma-3-1b and the text towers): Gemma 2's design with QK-norm, a local RoPE base
+# for its sliding layers and five of them to each full one.
+GEMMA3 = Family(
+    model_type="gemma3_text",
+    name="Gemma 3",
+    hf_class="Gemma3ForCausalLM",
+    config_from_hf=lambda hf: gemma_config_from_hf(hf, "Gemma 3", gemma3=True),
+    weight_map=GEMMA_TENSORS | QK_NORMS,
+    base_prefix="model.",
+)
+
 BERT = Family(
     model_type="bert",
     name="BERT",
@@ -486,7 +629,10 @@ BERT = Family(
     base_prefix="bert.",
 )
 
-FAMILIES = {family.model_type: family for family in (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, BERT)}
+FAMILIES = {
+    family.model_type: family
+    for family in (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, PHI3, GEMMA2, GEMMA3, BERT)
+}
 
 
 def _pairs(family: Family, n_layers: int) -> list[tuple[str, tuple[str, ...], bool]]:
@@ -502,11 +648,11 @@ def _pairs(family: Family, n_layers: int) -> list[tuple[str, tuple[str, ...], bo
 
 
 def from_hf_tensors(
-    family: Family, tensors: Mapping[str, Tensor], wanted: Collection[str], n_layers: int
+    family: Family, tensors: Mapping[str, Tensor], wanted: Mapping[str, Tensor], n_layers: int
 ) -> dict[str, Tensor]:
-    """Their tensors -> the ones of ours named in `wanted` (a tied head has no head.weight):
-    renamed by the family's map, (in, out) ones transposed to (out, in), fused ones split into
-    equal parts along dim 0."""
+    """Their tensors -> the ones of ours named in `wanted` (ours, or meta tensors of their
+    shapes; a tied head has no head.weight): renamed by the family's map, (in, out) ones
+    transposed to (out, in), fused ones split along dim 0 into as many rows as each of ours."""
     theirs_by_key = {name.removeprefix(family.base_prefix): t for name, t in tensors.items()}
     out: dict[str, Tensor] = {}
     for theirs, ours, transposed in _pairs(family, n_layers):
@@ -516,7 +662,13 @@ def from_hf_tensors(
         if tensor is None:
             raise QkvError(f"the {family.name} checkpoint has no tensor {theirs!r}")
         tensor = tensor.t() if transposed else tensor
-        out.update(zip(ours, tensor.chunk(len(ours), dim=0), strict=True))
+        rows = [wanted[name].shape[0] for name in ours]
+        if sum(rows) != tensor.shape[0]:
+            raise QkvError(
+                f"the {family.name} checkpoint's {theirs!r} has {tensor.shape[0]} rows where "
+                f"config.json asks for {sum(rows)}: the files do not belong together"
+            )
+        out.update(zip(ours, tensor.split(rows, dim=0), strict=True))
     return {name: tensor.contiguous() for name, tensor in out.items()}
 
 

@@ -51,6 +51,10 @@ def block_config(config: ModelConfig) -> BlockConfig:
         qk_norm=config.qk_norm,
         head_dim=config.head_dim,
         qkv_bias=config.qkv_bias,
+        attention_scale=config.attention_scale,
+        attention_softcap=config.attention_softcap,
+        norm_unit_offset=config.norm_unit_offset,
+        post_norms=config.post_norms,
     )
 
 
@@ -70,7 +74,9 @@ def rope_scaling(config: ModelConfig) -> Callable[[Tensor], Tensor] | None:
 
 def _norm(config: ModelConfig) -> LayerNorm | RMSNorm:
     fused = config.kernels == "fused"
-    return build_norm(config.norm, config.d_model, config.norm_eps, config.bias, fused)
+    return build_norm(
+        config.norm, config.d_model, config.norm_eps, config.bias, fused, config.norm_unit_offset
+    )
 
 
 class OutputHead(Recordable, nn.Module):
@@ -128,7 +134,8 @@ def probabilities(logits: Tensor) -> Tensor:
 class Embedder(Recordable, nn.Module):
     """x = dropout(Norm(E[ids] + PE[positions] + T[types])) for additive positions (T: BERT's
     token types, Norm: BERT's embedding norm, each only if configured); RoPE angles for rotary
-    positions."""
+    positions (and `local_rotary`'s, of rope_local_base, for a model whose sliding layers turn
+    by their own base: Gemma 3)."""
 
     FORMULAS: ClassVar[dict[str, str]] = {
         "embeddings_plus_positions": "x_i = E[id_i] + PE(i) (+ T[type_i] where the model has token "
@@ -142,6 +149,7 @@ class Embedder(Recordable, nn.Module):
         )
         self.position: nn.Module | None = None
         self.rotary: RotaryEmbedding | None = None
+        self.local_rotary: RotaryEmbedding | None = None
         if config.position == "sinusoidal":
             self.position = SinusoidalPositionalEncoding(config.max_seq_len, config.d_model)
         elif config.position == "learned":
@@ -150,6 +158,10 @@ class Embedder(Recordable, nn.Module):
             self.rotary = RotaryEmbedding(
                 config.head_dim, config.max_seq_len, config.rope_base, rope_scaling(config)
             )
+            if config.rope_local_base is not None:
+                self.local_rotary = RotaryEmbedding(
+                    config.head_dim, config.max_seq_len, config.rope_local_base
+                )
         self.token_type = (
             TokenEmbedding(config.type_vocab_size, config.d_model)
             if config.type_vocab_size
@@ -159,6 +171,17 @@ class Embedder(Recordable, nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.max_seq_len = config.max_seq_len
 
+    def positions(self, token_ids: Tensor, positions: Tensor | None = None) -> Tensor:
+        """`positions`, or 0..seq-1 (1, seq) for ids (batch, seq) that fit max_seq_len."""
+        if positions is not None:
+            return positions
+        if token_ids.shape[-1] > self.max_seq_len:
+            raise QkvError(
+                f"{token_ids.shape[-1]} tokens do not fit the model's context "
+                f"(max_seq_len={self.max_seq_len}); shorten the input"
+            )
+        return torch.arange(token_ids.shape[-1], device=token_ids.device)[None, :]
+
     def forward(
         self, token_ids: Tensor, positions: Tensor | None = None, token_types: Tensor | None = None
     ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
@@ -167,13 +190,7 @@ class Embedder(Recordable, nn.Module):
         `positions` (batch or 1, seq) defaults to 0..seq-1; given ones must be < max_seq_len.
         `token_types` (batch, seq) default to 0.
         """
-        if positions is None:
-            if token_ids.shape[-1] > self.max_seq_len:
-                raise QkvError(
-                    f"{token_ids.shape[-1]} tokens do not fit the model's context "
-                    f"(max_seq_len={self.max_seq_len}); shorten the input"
-                )
-            positions = torch.arange(token_ids.shape[-1], device=token_ids.device)[None, :]
+        positions = self.positions(token_ids, positions)
         x = self.token_embedding(token_ids)
         if self.position is not None:
             x = x + self.position(positions)
@@ -285,7 +302,10 @@ class DecoderLM(_Stack):
         With `caches` (one per block) only the new tokens are passed; give their `positions`, and
         an `attention_mask` covering cached + new tokens if there is padding.
         """
+        positions = self.embedder.positions(token_ids, positions)
         x, rotary = self.embedder(token_ids, positions)
+        local = self.embedder.local_rotary
+        local_rotary = rotary if local is None else local(positions)
         q_len = token_ids.shape[-1]
         mask = _self_attention_mask(attention_mask, q_len, True, x.dtype)
         window, windowed = self.config.sliding_window, None
@@ -294,8 +314,9 @@ class DecoderLM(_Stack):
             windowed = _window_mask(attention_mask, q_len, k_len, window, x)
         for i, block in enumerate(self.blocks):
             cache = caches[i] if caches is not None else None
-            sees = windowed if self.config.slides(i) else mask
-            x = block(x, mask=sees, is_causal=sees is None, rotary=rotary, cache=cache)
+            slides = self.config.slides(i)
+            sees, turns = (windowed, local_rotary) if slides else (mask, rotary)
+            x = block(x, mask=sees, is_causal=sees is None, rotary=turns, cache=cache)
         return self.final_norm(x)
 
     def forward(

@@ -76,14 +76,20 @@ def explicit_attention(
     is_causal: bool = False,
     dropout_p: float = 0.0,
     record: Callable[[str, Tensor], None] | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """A = softmax(Q K^T / sqrt(d_k) + mask), out = dropout(A) V; returns (out, A).
 
-    `record`, when given, receives the "scores" Q K^T / sqrt(d_k) (batch, n_heads, q_len, k_len)
-    before the mask.
+    `scale` replaces 1 / sqrt(d_k); with a `softcap` c the scores become c tanh(scores / c)
+    before the mask (Gemma 2). `record`, when given, receives these "scores" (batch, n_heads,
+    q_len, k_len), before the mask.
     """
     k, v = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1])
-    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = q @ k.transpose(-2, -1) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     if record is not None:
         record("scores", scores)
     if is_causal:
@@ -105,8 +111,10 @@ def fused_attention(
     mask: Tensor | None = None,
     is_causal: bool = False,
     dropout_p: float = 0.0,
+    scale: float | None = None,
 ) -> Tensor:
-    """The same softmax(Q K^T / sqrt(d_k) + mask) V through F.scaled_dot_product_attention."""
+    """The same softmax(Q K^T / sqrt(d_k) + mask) V through F.scaled_dot_product_attention
+    (`scale` in place of 1 / sqrt(d_k))."""
     q_len, k_len = q.shape[-2], k.shape[-2]
     if is_causal and q_len == 1:
         is_causal = False  # the newest token's query may see every key: nothing to mask
@@ -119,13 +127,13 @@ def fused_attention(
         # Decoding with grouped-query attention: a group's queries become rows against their
         # shared key/value head, instead of copying K and V once per query head.
         grouped = q.reshape(batch, k.shape[1], groups, d_k)
-        out = F.scaled_dot_product_attention(grouped, k, v, mask, dropout_p=dropout_p)
+        out = F.scaled_dot_product_attention(grouped, k, v, mask, dropout_p, scale=scale)
         return out.reshape(batch, n_heads, 1, d_k)
     k, v = _repeat_kv(k, n_heads), _repeat_kv(v, n_heads)
     if is_causal and (mask is not None or q_len != k_len):
         # SDPA's own causal flag aligns the mask top-left; decoding with a cache needs bottom-right.
         mask, is_causal = _with_causal(mask, q_len, k_len, q.device), False
-    return F.scaled_dot_product_attention(q, k, v, mask, dropout_p=dropout_p, is_causal=is_causal)
+    return F.scaled_dot_product_attention(q, k, v, mask, dropout_p, is_causal, scale=scale)
 
 
 class MultiHeadAttention(Recordable, nn.Module):
@@ -147,8 +155,8 @@ class MultiHeadAttention(Recordable, nn.Module):
         "(i, i + d_k/2) turned by its position's angle",
         "rotated_key": "RoPE: K' = K cos(theta) + rotate_half(K) sin(theta); Q' K'^T then depends "
         "on how far apart two positions are",
-        "scores": "S_h = Q_h K_h^T / sqrt(d_k), d_k = {head_dim} (Q and K rotated by RoPE where "
-        "used): how well query i fits key j",
+        "scores": "S_h = {scaled} (Q and K rotated by RoPE where used): how well query i fits "
+        "key j{capped}",
         "attention_weights": "A_h = softmax(S_h + mask): row i sums to 1 over the keys query i "
         "may see (j <= i under a causal mask)",
         "weighted_values": "head_h = A_h V_h: each token's mix of the values, heads side by side",
@@ -166,10 +174,14 @@ class MultiHeadAttention(Recordable, nn.Module):
         qk_norm_eps: float | None = None,
         head_dim: int | None = None,
         qkv_bias: bool | None = None,
+        scale: float | None = None,
+        softcap: float | None = None,
+        unit_offset: bool = False,
     ) -> None:
-        """`qk_norm_eps`: normalise each head's queries and keys (QK-norm) with this eps;
-        `head_dim`: d_k (default d_model / n_heads); `qkv_bias`: biases on W_Q, W_K, W_V
-        (default `bias`, which W_O always follows)."""
+        """`qk_norm_eps`: normalise each head's queries and keys (QK-norm) with this eps (and the
+        gain 1 + gamma with `unit_offset`); `head_dim`: d_k (default d_model / n_heads);
+        `qkv_bias`: biases on W_Q, W_K, W_V (default `bias`, which W_O always follows);
+        `scale`: the scores' factor (default 1 / sqrt(d_k)); `softcap`: scores = c tanh(S / c)."""
         super().__init__()
         n_kv_heads = n_kv_heads or n_heads
         if (head_dim is None and d_model % n_heads) or n_heads % n_kv_heads:
@@ -182,6 +194,13 @@ class MultiHeadAttention(Recordable, nn.Module):
         self.head_dim = head_dim or d_model // n_heads
         self.dropout = dropout
         self.implementation = implementation
+        self.scale, self.softcap = scale, softcap
+        self.scaled = (
+            f"Q_h K_h^T / sqrt(d_k), d_k = {self.head_dim}"
+            if scale is None
+            else f"Q_h K_h^T * {scale:.4g} (d_k = {self.head_dim})"
+        )
+        self.capped = "" if softcap is None else f"; capped: c tanh(S / c), c = {softcap:g}"
         qkv_bias = bias if qkv_bias is None else qkv_bias
         self.q_proj = Linear(d_model, n_heads * self.head_dim, bias=qkv_bias)
         self.k_proj = Linear(d_model, self.n_kv_heads * self.head_dim, bias=qkv_bias)
@@ -189,8 +208,8 @@ class MultiHeadAttention(Recordable, nn.Module):
         self.o_proj = Linear(n_heads * self.head_dim, d_model, bias=bias)
         self.q_norm = self.k_norm = None
         if qk_norm_eps is not None:
-            self.q_norm = HeadNorm(self.head_dim, qk_norm_eps)
-            self.k_norm = HeadNorm(self.head_dim, qk_norm_eps)
+            self.q_norm = HeadNorm(self.head_dim, qk_norm_eps, unit_offset)
+            self.k_norm = HeadNorm(self.head_dim, qk_norm_eps, unit_offset)
 
     def split_heads(self, x: Tensor, n_heads: int) -> Tensor:
         """(batch, seq, n_heads * d_k) -> (batch, n_heads, seq, d_k)."""
@@ -236,10 +255,13 @@ class MultiHeadAttention(Recordable, nn.Module):
             k, v = cache.update(k, v)
         dropout_p = self.dropout if self.training else 0.0
         weights = None
-        if need_weights or self.implementation == "explicit" or record is not None:
-            out, weights = explicit_attention(q, k, v, mask, is_causal, dropout_p, record)
+        explicit = self.implementation == "explicit" or self.softcap is not None  # SDPA can't cap
+        if need_weights or explicit or record is not None:
+            out, weights = explicit_attention(
+                q, k, v, mask, is_causal, dropout_p, record, self.scale, self.softcap
+            )
         else:
-            out = fused_attention(q, k, v, mask, is_causal, dropout_p)
+            out = fused_attention(q, k, v, mask, is_causal, dropout_p, self.scale)
         projected = self.o_proj(out.transpose(1, 2).flatten(-2))
         if record is not None:
             record("attention_weights", weights)

@@ -2,6 +2,7 @@
 
 Post-norm (the original paper, the notes' order): x = Norm(x + Sublayer(x)).
 Pre-norm (GPT-2, Llama; trains deeper stacks stably): x = x + Sublayer(Norm(x)).
+Pre- and post-norm ("sandwich", Gemma 2 and 3): x = x + Norm'(Sublayer(Norm(x))).
 """
 
 from __future__ import annotations
@@ -41,24 +42,35 @@ class BlockConfig:
     qk_norm: bool = False
     head_dim: int | None = None  # d_k; None: d_model / n_heads
     qkv_bias: bool | None = None  # biases on W_Q, W_K, W_V; None: `bias`
+    attention_scale: float | None = None  # the scores' factor; None: 1 / sqrt(d_k)
+    attention_softcap: float | None = None  # scores = c tanh(scores / c)
+    norm_unit_offset: bool = False  # RMSNorm gains are 1 + gamma (Gemma)
+    post_norms: bool = False  # each sublayer's output normed before the residual add
 
 
 def _attention(config: BlockConfig, n_kv_heads: int | None) -> MultiHeadAttention:
     return MultiHeadAttention(
         config.d_model, config.n_heads, n_kv_heads, config.bias, config.dropout, config.kernels,
         config.norm_eps if config.qk_norm else None, config.head_dim, config.qkv_bias,
+        config.attention_scale, config.attention_softcap, config.norm_unit_offset,
     )  # fmt: skip
 
 
 def _norm(config: BlockConfig) -> LayerNorm | RMSNorm:
     fused = config.kernels == "fused"
-    return build_norm(config.norm, config.d_model, config.norm_eps, config.bias, fused)
+    return build_norm(
+        config.norm, config.d_model, config.norm_eps, config.bias, fused, config.norm_unit_offset
+    )
+
+
+def _post_norm(config: BlockConfig) -> nn.Module:
+    return _norm(config) if config.post_norms else nn.Identity()
 
 
 class _ResidualBlock(Recordable, nn.Module):
     FORMULAS: ClassVar[dict[str, str]] = {
         "residual": "x + Sublayer(h): the residual connection; h = Norm(x) in a pre-norm block, "
-        "h = x in a post-norm one, which normalises the sum next"
+        "h = x in a post-norm one, which normalises the sum next{sandwich}"
     }
 
     def __init__(self, config: BlockConfig) -> None:
@@ -69,14 +81,30 @@ class _ResidualBlock(Recordable, nn.Module):
             config.feed_forward, config.d_model, config.d_ff, config.bias, config.dropout
         )
         self.feed_forward_norm = _norm(config)
+        self.feed_forward_post_norm = _post_norm(config)
+        self.sandwich = " (then Norm'(Sublayer(h)) in its place)" if config.post_norms else ""
+
+    @property
+    def attention_norms(self) -> tuple[nn.Module, nn.Module]:
+        return self.attention_norm, self.attention_post_norm
+
+    @property
+    def feed_forward_norms(self) -> tuple[nn.Module, nn.Module]:
+        return self.feed_forward_norm, self.feed_forward_post_norm
 
     def residual(
-        self, x: Tensor, norm: nn.Module, sublayer: Callable[[Tensor], Tensor], name: str
+        self,
+        x: Tensor,
+        norms: tuple[nn.Module, nn.Module],
+        sublayer: Callable[[Tensor], Tensor],
+        name: str,
     ) -> Tensor:
-        """Pre-norm: x + Sublayer(Norm(x)); post-norm: Norm(x + Sublayer(x)).
+        """Pre-norm: x + Post(Sublayer(Norm(x))), Post the identity unless post_norms; post-norm:
+        Norm(x + Sublayer(x)).
 
         `name` (attention, cross_attention, feed_forward) labels the recorded sum."""
-        x = x + self.residual_dropout(sublayer(norm(x) if self.norm_first else x))
+        norm, post = norms
+        x = x + self.residual_dropout(post(sublayer(norm(x) if self.norm_first else x)))
         if self.recorder is not None:
             self.recorder("residual", x, name)
         return x if self.norm_first else norm(x)
@@ -89,6 +117,7 @@ class EncoderBlock(_ResidualBlock):
         super().__init__(config)
         self.self_attention = _attention(config, config.n_kv_heads)
         self.attention_norm = _norm(config)
+        self.attention_post_norm = _post_norm(config)
 
     def forward(
         self,
@@ -101,8 +130,8 @@ class EncoderBlock(_ResidualBlock):
         def attend(h: Tensor) -> Tensor:
             return self.self_attention(h, mask=mask, rotary=rotary)[0]
 
-        x = self.residual(x, self.attention_norm, attend, "attention")
-        return self.residual(x, self.feed_forward_norm, self.feed_forward, "feed_forward")
+        x = self.residual(x, self.attention_norms, attend, "attention")
+        return self.residual(x, self.feed_forward_norms, self.feed_forward, "feed_forward")
 
 
 class DecoderBlock(_ResidualBlock):
@@ -112,8 +141,10 @@ class DecoderBlock(_ResidualBlock):
         super().__init__(config)
         self.self_attention = _attention(config, config.n_kv_heads)
         self.attention_norm = _norm(config)
+        self.attention_post_norm = _post_norm(config)
         self.cross_attention = _attention(config, None) if cross_attention else None
         self.cross_attention_norm = _norm(config) if cross_attention else None
+        self.cross_attention_post_norm = _post_norm(config) if cross_attention else None
 
     def forward(
         self,
@@ -132,7 +163,7 @@ class DecoderBlock(_ResidualBlock):
             out = self.self_attention(h, mask=mask, is_causal=is_causal, rotary=rotary, cache=cache)
             return out[0]
 
-        x = self.residual(x, self.attention_norm, attend, "attention")
+        x = self.residual(x, self.attention_norms, attend, "attention")
         if self.cross_attention is not None:
             if memory is None:
                 raise ValueError("this decoder block has cross-attention: pass the encoder memory")
@@ -140,5 +171,6 @@ class DecoderBlock(_ResidualBlock):
             def attend_memory(h: Tensor) -> Tensor:
                 return self.cross_attention(h, memory, mask=memory_mask)[0]
 
-            x = self.residual(x, self.cross_attention_norm, attend_memory, "cross_attention")
-        return self.residual(x, self.feed_forward_norm, self.feed_forward, "feed_forward")
+            norms = (self.cross_attention_norm, self.cross_attention_post_norm)
+            x = self.residual(x, norms, attend_memory, "cross_attention")
+        return self.residual(x, self.feed_forward_norms, self.feed_forward, "feed_forward")

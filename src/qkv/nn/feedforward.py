@@ -71,7 +71,8 @@ class FeedForward(Recordable, nn.Module):
 
 
 class GatedFeedForward(Recordable, nn.Module):
-    """FFN(x) = down(act(gate(x)) * up(x)): SwiGLU with act = SiLU, GeGLU with act = GELU."""
+    """FFN(x) = down(act(gate(x)) * up(x)): SwiGLU with act = SiLU, GeGLU with act = GELU (Gemma:
+    its tanh approximation)."""
 
     FORMULAS: ClassVar[dict[str, str]] = {
         "feed_forward_hidden": "hidden = {activation_name}(x W_gate) * (x W_up): gate and up "
@@ -108,9 +109,9 @@ class GatedFeedForward(Recordable, nn.Module):
 def build_feed_forward(
     kind: str, d_model: int, d_ff: int, bias: bool, dropout: float
 ) -> FeedForward | GatedFeedForward:
-    """`kind` is ModelConfig.feed_forward: relu | relu2 | gelu | gelu_tanh | swiglu | geglu."""
-    if kind == "swiglu":
-        return GatedFeedForward(d_model, d_ff, "silu", bias, dropout)
-    if kind == "geglu":
-        return GatedFeedForward(d_model, d_ff, "gelu", bias, dropout)
+    """`kind` is ModelConfig.feed_forward: relu | relu2 | gelu | gelu_tanh | swiglu | geglu |
+    geglu_tanh."""
+    gated = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh"}
+    if kind in gated:
+        return GatedFeedForward(d_model, d_ff, gated[kind], bias, dropout)
     return FeedForward(d_model, d_ff, kind, bias, dropout)
