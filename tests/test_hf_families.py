@@ -52,10 +52,10 @@ FAMILIES = {
     ),
     "gemma2-softcaps-sandwich-norms": (
         "Gemma2Config",
-        {"head_dim": 24, "query_pre_attn_scalar": 20, "attn_logit_softcapping": 5.0,
+        {"head_dim": 24, "query_pre_attn_scalar": 20, "attn_logit_softcapping": 0.5,
          "final_logit_softcapping": 3.0, "sliding_window": 5, "tie_word_embeddings": True,
          "hidden_activation": "gelu_pytorch_tanh", "pad_token_id": 0},
-        {"attention_softcap": 5.0, "logit_softcap": 3.0, "attention_scale": 20**-0.5,
+        {"attention_softcap": 0.5, "logit_softcap": 3.0, "attention_scale": 20**-0.5,
          "sliding_layers": (0,), "post_norms": True, "norm_unit_offset": True,
          "feed_forward": "geglu_tanh", "scale_embeddings": True, "head_dim": 24},
     ),
