@@ -51,14 +51,24 @@ GEMMA = """{{ bos_token }}
     {{- message['content'] | trim + '<end_of_turn>\\n' }}
 {%- endfor -%}
 {%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"""
+# Phi-3's role tokens, which are qkv's own (<|system|>, <|user|>, <|assistant|>): its template,
+# not qkv's, is the one it was trained on.
+PHI3 = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] }}"
+    "{{ '<|end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
 TEMPLATES = {
     "chatml": (CHATML, "<|endoftext|>", "<|im_end|>"),
     "llama3": (LLAMA3, "<|begin_of_text|>", "<|eot_id|>"),
     "gemma": (GEMMA, "<bos>", "<end_of_turn>"),
+    "phi3": (PHI3, "<s>", "<|end|>"),
 }
+# Every tokenizer also has qkv's role tokens: a model's own template still wins.
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>",
             "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<bos>", "<eos>",
-            "<start_of_turn>", "<end_of_turn>"]  # fmt: skip
+            "<start_of_turn>", "<end_of_turn>", "<s>", "<|system|>", "<|user|>", "<|assistant|>",
+            "<|end|>"]  # fmt: skip
 CONVERSATION = [
     {"role": "system", "content": "You answer in one line."},
     {"role": "user", "content": "What does json.dumps do?"},

@@ -147,8 +147,9 @@ def test_explain_leaves_the_global_random_state_alone():
 def test_each_formula_is_the_one_its_module_states():
     w = explain_text(d_model=8, n_heads=4)
     attention = MultiHeadAttention.FORMULAS
+    scaled = "Q_h K_h^T / sqrt(d_k), d_k = 2"
     for name in ("scores", "attention_weights", "weighted_values", "attention_output"):
-        assert w.stage(name).formula == attention[name].format(head_dim=2)
+        assert w.stage(name).formula == attention[name].format(scaled=scaled, capped="")
     assert w.stage("query").formula == attention["query"].format(n_heads=4, head_dim=2)
     assert w.stage("layer_norm").formula == LayerNorm.FORMULAS["layer_norm"].format(eps=1e-5)
     hidden = FeedForward.FORMULAS["feed_forward_hidden"]

@@ -202,6 +202,9 @@ def test_a_broken_directory_gets_one_clear_message(
 
 
 LLAMA_SHAPE = {"position": "rope", "norm": "rmsnorm", "feed_forward": "swiglu", "bias": False}
+GEMMA_SHAPE = LLAMA_SHAPE | {"feed_forward": "geglu_tanh", "norm_unit_offset": True,
+                             "post_norms": True, "scale_embeddings": True, "head_dim": 12,
+                             "n_kv_heads": 2}  # fmt: skip
 
 
 EXPORTED = [
@@ -217,13 +220,19 @@ EXPORTED = [
     (LLAMA_SHAPE | {"qkv_bias": True, "sliding_window": 7, "sliding_layers": (1,)},
      "Qwen2ForCausalLM"),
     (LLAMA_SHAPE | {"qk_norm": True, "n_kv_heads": 2}, "Qwen3ForCausalLM"),
+    (GEMMA_SHAPE | {"attention_softcap": 0.5, "logit_softcap": 3.0, "attention_scale": 0.2,
+                    "sliding_window": 7, "sliding_layers": (0,)}, "Gemma2ForCausalLM"),
+    (GEMMA_SHAPE | {"qk_norm": True, "rope_local_base": 100.0, "rope_scaling": "linear",
+                    "rope_factor": 4.0, "sliding_window": 7, "sliding_layers": (0,)},
+     "Gemma3ForCausalLM"),
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize(
     "changes, hf_class",
     EXPORTED,
-    ids=["gpt2", "gpt2-untied", "llama-gqa", "llama-tied", "llama3", "mistral", "qwen2", "qwen3"],
+    ids=["gpt2", "gpt2-untied", "llama-gqa", "llama-tied", "llama3", "mistral", "qwen2", "qwen3",
+         "gemma2", "gemma3"],
 )  # fmt: skip
 @torch.no_grad()
 def test_exported_models_load_in_transformers_with_the_same_logits(

@@ -129,7 +129,7 @@ def test_a_config_json_round_trip_keeps_every_new_field(tmp_path: Path) -> None:
          "Qwen2 RoPE scaling 'yarn' is not supported"),
         ("mistral", {"hidden_act": "gelu"}, "Mistral hidden_act 'gelu' is not supported"),
         ("qwen3", {"attention_bias": True}, "Qwen3 attention_bias / mlp_bias is not supported"),
-        ("phi3", {"rope_scaling": {"type": "longrope", "long_factor": [1.0], "short_factor": [1.0]}},
+        ("phi3", {"rope_scaling": {"type": "longrope", "long_factor": [1.0]}},
          "Phi-3 RoPE scaling 'longrope' is not supported"),
         ("phi3", {"partial_rotary_factor": 0.75}, "Phi-3 partial_rotary_factor 0.75 is not"),
         ("gemma3_text", {"use_bidirectional_attention": True},

@@ -10,8 +10,10 @@ Fine-tuning (finetune.encode_example) and chat (chat.Conversation) both render w
 chat feeds the model exactly what fine-tuning trained on.
 
 A Hugging Face instruct model brings its own template (tokenizer_config.json's chat_template or
-chat_template.jinja): chat_prompt renders it when the tokenizer has no role tokens, so a model
-sees the format it was trained on; its replies end at its eos ids (generation_config.json).
+chat_template.jinja): chat_prompt renders it whenever there is one (even where the tokenizer
+spells roles as qkv does, as Phi-3's), so a model sees the format it was trained on; its replies
+end at its eos ids (generation_config.json). A qkv checkpoint keeps no template of its own: a
+model qkv fine-tuned chats in qkv's template, the one it was trained on.
 """
 
 from __future__ import annotations
@@ -112,19 +114,19 @@ def has_chat_template(tokenizer: Tokenizer) -> bool:
 
 def chat_prompt(turns: list[tuple[str, str]], tokenizer: Tokenizer) -> list[int]:
     """The token ids after which the model writes the assistant's reply to (role, text) turns:
-    qkv's template (answer_prompt) for a model with role tokens, else the model's own template
-    rendered with a generation prompt and tokenized as transformers does (special tokens in the
-    rendered text are the model's, none added)."""
-    if has_role_tokens(tokenizer) or tokenizer.chat_template is None:
+    the model's own template where it has one, rendered with a generation prompt and tokenized
+    as transformers does (special tokens in the rendered text are the model's, none added); else
+    qkv's (answer_prompt)."""
+    if tokenizer.chat_template is None:
         return answer_prompt(turns, tokenizer)
     messages = [{"role": role, "content": text} for role, text in turns]
     return tokenizer.encode(render_model_template(tokenizer, messages))
 
 
 def chat_stops(tokenizer: Tokenizer) -> tuple[str, ...]:
-    """Stop strings of a reply: qkv's role tokens; none for a model's own template (its eos ids,
-    Tokenizer.stop_ids, end the reply)."""
-    if has_role_tokens(tokenizer) or tokenizer.chat_template is None:
+    """Stop strings of a reply: none for a model's own template (its eos ids, Tokenizer.stop_ids,
+    end the reply); qkv's role tokens for qkv's."""
+    if tokenizer.chat_template is None:
         return tuple(ROLE_TOKENS.values())
     return ()
 

@@ -44,6 +44,7 @@ POSITION_TITLES = {
 }
 # Records whose module, rather than what it computes, names the stage.
 STAGE_OF_MODULE = {
+    "embedder.local_rotary": "local_positional_encoding",  # Gemma 3's sliding layers' RoPE
     "embedder.token_type": "token_type_embeddings",
     "embedder.norm": "embedding_norm",
     "final_norm": "final_norm",
@@ -317,19 +318,21 @@ def _stage(record: Record, tokens: list[str], vocabulary: list[str]) -> Stage:
     elif name == "logits":
         columns = vocabulary
     else:
-        prefix = "θ" if record.module == "embedder.rotary" else COLUMN_PREFIX.get(name, "d")
+        rotary = record.module in ("embedder.rotary", "embedder.local_rotary")
+        prefix = "θ" if rotary else COLUMN_PREFIX.get(name, "d")
         columns = [f"{prefix}{i}" for i in range(values.shape[-1])]
     return Stage(name, record.formula, values, columns, layer, sublayer, heads)
 
 
 def _place(record: Record) -> tuple[int | None, str | None]:
-    """Layer and sublayer from the module's name: blocks.2.feed_forward_norm -> 2, feed_forward."""
+    """Layer and sublayer from the module's name: blocks.2.feed_forward_norm (and Gemma's
+    feed_forward_post_norm) -> 2, feed_forward."""
     parts = record.module.split(".")
     if parts[0] not in BLOCKS:
         return None, None
     if len(parts) == 2:
         return int(parts[1]), record.sublayer
-    part = parts[2].removesuffix("_norm")
+    part = parts[2].removesuffix("_norm").removesuffix("_post")
     return int(parts[1]), "attention" if part == "self_attention" else part
 
 
@@ -403,15 +406,28 @@ def _label(token: str) -> str:
 
 
 def _describe(config: ModelConfig) -> str:
-    base = {"sinusoidal": " (base 10000)", "rope": f" (base {config.rope_base:g})"}
+    local = "" if config.rope_local_base is None else f", sliding layers {config.rope_local_base:g}"
+    base = {"sinusoidal": " (base 10000)", "rope": f" (base {config.rope_base:g}{local})"}
     kv = f", kv_heads={config.n_kv_heads}" if config.n_kv_heads < config.n_heads else ""
+    placement = "pre- and post" if config.post_norms else "pre" if config.norm_first else "post"
+    window = ""
+    if config.sliding_window is not None:
+        layers = (
+            "every layer" if config.sliding_layers is None else f"layers {config.sliding_layers}"
+        )
+        window = f"; a window of {config.sliding_window} keys on {layers}"
+    capped = "" if config.attention_softcap is None else "; scores soft-capped"
     return (
         f"{config.arch}, d_model={config.d_model}, heads={config.n_heads}{kv} "
         f"(d_k={config.head_dim}), layers={config.n_layers}, d_ff={config.d_ff}, "
-        f"vocabulary={config.vocab_size} tokens, {'pre' if config.norm_first else 'post'}-norm "
-        f"{config.norm}, {config.position} positions{base.get(config.position, '')}, "
+        f"vocabulary={config.vocab_size} tokens, {placement}-norm {config.norm}, "
+        f"{config.position} positions{base.get(config.position, '')}, "
         f"{config.feed_forward} feed-forward"
-        + (", causal attention (token i sees j <= i)" if config.arch == "decoder" else "")
+        + (
+            f", causal attention (token i sees j <= i{window}{capped})"
+            if config.arch == "decoder"
+            else ""
+        )
     )
 
 

@@ -20,6 +20,7 @@ and tokenizer.json (or BERT's vocab.txt).
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
@@ -402,6 +403,69 @@ def gemma_config_from_hf(hf: dict[str, Any], name: str = "Gemma 2", gemma3: bool
     )
 
 
+def _gemma_misfits(config: ModelConfig, gemma3: bool) -> list[str]:
+    """What a Gemma family cannot express of `config`: it needs Gemma's norms, scaled
+    embeddings and GELU gating; Gemma 3 QK-norm and a local RoPE base, Gemma 2 neither."""
+    return _decoder_misfits(config, {
+        "position": ("rope", config.position == "rope"),
+        "norm": ("rmsnorm", config.norm == "rmsnorm"),
+        "norm_unit_offset": (True, config.norm_unit_offset),
+        "post_norms": (True, config.post_norms),
+        "scale_embeddings": (True, config.scale_embeddings),
+        "feed_forward": ("geglu_tanh or geglu", config.feed_forward in ("geglu_tanh", "geglu")),
+        "bias": (False, not config.bias),
+        "head_dim": ("any", True),
+        "attention_scale": ("n**-0.5, n an integer (query_pre_attn_scalar)",
+                            math.isclose(_query_scalar(config) ** -0.5, _scale(config))),
+        "attention_softcap": ("any", True),
+        "logit_softcap": ("any", True),
+        "sliding_window": ("any", True),
+        "qk_norm": (gemma3, config.qk_norm == gemma3),
+        "rope_local_base": ("a base" if gemma3 else None,
+                            (config.rope_local_base is not None) == gemma3),
+        "rope_scaling": ("none or linear" if gemma3 else None,
+                         config.rope_scaling in ((None, "linear") if gemma3 else (None,))),
+    })  # fmt: skip
+
+
+def _scale(config: ModelConfig) -> float:
+    """The factor of the attention scores: attention_scale, default 1 / sqrt(d_k)."""
+    return config.attention_scale or config.head_dim**-0.5
+
+
+def _query_scalar(config: ModelConfig) -> int:
+    """Gemma's query_pre_attn_scalar n, the scores' factor being n^-1/2."""
+    return round(_scale(config) ** -2)
+
+
+def gemma_config_to_hf(config: ModelConfig, gemma3: bool = False) -> dict[str, Any]:
+    """The Gemma 2 (or Gemma 3 text) config.json fields computing what `config` does."""
+    full_rope = _rope_to_hf(config)
+    if gemma3:
+        rope: dict[str, Any] = {"rope_parameters": {
+            "full_attention": {"rope_type": "default", "rope_theta": config.rope_base}
+            | (full_rope["rope_scaling"] or {}),
+            "sliding_attention": {"rope_type": "default", "rope_theta": config.rope_local_base},
+        }}  # fmt: skip
+    else:
+        rope = {"rope_theta": config.rope_base}
+    layers = [config.slides(i) for i in range(config.n_layers)]
+    return {
+        "vocab_size": config.vocab_size, "hidden_size": config.d_model,
+        "num_attention_heads": config.n_heads, "num_key_value_heads": config.n_kv_heads,
+        "num_hidden_layers": config.n_layers, "intermediate_size": config.d_ff,
+        "head_dim": config.head_dim, "max_position_embeddings": config.max_seq_len, **rope,
+        "rms_norm_eps": config.norm_eps, "tie_word_embeddings": config.tie_embeddings,
+        "hidden_activation": "gelu_pytorch_tanh" if config.feed_forward == "geglu_tanh" else "gelu",
+        "query_pre_attn_scalar": _query_scalar(config),
+        "attn_logit_softcapping": config.attention_softcap,
+        "final_logit_softcapping": config.logit_softcap,
+        "sliding_window": config.sliding_window or config.max_seq_len,
+        "layer_types": ["sliding_attention" if slides else "full_attention" for slides in layers],
+        "attention_bias": False, "attention_dropout": 0.0,
+    }  # fmt: skip
+
+
 def bert_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     """A BERT config.json (as a dict) -> the encoder ModelConfig computing the same function."""
     if hf.get("hidden_act", "gelu") != "gelu":
@@ -583,6 +647,8 @@ GEMMA2 = Family(
     name="Gemma 2",
     hf_class="Gemma2ForCausalLM",
     config_from_hf=gemma_config_from_hf,
+    config_to_hf=gemma_config_to_hf,
+    misfits=lambda config: _gemma_misfits(config, gemma3=False),
     weight_map=GEMMA_TENSORS,
     base_prefix="model.",
 )
@@ -594,6 +660,8 @@ GEMMA3 = Family(
     name="Gemma 3",
     hf_class="Gemma3ForCausalLM",
     config_from_hf=lambda hf: gemma_config_from_hf(hf, "Gemma 3", gemma3=True),
+    config_to_hf=lambda config: gemma_config_to_hf(config, gemma3=True),
+    misfits=lambda config: _gemma_misfits(config, gemma3=True),
     weight_map=GEMMA_TENSORS | QK_NORMS,
     base_prefix="model.",
 )

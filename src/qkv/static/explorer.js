@@ -237,7 +237,7 @@ function renderEmbeddings() {
   const box = $("embedding-strips");
   box.innerHTML = "";
   const tokens = state.data.tokens;
-  const names = ["embeddings", "positional_encoding", "token_type_embeddings", "embeddings_plus_positions", "embedding_norm"];
+  const names = ["embeddings", "positional_encoding", "local_positional_encoding", "token_type_embeddings", "embeddings_plus_positions", "embedding_norm"];
   for (const s of state.data.stages.filter((x) => names.includes(x.name))) {
     const title = (s.stack ? `${s.stack}: ` : "") + s.name.replaceAll("_", " ");
     strip(box, title, s.formula, s.values, s.columns, s.rows || tokens);
