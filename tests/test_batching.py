@@ -121,3 +121,14 @@ def test_cache_rows_can_be_kept_shifted_and_stacked():
     assert cache.keys.shape[0] == 3 and cache.length == 4
     with pytest.raises(ValueError):
         cache.shift(5)
+
+
+def test_a_cache_grows_past_its_capacity_keeping_what_it_holds():
+    cache = KVCache(2, 2, 3, 4)
+    keys = torch.randn(2, 2, 11, 4)
+    cache.update(keys[:, :, :2], -keys[:, :, :2])
+    for t in range(2, 11):  # 3 -> 6 -> 12 positions
+        held_keys, held_values = cache.update(keys[:, :, t : t + 1], -keys[:, :, t : t + 1])
+    assert cache.capacity == 12 and cache.length == 11
+    torch.testing.assert_close(held_keys, keys, rtol=0, atol=0)
+    torch.testing.assert_close(held_values, -keys, rtol=0, atol=0)

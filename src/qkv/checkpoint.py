@@ -217,15 +217,17 @@ def load_config(folder: Path) -> ModelConfig:
     return ModelConfig.load(folder / CONFIG)
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Any, Tokenizer]:
-    """(model in eval mode, tokenizer) from a checkpoint or run directory, or a Hugging Face
-    model directory (GPT-2, Llama); a LoRA checkpoint gives its base model with the adapter
-    applied (not merged)."""
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple[Any, Tokenizer]:
+    """(model in eval mode, its weights in `dtype`, tokenizer) from a checkpoint or run
+    directory, or a Hugging Face model directory (read straight into `dtype`); a LoRA
+    checkpoint gives its base model with the adapter applied (not merged)."""
     folder = resolve(path)
     if (folder / ADAPTER_CONFIG).is_file():
         model, tokenizer = load_adapter_model(folder)
     elif hf.is_hf_directory(folder):
-        model, tokenizer = hf.load_hf_directory(folder)
+        model, tokenizer = hf.load_hf_directory(folder, dtype)
         vocabulary = folder / TOKENIZER if (folder / TOKENIZER).is_file() else folder / "vocab.txt"
         check_vocabulary(model.config.vocab_size, tokenizer, folder / CONFIG, vocabulary)
     else:
@@ -239,7 +241,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[An
     device = torch.device(device)
     if device.type == "cuda":  # built on the CPU (checked there): does it fit the GPU too?
         check_model_fits(model.config, str(folder), device, MORE_MEMORY)
-    return model.to(device).eval(), tokenizer
+    return model.to(device, dtype).eval(), tokenizer
 
 
 def stored_dtype(folder: Path) -> torch.dtype:
@@ -259,9 +261,8 @@ def load_for_inference(
     """load_model, then the model in the dtype choose_load_dtype picks, and one line saying
     what runs: the family, parameters, dtype (and why) and the memory its weights take."""
     folder = resolve(path)
-    model, tokenizer = load_model(folder, device)
     chosen, why = choose_load_dtype(dtype, device, stored_dtype(folder))
-    model = model.to(chosen)
+    model, tokenizer = load_model(folder, device, chosen)
     family = "qkv " + model.config.arch
     if hf.is_hf_directory(folder):
         family = hf.FAMILIES[hf.read_hf_config(folder)["model_type"]].name

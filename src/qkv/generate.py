@@ -114,7 +114,9 @@ def decode(
         seen = torch.zeros(len(rows), model.config.vocab_size, dtype=torch.bool, device=device)
         for i, row in enumerate(rows):
             seen[i, row] = True
-    caches = model.new_caches(len(rows), window) if config.use_cache else None
+    # Room for the prompts and the tokens asked for; a cache grows if iterated further.
+    capacity = min(window, max(map(len, rows)) + config.max_new_tokens)
+    caches = model.new_caches(len(rows), capacity) if config.use_cache else None
 
     def encode_windows() -> tuple[Tensor, Tensor | None, Tensor]:
         """Every row's window from scratch (resetting the caches): (last logits, attention mask

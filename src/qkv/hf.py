@@ -37,7 +37,7 @@ from qkv import files
 from qkv.config import ModelConfig
 from qkv.errors import QkvError
 from qkv.memory import MORE_MEMORY, check_model_fits
-from qkv.model import DecoderLM, Encoder, build_model
+from qkv.model import DecoderLM, Encoder, build_model, model_from_tensors
 from qkv.tokenizer import Tokenizer
 
 
@@ -731,12 +731,12 @@ def from_hf_tensors(
             raise QkvError(f"the {family.name} checkpoint has no tensor {theirs!r}")
         tensor = tensor.t() if transposed else tensor
         rows = [wanted[name].shape[0] for name in ours]
-        if sum(rows) != tensor.shape[0]:
+        if len(ours) > 1 and sum(rows) != tensor.shape[0]:  # one of ours: files.check_fit's
             raise QkvError(
                 f"the {family.name} checkpoint's {theirs!r} has {tensor.shape[0]} rows where "
                 f"config.json asks for {sum(rows)}: the files do not belong together"
             )
-        out.update(zip(ours, tensor.split(rows, dim=0), strict=True))
+        out.update(zip(ours, tensor.split(rows, dim=0) if len(ours) > 1 else [tensor], strict=True))
     return {name: tensor.contiguous() for name, tensor in out.items()}
 
 
@@ -931,8 +931,11 @@ def _stop_ids(
     return tuple(dict.fromkeys(ids))
 
 
-def load_hf_directory(folder: Path) -> tuple[DecoderLM | Encoder, Tokenizer]:
-    """(qkv model in eval mode, tokenizer) from a Hugging Face model directory."""
+def load_hf_directory(
+    folder: Path, dtype: torch.dtype = torch.float32
+) -> tuple[DecoderLM | Encoder, Tokenizer]:
+    """(qkv model in eval mode, its weights in `dtype`, tokenizer) from a Hugging Face model
+    directory; each tensor is read and converted once, into the model itself."""
     hf = read_hf_config(folder)
     family = FAMILIES[hf["model_type"]]
     try:
@@ -951,12 +954,13 @@ def load_hf_directory(folder: Path) -> tuple[DecoderLM | Encoder, Tokenizer]:
     wanted = from_hf_tensors(family, stored, expected, config.n_layers)
     files.check_fit(wanted, expected, f"{folder}:", "config.json")
     check_model_fits(config, str(folder), fix=MORE_MEMORY)
-    model = build_model(config)
     if any(t.is_meta for t in stored.values()):
         stored = read_hf_weights(folder)
     tensors = from_hf_tensors(family, stored, expected, config.n_layers)
-    model.load_state_dict({k: v.float().contiguous() for k, v in tensors.items()})
-    return model.eval(), load_hf_tokenizer(folder, hf)
+    del stored
+    for name, tensor in tensors.items():  # one at a time: the stored one is freed as it goes
+        tensors[name] = tensor.to(dtype).contiguous()
+    return model_from_tensors(config, tensors).eval(), load_hf_tokenizer(folder, hf)
 
 
 def hf_family(config: ModelConfig) -> str:

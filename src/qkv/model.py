@@ -437,3 +437,18 @@ MODELS: dict[str, type[_Model]] = {
 def build_model(config: ModelConfig) -> DecoderLM | Encoder | EncoderDecoder:
     """The model class named by config.arch, freshly initialised."""
     return MODELS[config.arch](config)
+
+
+def model_from_tensors(
+    config: ModelConfig, tensors: dict[str, Tensor]
+) -> DecoderLM | Encoder | EncoderDecoder:
+    """The model of `config` holding `tensors` themselves (their dtype, no copy): built on the
+    meta device (no memory, no initialisation), filled by load_state_dict(assign=True), its
+    computed buffers (RoPE and sinusoid tables) made anew; peak memory is the weights' once."""
+    with torch.device("meta"):
+        model = build_model(config.replace(init_std=None))
+    model.load_state_dict(tensors, assign=True)
+    for module in model.modules():
+        if isinstance(module, (RotaryEmbedding, SinusoidalPositionalEncoding)):
+            module.reset_buffers()
+    return model

@@ -16,7 +16,8 @@ from torch import Tensor
 
 class KVCache:
     """One attention layer's keys and values in preallocated buffers (batch, n_kv_heads, capacity,
-    d_k): `update` writes the new ones after those held and returns views of all of them."""
+    d_k): `update` writes the new ones after those held and returns views of all of them, the
+    buffers doubling where they would overflow."""
 
     def __init__(
         self,
@@ -40,14 +41,19 @@ class KVCache:
         """key, value (batch, n_kv_heads, new, d_k) -> all keys, values (.., length + new, d_k)."""
         end = self.length + key.shape[-2]
         if end > self.capacity:
-            raise ValueError(
-                f"the cache holds {self.capacity} positions; {self.length} + {key.shape[-2]} "
-                "do not fit (reset it and start from a shorter window)"
-            )
+            self.grow(max(end, 2 * self.capacity))
         self.keys[:, :, self.length : end] = key
         self.values[:, :, self.length : end] = value
         self.length = end
         return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def grow(self, capacity: int) -> None:
+        """Room for `capacity` positions, what is held copied over."""
+        held = self.length
+        self.keys, self.values = (
+            torch.cat([b[:, :, :held], b.new_empty(*b.shape[:2], capacity - held, b.shape[-1])], 2)
+            for b in (self.keys, self.values)
+        )
 
     def reset(self) -> None:
         """Forget every position (the buffers are reused)."""

@@ -43,10 +43,12 @@ class SinusoidalPositionalEncoding(Recordable, nn.Module):
 
     def __init__(self, max_seq_len: int, d_model: int, base: float = 10000.0) -> None:
         super().__init__()
-        self.base = base
-        self.register_buffer(
-            "table", sinusoidal_table(max_seq_len, d_model, base), persistent=False
-        )
+        self.base, self.shape = base, (max_seq_len, d_model)
+        self.register_buffer("table", sinusoidal_table(*self.shape, base), persistent=False)
+
+    def reset_buffers(self) -> None:
+        """Compute the table anew (in a model built on the meta device, then loaded)."""
+        self.table = sinusoidal_table(*self.shape, self.base)
 
     def forward(self, positions: Tensor) -> Tensor:
         pe = self.table[positions]
@@ -91,15 +93,25 @@ class RotaryEmbedding(Recordable, nn.Module):
     ) -> None:  # fmt: skip
         """`scaling` maps the frequencies base^(-2i/d_head) to those used (RoPE scaling)."""
         super().__init__()
-        self.base = base
-        exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
-        inv_freq = 1.0 / base**exponents
-        inv_freq = scaling(inv_freq) if scaling else inv_freq
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        angle = self.angles(torch.arange(max_seq_len))
+        self.base, self.head_dim, self.max_seq_len, self.scaling = (
+            base,
+            head_dim,
+            max_seq_len,
+            scaling,
+        )
+        for name in ("inv_freq", "cos", "sin"):
+            self.register_buffer(name, None, persistent=False)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """Compute the frequencies and the cos / sin tables (anew, in a model built on the meta
+        device, then loaded)."""
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim
+        inv_freq = 1.0 / self.base**exponents
+        self.inv_freq = self.scaling(inv_freq) if self.scaling else inv_freq
+        angle = self.angles(torch.arange(self.max_seq_len))
         angle = torch.cat([angle, angle], dim=-1)
-        self.register_buffer("cos", angle.cos(), persistent=False)
-        self.register_buffer("sin", angle.sin(), persistent=False)
+        self.cos, self.sin = angle.cos(), angle.sin()
 
     def angles(self, positions: Tensor) -> Tensor:
         """theta = pos * base^(-2i/d_head): (..., seq) positions -> (..., seq, d_head / 2)."""
