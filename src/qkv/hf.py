@@ -733,8 +733,8 @@ def from_hf_tensors(
         rows = [wanted[name].shape[0] for name in ours]
         if len(ours) > 1 and sum(rows) != tensor.shape[0]:  # one of ours: files.check_fit's
             raise QkvError(
-                f"the {family.name} checkpoint's {theirs!r} has {tensor.shape[0]} rows where "
-                f"config.json asks for {sum(rows)}: the files do not belong together"
+                f"the {family.name} checkpoint's {theirs!r} has shape {list(tensor.shape)} but "
+                f"config.json needs {sum(rows)} rows: the files do not belong together"
             )
         out.update(zip(ours, tensor.split(rows, dim=0) if len(ours) > 1 else [tensor], strict=True))
     return {name: tensor.contiguous() for name, tensor in out.items()}
