@@ -5,10 +5,11 @@ per weight read, so its speed is the memory bandwidth. One BLAS call on so few r
 matrix at about one core's bandwidth (measured on 2 cores: 12 GB/s of 22); splitting W's rows into
 blocks of about 1,024, shared out over the threads by one batched call, reads them in parallel
 (19 GB/s). For 2 to 16 rows (a batch decoding together) MKL's small-M GEMM packs W afresh on
-every call and reads it at about a third of the bandwidth; oneDNN's linear on a copy of W
-reordered once into its blocked layout (PyTorch's mkldnn ops, as torch.compile's CPU freezing
-uses them) runs about twice as fast. The copy is made on first use and kept with W (memory: one
-more copy of each matrix that meets such a batch); it is remade when W changes.
+every call and reads it at about a third of the bandwidth; the same blocks read it at twice
+that (a 5632 x 2048 matrix, 8 rows: 9.2 GB/s against 5.1). oneDNN's linear on a copy of W
+reordered into its blocked layout reads it at 11.1 GB/s, but the copy doubles the weights'
+memory (4.4 GB more for a 1.1B model in float32) and a whole 8-row GPT-2-small decode ran no
+faster with it (95 against 94 tokens/s): the blocks, views of W, take no memory.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from torch.nn import functional as F
 # Up to this many rows (tokens) a product counts as decoding; more is a prefill or training.
 FEW_ROWS = 16
 BLOCK_ROWS = 1024
-PACKED = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -29,13 +29,6 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     rows = x.numel() // in_features
     if rows > FEW_ROWS or torch.is_grad_enabled() or x.device.type != "cpu":
         return F.linear(x, weight, bias)
-    if (
-        rows > 1
-        and PACKED
-        and x.dtype == weight.dtype == torch.float32
-        and not weight.is_inference()
-    ):
-        return torch.ops.mkldnn._linear_pointwise(x, _packed(weight), bias, "none", [], "")
     threads = torch.get_num_threads()
     if threads < 2 or out_features < 2 * threads or not weight.is_contiguous():
         return F.linear(x, weight, bias)
@@ -53,18 +46,6 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         )
         y = torch.cat([y, rest], dim=-1)
     return y.view(*x.shape[:-1], out_features)
-
-
-def _packed(weight: Tensor) -> Tensor:
-    """W reordered for oneDNN's linear (for up to FEW_ROWS rows), kept on W while W is
-    unchanged (same storage, same version; an inference tensor has no version: never packed)."""
-    key = (weight.data_ptr(), weight._version)
-    cached = getattr(weight, "_qkv_packed", None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), FEW_ROWS)
-    weight._qkv_packed = (key, packed)
-    return packed
 
 
 def _row_blocks(
