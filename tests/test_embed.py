@@ -53,6 +53,27 @@ def test_qkv_embed_prints_the_vectors_as_json(minilm: Path, reference) -> None:
     assert result.returncode == 0, result.stderr
     vectors = torch.tensor(json.loads(result.stdout))
     assert (vectors - reference[:2]).abs().max() <= 1e-5
+    assert "float32 (auto: stored in float32)" in result.stderr
+
+
+def test_qkv_embed_and_explain_run_in_the_dtype_asked(minilm: Path, reference) -> None:
+    from transformers import BertModel
+
+    result = qkv("embed", "--model", str(minilm), "--json", "--dtype", "bfloat16", *SENTENCES[:2])
+    assert result.returncode == 0, result.stderr
+    assert "bfloat16 (as asked)" in result.stderr
+    vectors = torch.tensor(json.loads(result.stdout))
+    assert 1e-4 < (vectors - reference[:2]).abs().max() <= 2e-2  # bfloat16's 8 mantissa bits
+    explained = qkv("explain", "--model", str(minilm), "--json", "--dtype", "bfloat16", "The fox")
+    assert explained.returncode == 0, explained.stderr
+    walkthrough = json.loads(explained.stdout)
+    weights = next(s for s in walkthrough["stages"] if s["name"] == "attention_weights")
+    hf = BertModel.from_pretrained(str(minilm), attn_implementation="eager").eval()
+    with torch.no_grad():
+        out = hf(torch.tensor([walkthrough["token_ids"]]), output_attentions=True)
+    assert 1e-4 < (torch.tensor(weights["values"]) - out.attentions[0][0]).abs().max() <= 3e-2
+    refused = qkv("explain", "--dtype", "bfloat16")
+    assert refused.returncode == 2 and "add --model" in refused.stderr
 
 
 @torch.no_grad()

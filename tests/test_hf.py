@@ -304,3 +304,8 @@ def test_qkv_eval_scores_an_exported_directory_as_the_original(tmp_path: Path) -
         results.append(json.loads(result.stdout))
     assert results[0]["tokens"] == results[1]["tokens"] > 0
     assert results[1]["loss"] == pytest.approx(results[0]["loss"], abs=1e-5)
+    half = qkv("eval", "--model", str(exported), "--data", str(corpus), "--json", "--dtype",
+               "bfloat16")  # fmt: skip
+    assert half.returncode == 0, half.stderr
+    assert "GPT-2, " in half.stderr and "bfloat16 (as asked)" in half.stderr
+    assert json.loads(half.stdout)["loss"] == pytest.approx(results[0]["loss"], rel=2e-2)

@@ -261,11 +261,14 @@ def load_for_inference(
     """load_model, then the model in the dtype choose_load_dtype picks, and one line saying
     what runs: the family, parameters, dtype (and why) and the memory its weights take."""
     folder = resolve(path)
-    chosen, why = choose_load_dtype(dtype, device, stored_dtype(folder))
+    adapter = (folder / ADAPTER_CONFIG).is_file()
+    base = Path(read_adapter_config(folder)["base"]) if adapter else folder
+    chosen, why = choose_load_dtype(dtype, device, stored_dtype(base))
     model, tokenizer = load_model(folder, device, chosen)
     family = "qkv " + model.config.arch
-    if hf.is_hf_directory(folder):
-        family = hf.FAMILIES[hf.read_hf_config(folder)["model_type"]].name
+    if hf.is_hf_directory(base):
+        family = hf.FAMILIES[hf.read_hf_config(base)["model_type"]].name
+    family += " + LoRA adapter" if adapter else ""
     count = sum(p.numel() for p in model.parameters())
     size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     dtype_name = str(chosen).removeprefix("torch.")

@@ -8,13 +8,14 @@ h_t are the encoder's final hidden states, m_t is 1 for real tokens (the tokeniz
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from qkv.checkpoint import load_model
+from qkv.checkpoint import load_for_inference
 from qkv.data import pad_rows
 from qkv.device import resolve_device
 from qkv.errors import QkvError
@@ -54,17 +55,25 @@ def embed_ids(model: Encoder, rows: list[list[int]], pad_id: int, batch_size: in
     vectors = []
     for first in range(0, len(rows), batch_size):
         ids, mask = (t.to(device) for t in pad_rows(rows[first : first + batch_size], pad_id))
-        hidden = model.hidden_states(ids, mask)
+        hidden = model.hidden_states(ids, mask).float()
         vectors.append(F.normalize(mean_pool(hidden, mask), p=2, dim=-1).cpu())
     return torch.cat(vectors) if vectors else torch.empty(0, model.config.d_model)
 
 
 def embed_texts(
-    path: str | Path, texts: list[str], max_tokens: int | None = None, device: str = "auto"
+    path: str | Path,
+    texts: list[str],
+    max_tokens: int | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    progress: Callable[[str], None] | None = None,
 ) -> Tensor:
-    """`qkv embed`: the unit vectors of `texts` from the encoder at `path` (none may be empty)."""
+    """`qkv embed`: the unit vectors (float32) of `texts` (none may be empty) from the encoder
+    at `path`, run in `dtype` (load_for_inference, whose line `progress` gets)."""
     for number, text in enumerate(texts, 1):
         if not text.strip():
             raise QkvError(f"text {number} is empty")
-    model, tokenizer = load_model(path, resolve_device(device))
+    model, tokenizer, summary = load_for_inference(path, resolve_device(device), dtype)
+    if progress and isinstance(model, Encoder):  # anything else: embed names the problem
+        progress(summary)
     return embed(model, tokenizer, texts, max_tokens)

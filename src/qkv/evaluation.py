@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from qkv.checkpoint import find_run, load_model
+from qkv.checkpoint import find_run, load_for_inference
 from qkv.data import TokenFile, eval_windows, prepare_eval_data
 from qkv.device import resolve_device
 from qkv.distributed import ONE_PROCESS, World
@@ -118,16 +118,20 @@ def evaluate_checkpoint(
     device: str = "auto",
     progress: Callable[[str], None] | None = None,
     on_windows: Callable[[int, int], None] | None = None,
+    dtype: str = "auto",
 ) -> EvalResult:
     """`qkv eval`: a decoder checkpoint scored on all of `data`, or without it on the validation
-    split of its own training data (builtin:stdlib-docs for a model that has none);
+    split of its own training data (builtin:stdlib-docs for a model that has none), its weights
+    in `dtype` (auto, float32, bfloat16, float16: load_for_inference, whose line `progress` gets);
     `on_windows(done, total)` follows the windows scored."""
-    model, tokenizer = load_model(path, resolve_device(device))
+    model, tokenizer, summary = load_for_inference(path, resolve_device(device), dtype)
     if model.config.arch != "decoder":
         raise QkvError(
             f"qkv eval scores decoder language models; {path} holds an {model.config.arch} "
             "model (an encoder-decoder run reports its exact match at the end of qkv train)"
         )
+    if progress:
+        progress(summary)
     context = context or model.config.max_seq_len
     if context > model.config.max_seq_len:
         raise QkvError(f"--context must be at most the model's {model.config.max_seq_len}")

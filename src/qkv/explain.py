@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from qkv.checkpoint import load_model
+from qkv.checkpoint import load_for_inference
 from qkv.config import ModelConfig
 from qkv.errors import QkvError
 from qkv.generate import greedy_decode
@@ -165,10 +165,10 @@ def explain_text(
     return walkthrough
 
 
-def explain_checkpoint(path: str | Path, text: str) -> Walkthrough:
+def explain_checkpoint(path: str | Path, text: str, dtype: str = "auto") -> Walkthrough:
     """`qkv explain --model`: `text` through the model at `path` (a qkv checkpoint or run, or a
-    Hugging Face directory), every stage recorded."""
-    model, tokenizer = load_model(path)
+    Hugging Face directory) on the CPU in `dtype` (load_for_inference), every stage recorded."""
+    model, tokenizer, _ = load_for_inference(path, torch.device("cpu"), dtype)
     return explain_model(model, tokenizer, text)
 
 

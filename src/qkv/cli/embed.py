@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from qkv.cli.options import add_command, add_device, add_model, positive
+from qkv.cli.options import add_command, add_device, add_dtype, add_model, positive, say
 from qkv.errors import QkvError
 
 EXAMPLES = """examples:
@@ -32,6 +32,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     embed.add_argument("--json", action="store_true", help="print a JSON list of vectors")
     add_device(embed)
+    add_dtype(embed)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -41,7 +42,7 @@ def run(args: argparse.Namespace) -> None:
     texts = list(args.text) + (read_prompts(args.file) if args.file else [])
     if not texts:
         raise QkvError("give texts to embed, or --file FILE")
-    vectors = embed_texts(args.model, texts, args.max_tokens, args.device)
+    vectors = embed_texts(args.model, texts, args.max_tokens, args.device, args.dtype, say)
     if args.json:
         print(json.dumps([[round(x, 7) for x in v] for v in vectors.tolist()]))
         return

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from qkv.cli.options import add_command, add_device, add_model, positive, say
+from qkv.cli.options import add_command, add_device, add_dtype, add_model, positive, say
 
 EXAMPLES = """examples:
   qkv eval --model runs/quickstart
@@ -31,6 +31,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "--batch-size", type=positive, default=16, help="windows per forward pass (default 16)"
     )
     add_device(evaluate)
+    add_dtype(evaluate)
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -49,8 +50,9 @@ def run(args: argparse.Namespace) -> None:
 
     try:
         result = evaluate_checkpoint(
-            Path(args.model), args.data, args.context, args.batch_size, args.device, say, windows
-        )
+            Path(args.model), args.data, args.context, args.batch_size, args.device, say, windows,
+            args.dtype,
+        )  # fmt: skip
     finally:
         if bar is not None:
             bar.close()

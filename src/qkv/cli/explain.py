@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from qkv.cli.options import add_command, positive, seed
+from qkv.cli.options import add_command, add_dtype, positive, seed
 from qkv.errors import ConfigError, QkvError
 
 EXAMPLES = """examples:
@@ -65,6 +65,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     explain.add_argument(
         "--model", type=Path, help="a trained or Hugging Face model: walk the text through it"
     )
+    add_dtype(explain)
     explain.add_argument(
         "--layer", type=int, help="show this block's stages only (default: every block)"
     )
@@ -79,12 +80,14 @@ def run(args: argparse.Namespace) -> None:
 
     if args.top is not None and not args.json:
         raise QkvError("--top shapes the --json output: add --json")
+    if args.model is None and args.dtype != "auto":
+        raise QkvError("--dtype sets a loaded model's precision: add --model DIR")
     if args.model is not None:
         if args.plot is not None:
             raise QkvError("--plot draws the worked example; with --model, use --json")
         if not args.text:
             raise QkvError("give the text to explain, e.g. qkv explain --model DIR 'The fox'")
-        walkthrough = explain.explain_checkpoint(args.model, " ".join(args.text))
+        walkthrough = explain.explain_checkpoint(args.model, " ".join(args.text), args.dtype)
     else:
         text = " ".join(args.text) if args.text else explain.NOTES_SENTENCE
         try:
