@@ -174,6 +174,7 @@ def test_the_chat_tab_streams_the_servers_reply(page, url: str, tmp_path: Path) 
     assert page.errors == []
 
 
+@pytest.mark.slow
 def test_the_exported_file_opens_from_disk_with_the_same_numbers(page, url, model_dir, tmp_path):
     out = tmp_path / "walk.html"
     result = subprocess.run(

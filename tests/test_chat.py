@@ -100,6 +100,7 @@ def test_piped_chat_keeps_history_resets_and_exits_cleanly(chat_dir: Path) -> No
     assert "forgotten" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_one_shot_chat_answers_and_chat_needs_chat_tokens(chat_dir: Path, tmp_path: Path) -> None:
     result = qkv("chat", "--model", str(chat_dir), "-p", "the fox", *GREEDY)
     assert result.returncode == 0, result.stderr
@@ -141,6 +142,7 @@ def test_interactive_chat_in_a_terminal_answers_and_ends_on_ctrl_d(chat_dir: Pat
         os.close(controller)
 
 
+@pytest.mark.slow
 def test_chat_refuses_bad_messages_one_line_each_and_goes_on(chat_dir: Path) -> None:
     import subprocess as sp
 

@@ -131,6 +131,7 @@ def test_a_template_cannot_reach_python_internals(tmp_path: Path) -> None:
         chat_prompt([("user", "What")], load_hf_tokenizer(folder, {}))
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_generation_stops_at_each_eos_id_the_model_names(tmp_path: Path) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM

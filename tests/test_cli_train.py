@@ -165,6 +165,7 @@ def test_bad_training_input_gets_one_clear_line(args, message, corpus_dir, tmp_p
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_corrupt_weights_are_refused_clearly(corpus_dir, tmp_path):
     out = tmp_path / "run"
     trained = qkv(*small_training(corpus_dir, "--steps 2 --context 32"), "--out", str(out))
@@ -211,6 +212,7 @@ def test_eval_without_data_uses_the_models_own_validation_split(corpus_dir, tmp_
     assert json.loads(result.stdout)["tokens"] == windows * 32
 
 
+@pytest.mark.slow
 def test_a_second_writer_of_a_run_directory_is_refused(corpus_dir, tmp_path, qkv_here):
     run = tmp_path / "run"
     options = "--steps 100000 --batch-size 8 --context 32 --save-every 5 --eval-every 1000"

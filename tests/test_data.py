@@ -81,6 +81,7 @@ def test_single_tiny_document_cannot_be_split():
         split_train_val([Document("a", "hello")])
 
 
+@pytest.mark.slow
 def test_stdlib_docs_is_english_from_thousands_of_docstrings():
     documents = stdlib_docs()
     assert len(documents) > 5000

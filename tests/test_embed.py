@@ -56,6 +56,7 @@ def test_qkv_embed_prints_the_vectors_as_json(minilm: Path, reference) -> None:
     assert "float32 (auto: stored in float32)" in result.stderr
 
 
+@pytest.mark.slow
 def test_qkv_embed_and_explain_run_in_the_dtype_asked(minilm: Path, reference) -> None:
     from transformers import BertModel
 

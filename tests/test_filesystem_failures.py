@@ -153,6 +153,7 @@ def test_an_out_that_cannot_be_written_is_refused_before_any_work(
     assert out == parent or not out.exists()
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_a_save_leaves_the_previous_checkpoint_whole(
     corpus_dir: Path, tmp_path: Path, qkv_here
 ) -> None:

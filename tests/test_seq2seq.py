@@ -110,6 +110,7 @@ def test_qkv_train_task_reports_exact_match_and_resumes(tmp_path: Path, capsys) 
     assert "scores decoder language models" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_an_encoder_decoder_learns_a_users_pairs(tmp_path: Path, capsys) -> None:
     words = ["".join(p) for p in __import__("itertools").product("abcdef", repeat=3)]
     data = tmp_path / "pairs.jsonl"

@@ -245,6 +245,7 @@ def long_context(folder: Path) -> Path:
     return write_checkpoint(folder, DecoderLM(config), tokenizer)
 
 
+@pytest.mark.slow
 def test_a_client_that_leaves_mid_stream_is_dropped_and_the_rest_goes_on(tmp_path):
     """The stream could run for 90,000 tokens: the row leaves when its client does (a short one
     may finish before the server notices the closed connection)."""
@@ -346,6 +347,7 @@ def test_tokenize_and_detokenize_round_trip(local, alone):
     assert local.post("/detokenize", json={"tokens": [10**9]}).status_code == 400
 
 
+@pytest.mark.slow
 def test_sigterm_ends_running_streams_with_a_finish_reason(tmp_path):
     """A long stream is running when SIGTERM comes: with no grace it ends at the next step with
     finish_reason "length" and [DONE], and the process exits within seconds."""

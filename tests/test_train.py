@@ -247,6 +247,7 @@ train(sys.argv[1], model_config=model, data=[sys.argv[2]], tokenizer="char", ste
 """
 
 
+@pytest.mark.slow
 def test_a_step_running_past_the_grace_period_after_sigterm_exits_at_once(corpus_dir, tmp_path):
     """SIGTERM during a step that does not end: the process exits after the grace period with
     128 + 15, saying so; the checkpoint saved before it is whole and the run resumes."""
