@@ -1,5 +1,5 @@
 """`python -m qkv` is the same as the `qkv` command."""
 
-from qkv.cli import main
+from qkv.cli import entry
 
-raise SystemExit(main())
+entry()

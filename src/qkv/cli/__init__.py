@@ -5,6 +5,7 @@ module imports the library when that command runs."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
@@ -84,3 +85,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.close()
         return 0
     return 0
+
+
+def entry() -> None:
+    """The `qkv` command: main(), then exit with its code; a Ctrl-C that lands while the
+    interpreter shuts down (after the run is done and saved) is ignored, not a traceback from
+    an atexit hook."""
+    code = main()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(code)
