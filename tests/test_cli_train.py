@@ -98,6 +98,7 @@ def test_ctrl_c_saves_and_resume_continues_the_same_run(corpus_dir, tmp_path):
     assert _losses(run) == _losses(tmp_path / "straight")
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_step_it_stopped_at(corpus_dir, tmp_path):
     """A scheduler's SIGTERM (preemption) is handled like Ctrl-C: save, then exit 128 + 15."""
     run = tmp_path / "run"
@@ -197,6 +198,7 @@ def test_quickstart_fits_its_steps_to_the_time_given(tmp_path):
     assert state["step"] == 1
 
 
+@pytest.mark.slow
 def test_eval_without_data_uses_the_models_own_validation_split(corpus_dir, tmp_path):
     from qkv.data import prepare_corpus
     from qkv.tokenizer import Tokenizer

@@ -173,6 +173,7 @@ def test_an_encoder_is_explained_without_a_next_token(minilm: Path) -> None:
     assert data["tokens"][0] == "[CLS]" and data["config"]["arch"] == "encoder"
 
 
+@pytest.mark.slow
 def test_the_page_is_one_whole_file(app, tmp_path: Path) -> None:
     page = app.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")

@@ -221,6 +221,7 @@ def test_a_latest_link_that_cannot_be_swapped_still_names_the_previous_checkpoin
     assert read_run(new).step == 6
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_export_leaves_nothing_behind(tmp_path: Path) -> None:
     model, out = decoder(tmp_path / "model"), tmp_path / "hf"
     size = (model / "model.safetensors").stat().st_size

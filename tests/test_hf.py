@@ -270,6 +270,7 @@ def test_exported_models_load_in_transformers_with_the_same_logits(
     assert (back(ids) - expected).abs().max() <= 1e-5
 
 
+@pytest.mark.slow
 def test_export_names_what_fits_no_family(tmp_path: Path) -> None:
     from test_cli_generate import checkpoint
 

@@ -90,6 +90,7 @@ def test_beam_search_finds_targets_at_least_as_likely_as_greedy() -> None:
     assert all(end not in ids for ids in beam)
 
 
+@pytest.mark.slow
 def test_qkv_train_task_reports_exact_match_and_resumes(tmp_path: Path, capsys) -> None:
     out = tmp_path / "reverse"
     small = ["--set", "d_model=32", "--set", "n_heads=2", "--set", "n_layers=1"]
