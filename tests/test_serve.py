@@ -34,6 +34,7 @@ from qkv.server import create_app, load_served
 from qkv.tokenizer import Tokenizer
 
 KEY = "test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="module")
@@ -232,7 +233,7 @@ def test_streamed_completion_ends_with_done(local):
 
 def metric(url: str, name: str) -> float:
     """The sum of a Prometheus metric's samples (all labels) at GET /metrics."""
-    text = httpx.get(f"{url}/metrics").text
+    text = httpx.get(f"{url}/metrics", headers=AUTH).text
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith(name) and not line.startswith("#"))  # fmt: skip
 
@@ -271,7 +272,8 @@ def test_metrics_count_requests_tokens_and_latencies(server, client):
     assert metric(server, "qkv_completion_tokens_total") == tokens + 5
     assert metric(server, "qkv_time_to_first_token_seconds_count") >= 1
     assert metric(server, "qkv_inter_token_latency_seconds_count") >= 1
-    assert "qkv_running_batch" in httpx.get(f"{server}/metrics").text
+    assert metric(server, "qkv_running_batch") >= 0
+    assert "qkv_running_batch" in httpx.get(f"{server}/metrics", headers=AUTH).text
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ from torch import Tensor
 from qkv.checkpoint import load_for_inference
 from qkv.config import ModelConfig
 from qkv.errors import QkvError
+from qkv.explain_budget import check_selection
 from qkv.generate import greedy_decode
 from qkv.model import PROBABILITIES_FORMULA, DecoderLM, Encoder, EncoderDecoder, probabilities
 from qkv.nn.recording import Record, recording
@@ -517,17 +518,7 @@ def payload(
     the vocabulary), the residual stream's size after each sublayer and, for a decoder, the
     next-token distribution under `sampling` (with one token drawn when a `seed` is given)."""
     config = walkthrough.config
-    for name, chosen, count in (
-        ("layer", layers, config.n_layers),
-        ("head", heads, config.n_heads),
-    ):
-        for value in chosen or []:
-            if not 0 <= value < count:
-                plural = "s" if count != 1 else ""
-                raise QkvError(
-                    f"{name} {value} does not exist: the model has {count} {name}{plural} "
-                    f"(0..{count - 1})"
-                )
+    check_selection(config, layers, heads)
     shown = [
         s
         for s in walkthrough.stages

@@ -47,6 +47,25 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "--shutdown-grace", type=float, default=3.0, metavar="SECONDS",
         help="on Ctrl-C / SIGTERM, seconds running requests get to finish (3)",
     )  # fmt: skip
+    serve.add_argument(
+        "--allowed-host", action="append", default=[], metavar="NAME",
+        help="also answer requests for this host name (repeatable); by default only "
+        "127.0.0.1, localhost, ::1 and --host, or any name when --host is 0.0.0.0",
+    )  # fmt: skip
+    serve.add_argument(
+        "--header-timeout", type=float, default=10.0, metavar="SECONDS",
+        help="close a connection that has not sent its request headers in this time (10)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--max-connections", type=positive, default=256,
+        help="requests handled at once; more get a 503 (256)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--special-tokens-in-content", action="store_true",
+        help="with a model's own chat template, let message text spell special tokens "
+        "(<|im_start|>...) as transformers does; by default they are plain text, so a user "
+        "cannot forge a turn",
+    )  # fmt: skip
     add_device(serve)
     add_dtype(serve)
 
@@ -65,6 +84,7 @@ def run(args: argparse.Namespace) -> None:
         args.model, args.device, args.served_model_name, key, args.max_batch, args.max_queue,
         args.dtype,
     )  # fmt: skip
+    served.special_in_content = args.special_tokens_in_content
     print(served.summary, file=sys.stderr)
     url = f"http://{args.host}:{args.port}"
     auth = " -H 'Authorization: Bearer $KEY'" if key else ""
@@ -76,4 +96,7 @@ def run(args: argparse.Namespace) -> None:
         file=sys.stderr,
         flush=True,
     )
-    serving.serve(served, args.host, args.port, args.shutdown_grace)
+    serving.serve(
+        served, args.host, args.port, args.shutdown_grace, more_hosts=args.allowed_host,
+        header_timeout=args.header_timeout, max_connections=args.max_connections,
+    )  # fmt: skip

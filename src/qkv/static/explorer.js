@@ -7,7 +7,8 @@ const embedded = JSON.parse(document.getElementById("qkv-data").textContent);
 const $ = (id) => document.getElementById(id);
 // selected: the token (a row of d.tokens); sourceSelected: an encoder-decoder's source row.
 const state = { data: null, layer: 0, head: 0, kind: "attention", stack: "decoder", selected: 0, sourceSelected: 0, tokenIds: null, draws: 0 };
-const apiKey = new URLSearchParams(location.hash.slice(1)).get("key");
+// The API key, where the server asks for one: the page is opened as /?key=KEY (or /#key=KEY).
+const apiKey = new URLSearchParams(location.search).get("key") ?? new URLSearchParams(location.hash.slice(1)).get("key");
 
 // ---- colour scales (each drawn with a legend that states its numbers) ----
 function mix(a, b, t) {
