@@ -61,7 +61,7 @@ def create_app(served: Served) -> FastAPI:
     async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
         message = str(err.detail)
         if err.status_code == 400:  # FastAPI's "error parsing the body": JSON it cannot read
-            message = "the body is not JSON qkv can read: not UTF-8, or nested too deeply"
+            message = "the body could not be read as JSON: it is nested too deeply"
         return ApiError(err.status_code, message).response()
 
     @app.exception_handler(RequestValidationError)

@@ -92,8 +92,8 @@ class Guard:
 
     @staticmethod
     async def read_body(receive: Receive) -> bytes | JSONResponse | None:
-        """The whole body, counted as it arrives: a 413 past MAX_BODY bytes, None where the
-        client left."""
+        """The whole body, counted as it arrives: a 413 past MAX_BODY bytes, a 400 where it is
+        not UTF-8, None where the client left."""
         chunks, total = [], 0
         while True:
             message = await receive()
@@ -105,7 +105,14 @@ class Guard:
                 return too_large()
             chunks.append(chunk)
             if not message.get("more_body", False):
-                return b"".join(chunks)
+                break
+        body = b"".join(chunks)
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as err:
+            return ApiError(400, f"the body is not UTF-8: byte 0x{body[err.start]:02x} at offset "
+                            f"{err.start}; send JSON encoded as UTF-8").response()  # fmt: skip
+        return body
 
     def label(self, scope: Scope) -> str:
         """The route template serving `scope`'s path (whatever its method), or UNMATCHED."""
