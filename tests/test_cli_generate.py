@@ -22,14 +22,20 @@ TEXT = "the quick brown fox jumps over the lazy dog. pack my box with five dozen
 PROMPTS = ["the quick", "a", "pack my box"]
 
 
-def checkpoint(folder: Path, arch: str) -> Path:
+def checkpoint(folder: Path, arch: str, nan: bool = False) -> Path:
+    """A small model of `arch`; with `nan`, every weight NaN (a broken checkpoint)."""
     tokenizer = Tokenizer.train_char([TEXT])
     torch.manual_seed(0)
     config = ModelConfig(
         arch=arch, vocab_size=tokenizer.vocab_size, d_model=32, n_heads=4, n_layers=2,
         max_seq_len=32, position="rope", init_std=None,
     )  # fmt: skip
-    return write_checkpoint(folder, build_model(config), tokenizer)
+    model = build_model(config)
+    if nan:
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.fill_(float("nan"))
+    return write_checkpoint(folder, model, tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +128,7 @@ def test_non_utf8_stdin_is_one_clear_line(decoder_dir: Path) -> None:
         (["--model", "{decoder}"], "give a prompt to continue"),
         (["--model", "{decoder}", "hi", "--top-p", "0"], "top-p must be in (0, 1]"),
         (["--model", "{decoder}", "hi", "--temperature", "-1"], "temperature must be >= 0"),
+        (["--model", "{decoder}", "hi", "--stop", "z" * 300], "at most 256 characters; one"),
         (["--model", "{decoder}", "--prompts", "{bad_jsonl}"], "line 2: not valid JSON"),
         (["--model", "{decoder}", "--prompts", "{missing}"], "does not exist"),
     ],
@@ -141,3 +148,19 @@ def test_bad_input_gets_one_clear_line_and_a_nonzero_exit(
     err = capsys.readouterr().err
     assert code == 2
     assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("json_lines", [False, True], ids=["streamed", "json"])
+def test_a_model_of_nan_weights_is_one_error_line_not_a_traceback(
+    tmp_path: Path, capsys, json_lines: bool
+) -> None:
+    model = checkpoint(tmp_path / "nan", "decoder", nan=True)
+    args = ["generate", "--model", str(model), "the quick", "--temperature", "1"]
+    code = main([*args, "--json"] if json_lines else args)
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.out == ("" if json_lines else "the quick\n")  # the streamed line is ended
+    model_line, error = captured.err.strip().splitlines()
+    assert model_line.startswith("model: qkv decoder")
+    assert error.startswith("qkv generate: error: the model produced NaN or infinite logits at")
+    assert "try --dtype float32" in error

@@ -6,13 +6,14 @@ tokens has L - n masked positions in front, and its positions are its own (0 .. 
 computes what it would alone. The requests joining at a step are prefilled together (left-padded
 in the same way); then the shorter side (the running rows or the joining ones) is shifted right
 to the other's length and the two are stacked. Rows that end are dropped, and padding every
-row has is trimmed; a row that fills the context window ends with finish reason "length".
+row has is trimmed; a row that fills the context window ends with finish reason "length". A row
+whose logits hold NaN or inf (a broken model) ends with an `error`; the others go on.
 
     batcher = Batcher(model, tokenizer, max_batch=8)
     sequence = batcher.add(prompt_ids, GenerationConfig(max_new_tokens=64, seed=1))
     while batcher.busy:
         for sequence in batcher.step():   # the sequences that changed this step
-            print(sequence.continuation.new_text(), end="")
+            print(sequence.error or sequence.continuation.new_text(), end="")
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ import torch
 from torch import Tensor
 
 from qkv.data import pad_rows
-from qkv.generate import Continuation, GenerationConfig, positions_of
+from qkv.generate import Continuation, GenerationConfig, broken_logits, positions_of
 from qkv.model import DecoderLM
 from qkv.nn.kv_cache import KVCache
-from qkv.sampling import select
+from qkv.sampling import finite_rows, select
 from qkv.tokenizer import Tokenizer
 
 
@@ -44,7 +45,8 @@ class TokenLogprob:
 
 @dataclass(eq=False)
 class Sequence:
-    """One request in the batcher: its prompt, sampling, generator and text so far."""
+    """One request in the batcher: its prompt, sampling, generator and text so far; `error` is
+    set (and the continuation's stop_reason is "error") when it could not go on."""
 
     prompt_ids: list[int]
     config: GenerationConfig
@@ -56,6 +58,7 @@ class Sequence:
     cancelled: bool = False
     top_logprobs: int | None = None  # record log p of each chosen token and this many others
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    error: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -79,6 +82,7 @@ class Batcher:
         self.window = self.model.config.max_seq_len
         self.caches: list[KVCache] = []
         self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)
+        self.joining: list[Sequence] = []  # taken from `waiting`, being prefilled
 
     @property
     def busy(self) -> bool:
@@ -124,6 +128,23 @@ class Batcher:
         self._drop(list(self.running))
         return ended
 
+    def abort_all(self, message: str) -> list[Sequence]:
+        """After a step raised (leaving the batch in no known state): end every sequence not
+        ended yet with `error` = message, and empty the batch, ready for new sequences. Returns
+        every sequence it held, ended ones too (the failed step may have ended some)."""
+        held = [*self.running, *self.joining, *self.waiting]
+        for sequence in held:
+            if not sequence.finished:
+                self._fail(sequence, message)
+        self.waiting.clear()
+        self.running, self.joining, self.caches = [], [], []
+        self.mask = self.mask.new_zeros(0, 0)
+        return held
+
+    def _fail(self, sequence: Sequence, message: str) -> None:
+        sequence.error = message
+        sequence.continuation.finish("error", self.tokenizer)
+
     @torch.no_grad()
     def step(self) -> list[Sequence]:
         """One decoding step: every running row gets its next token, then waiting requests
@@ -138,14 +159,14 @@ class Batcher:
             for sequence in self.running:
                 sequence.length += 1
             self._choose(self.running, self.model.head(hidden[:, -1]))
-        joining: list[Sequence] = []
-        while self.waiting and len(self.running) + len(joining) < self.max_batch:
+        while self.waiting and len(self.running) + len(self.joining) < self.max_batch:
             sequence = self.waiting.popleft()
             if not sequence.cancelled:
-                joining.append(sequence)
-        if joining:
-            self._join(joining)
-            changed += joining
+                self.joining.append(sequence)
+        if self.joining:
+            self._join(self.joining)
+            changed += self.joining
+            self.joining = []
         for sequence in changed:
             if sequence.length >= self.window and not sequence.finished:
                 sequence.continuation.finish("length", self.tokenizer)
@@ -153,7 +174,8 @@ class Batcher:
 
     def _choose(self, sequences: list[Sequence], logits: Tensor) -> None:
         """Select each sequence's next token from its row of logits (rows, vocab) by its own
-        sampling: rows that sample alike are selected together, each with its own generator."""
+        sampling: rows that sample alike are selected together, each with its own generator. A
+        row of NaN or inf logits ends its sequence with an error."""
         logits[:, self.tokenizer.vocab_size :] = -math.inf  # padding rows past the tokenizer
         alike: dict[tuple[float, int | None, float, float], list[int]] = {}
         for row, sequence in enumerate(sequences):
@@ -169,7 +191,11 @@ class Batcher:
             tokens[index] = select(
                 logits[index], group[0].config, seen, [s.generator for s in group]
             )
+        tokens = torch.where(finite_rows(logits), tokens, -1)  # fetched with the tokens
         for row, (sequence, token) in enumerate(zip(sequences, tokens.tolist(), strict=True)):
+            if token < 0:
+                self._fail(sequence, broken_logits(len(sequence.continuation.token_ids) + 1))
+                continue
             if sequence.top_logprobs is not None:
                 self._record(sequence, logits[row], token)
             if sequence.seen is not None:

@@ -18,6 +18,7 @@ token ids, used as they are (chat builds its prompts as ids).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import warnings
@@ -35,11 +36,16 @@ from qkv.data import pad_rows
 from qkv.errors import QkvError
 from qkv.memory import check_fits, generation_parts
 from qkv.model import DecoderLM, EncoderDecoder
-from qkv.sampling import SamplingConfig, select
+from qkv.sampling import SamplingConfig, finite_rows, select
 from qkv.text import parse_json_lines, read_text, text_lines
 from qkv.tokenizer import Tokenizer
 
 Prompt = str | list[int]  # text, or token ids used as given
+
+# Stop strings: the server takes 8 from a request, and a chat template adds its own. Real stop
+# markers are a few characters; a stop string's length is also text held back from streaming.
+MAX_STOPS = 16
+MAX_STOP_CHARS = 256
 
 
 @dataclass(frozen=True)
@@ -61,8 +67,18 @@ class GenerationConfig(SamplingConfig):
                 raise QkvError(f"{name.replace('_', '-')} must be a whole number")
         if self.max_new_tokens < 1:
             raise QkvError(f"max-new-tokens must be at least 1; got {self.max_new_tokens!r}")
+        if not all(isinstance(s, str) for s in self.stop):
+            raise QkvError("stop strings must be text")
         if not all(self.stop):
             raise QkvError(f"stop strings must not be empty; got {self.stop!r}")
+        if len(self.stop) > MAX_STOPS:
+            raise QkvError(f"give at most {MAX_STOPS} stop strings; got {len(self.stop)}")
+        longest = max(map(len, self.stop), default=0)
+        if longest > MAX_STOP_CHARS:
+            raise QkvError(
+                f"a stop string may have at most {MAX_STOP_CHARS} characters; one has "
+                f"{longest:,}: shorten it"
+            )
 
 
 @dataclass
@@ -158,7 +174,8 @@ def decode(
 @dataclass
 class Continuation:
     """One prompt's continuation as it grows: its text (append-only, so what was streamed never
-    changes), the part not shown yet, and why it ended."""
+    changes), the part not shown yet, and why it ended ("eos", "stop", "length", or "error" when
+    the model's logits were broken)."""
 
     prompt: str
     prompt_ids: list[int]
@@ -170,6 +187,11 @@ class Continuation:
     read_from: int = 0  # token_ids[read_from:read_to] were decoded last; decoding restarts there
     read_to: int = 0
     stop_reason: str | None = None
+    # Per stop string: the length of its longest start that ends the text (Knuth-Morris-Pratt).
+    matched: list[int] = dataclasses.field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.matched = [0] * len(self.stop)
 
     def add(self, token: int, tokenizer: Tokenizer) -> None:
         if token in tokenizer.stop_ids:
@@ -189,12 +211,39 @@ class Continuation:
         known = tokenizer.decode(self.token_ids[self.read_from : self.read_to])
         text = tokenizer.decode(self.token_ids[self.read_from :])
         if len(text) > len(known) and (final or not text.endswith("\ufffd")):
+            start = len(self.text)
             self.text += text[len(known) :]
             self.read_from, self.read_to = self.read_to, len(self.token_ids)
-            hits = [i for i in (self.text.find(s) for s in self.stop) if i >= 0]
-            if hits:
-                self.text = self.text[: min(hits)]
+            hit = self._find_stop(start)
+            if hit is not None:
+                self.text = self.text[:hit]
                 self.stop_reason = "stop"
+
+    def _find_stop(self, start: int) -> int | None:
+        """Where the earliest stop string in the text begins, none being in text[:start]. Each
+        stop's matched length advances over text[start:] alone (KMP: on a mismatch it falls
+        back to the longest start of the stop that still ends the text), so checking costs
+        O(new characters) amortized, whatever the lengths of the text and the stops."""
+        first = None
+        for j, stop in enumerate(self.stop):
+            fallback = _fallback(stop)
+            k, i = self.matched[j], start
+            while i < len(self.text):
+                if k == 0:  # jump to the next character that can start this stop
+                    i = self.text.find(stop[0], i)
+                    if i < 0:
+                        break
+                char = self.text[i]
+                while k and stop[k] != char:
+                    k = fallback[k - 1]
+                if stop[k] == char:
+                    k += 1
+                    if k == len(stop):
+                        first = i + 1 - k if first is None else min(first, i + 1 - k)
+                        break
+                i += 1
+            self.matched[j] = k
+        return first
 
     def new_text(self) -> str:
         """Text not shown yet that can no longer change (all of it once the row has ended)."""
@@ -205,10 +254,7 @@ class Continuation:
 
     def _held_back(self) -> int:
         """Characters at the end that may be the start of a stop string."""
-        for n in range(max(map(len, self.stop), default=1) - 1, 0, -1):
-            if any(s[:n] == self.text[-n:] for s in self.stop if len(s) > n):
-                return n
-        return 0
+        return max(self.matched, default=0)
 
     def completion(self) -> Completion:
         return Completion(
@@ -219,6 +265,30 @@ class Continuation:
             self.stop_reason or "length",
             self.truncated,
         )
+
+
+@functools.lru_cache(maxsize=64)
+def _fallback(stop: str) -> tuple[int, ...]:
+    """KMP's failure function: fallback[k - 1] is the length of the longest proper start of
+    stop[:k] that also ends it, for k = 1 .. len(stop); O(len(stop))."""
+    fallback = [0] * len(stop)
+    k = 0
+    for i in range(1, len(stop)):
+        while k and stop[i] != stop[k]:
+            k = fallback[k - 1]
+        if stop[i] == stop[k]:
+            k += 1
+        fallback[i] = k
+    return tuple(fallback)
+
+
+def broken_logits(token: int) -> str:
+    """The error of a sequence whose logits, choosing its `token`-th new token, held NaN or inf."""
+    return (
+        f"the model produced NaN or infinite logits at generated token {token}: its weights or "
+        "its arithmetic are broken (check the checkpoint; in float16 or bfloat16, try --dtype "
+        "float32)"
+    )
 
 
 class Generator:
@@ -298,7 +368,8 @@ class Generator:
         return rows
 
     def _run(self, prompts: list[Prompt], config: GenerationConfig) -> Iterator[list[Continuation]]:
-        """Decode the prompts as one batch; yield their rows after every step."""
+        """Decode the prompts as one batch; yield their rows after every step. NaN or inf logits
+        (a broken model) raise a QkvError."""
         rows = self._rows(prompts, config)
         check_fits(
             generation_parts(self.model, len(rows), config.use_cache),
@@ -309,9 +380,12 @@ class Generator:
         )
         ids = [r.prompt_ids for r in rows]
         tokens = decode(self.model, ids, config, self.tokenizer.pad_id, self.tokenizer.vocab_size)
-        for _, (step, _) in zip(range(config.max_new_tokens), tokens, strict=False):
+        for _, (step, logits) in zip(range(config.max_new_tokens), tokens, strict=False):
+            step = torch.where(finite_rows(logits), step, -1)  # fetched with the tokens
             for row, token in zip(rows, step.tolist(), strict=True):
                 if row.stop_reason is None:
+                    if token < 0:
+                        raise QkvError(broken_logits(len(row.token_ids) + 1))
                     row.add(token, self.tokenizer)
             if all(row.stop_reason for row in rows):
                 break

@@ -102,6 +102,12 @@ def distribution(
     return torch.softmax(logits, dim=-1)
 
 
+def finite_rows(logits: Tensor) -> Tensor:
+    """logits (batch, V) -> (batch,) bool: whether max_v logit_v is finite, i.e. the row holds
+    no NaN and no +inf and not only -inf (a broken model's; nothing sensible can be chosen)."""
+    return torch.isfinite(logits.amax(dim=-1))
+
+
 def select(
     logits: Tensor,
     config: SamplingConfig = PLAIN,
@@ -110,7 +116,8 @@ def select(
 ) -> Tensor:
     """logits (batch, V) -> token ids (batch,): the argmax when greedy, else one draw per row
     from `distribution(logits, config, seen)`, row i using generators[i] (so a row's draws do
-    not depend on what else is in the batch)."""
+    not depend on what else is in the batch). Always ids below V, even for rows that
+    `finite_rows` refuses (whose ids mean nothing)."""
     if config.temperature < GREEDY_BELOW:
         return _penalized(logits, config, seen).argmax(dim=-1)
     return draw(distribution(logits, config, seen), generators)
@@ -126,7 +133,8 @@ def _penalized(logits: Tensor, config: SamplingConfig, seen: Tensor | None) -> T
 def draw(probs: Tensor, generators: list[torch.Generator] | None = None) -> Tensor:
     """One token per row of probs (batch, V) by inverting the CDF: the first v with
     sum_{w <= v} p_w > u * sum_w p_w, for u ~ U[0, 1) from the row's generator. A token of
-    probability 0 is never drawn; one uniform per row, where torch.multinomial draws V."""
+    probability 0 is never drawn; one uniform per row, where torch.multinomial draws V. A row
+    with no such v (all zeros, NaN) gets V - 1: never an id past the vocabulary."""
     if generators is None:
         u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device)
     else:
@@ -136,4 +144,4 @@ def draw(probs: Tensor, generators: list[torch.Generator] | None = None) -> Tens
     total = cdf[:, -1:]
     # u * total can round up to total itself; below it, the first cdf > v has p > 0.
     v = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, v, right=True).squeeze(-1)
+    return torch.searchsorted(cdf, v, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)

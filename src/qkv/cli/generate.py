@@ -102,9 +102,13 @@ def run(args: argparse.Namespace) -> None:
             for number, prompt in enumerate(prompts):
                 shown = "" if args.chat else texts[number]  # --chat prints the reply alone
                 print(("\n" if number else "") + shown, end="", flush=True)
-                completion = generator.generate(
-                    prompt, config, on_text=lambda _, text: print(text, end="", flush=True)
-                )
+                try:
+                    completion = generator.generate(
+                        prompt, config, on_text=lambda _, text: print(text, end="", flush=True)
+                    )
+                except QkvError:  # a broken model: end the streamed line before the error
+                    print(flush=True)
+                    raise
                 produced += len(completion.token_ids)
                 print(flush=True)
     seconds = time.perf_counter() - started
