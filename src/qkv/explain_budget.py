@@ -76,7 +76,7 @@ def explain_cost(
     """(numbers in the JSON, bytes held while making it) for `n_tokens` through a model of
     `config` (an encoder-decoder: `n_tokens` of source, `n_target` of target), keeping `layers`
     and `heads` (None: all) and each vocabulary-wide row's `top` entries (None: all)."""
-    numbers = held = 0
+    numbers, held = n_tokens + n_target, 0  # the token_ids stages: one id per token
     vocab = config.vocab_size
     for module, total, (a, b, c) in _record_sizes(config, n_target):
         count = a + b * n_tokens + c * n_tokens**2

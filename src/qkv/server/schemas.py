@@ -7,8 +7,9 @@ from typing import Annotated, Any, Literal
 from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
+from qkv.generate import MAX_STOP_CHARS
+
 MAX_BODY = 8 << 20  # bytes of a request body
-MAX_STOP = 256  # characters of a stop string
 MAX_EXPLAINS = 4  # explain requests waiting for or holding the model; more get a 503
 
 
@@ -79,9 +80,9 @@ class Sampling(Body):
     @classmethod
     def _stops(cls, stop: str | list[str] | None) -> list[str]:
         stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if len(stops) > 8 or not all(stops) or max(map(len, stops), default=0) > MAX_STOP:
+        if len(stops) > 8 or not all(stops) or max(map(len, stops), default=0) > MAX_STOP_CHARS:
             raise ValueError(f"give at most 8 stop strings, none empty, each of at most "
-                             f"{MAX_STOP} characters")  # fmt: skip
+                             f"{MAX_STOP_CHARS} characters")  # fmt: skip
         return stops
 
 
