@@ -20,14 +20,17 @@ from qkv.tokenizer import Tokenizer
 class Conversation:
     """A multi-turn chat whose prompt fits the context window: when the history outgrows
     window - reserve tokens (reserve: room for the reply), the oldest exchanges are dropped;
-    the system message (if any) is always kept, and a message that cannot fit is refused."""
+    the system message (if any) is always kept, and a message that cannot fit is refused.
+    Special tokens spelled in messages are plain text unless `special_in_content`
+    (chat_template.chat_prompt)."""
 
     def __init__(
-        self, tokenizer: Tokenizer, window: int, reserve: int, system: str | None = None
-    ) -> None:
+        self, tokenizer: Tokenizer, window: int, reserve: int, system: str | None = None,
+        special_in_content: bool = False,
+    ) -> None:  # fmt: skip
         if not has_chat_template(tokenizer):
             role_ids(tokenizer)  # refuses it, naming what is missing
-        self.tokenizer = tokenizer
+        self.tokenizer, self.special_in_content = tokenizer, special_in_content
         self.window, self.reserve = window, reserve
         self.system = [("system", system)] if system else []
         self.exchanges: list[tuple[str, str]] = []  # (user message, assistant reply)
@@ -40,7 +43,7 @@ class Conversation:
             turns = list(self.system)
             for user, assistant in self.exchanges:
                 turns += [("user", user), ("assistant", assistant)]
-            ids = chat_prompt([*turns, ("user", message)], self.tokenizer)
+            ids = chat_prompt([*turns, ("user", message)], self.tokenizer, self.special_in_content)
             if len(ids) <= self.window - self.reserve:
                 return ids, dropped
             if not self.exchanges:
@@ -67,23 +70,28 @@ class Chat:
     """
 
     def __init__(
-        self, generator: Generator, config: GenerationConfig, system: str | None = None
-    ) -> None:
+        self, generator: Generator, config: GenerationConfig, system: str | None = None,
+        special_in_content: bool = False,
+    ) -> None:  # fmt: skip
         self.generator, self.window = generator, generator.model.config.max_seq_len
         self.config = dataclasses.replace(config, stop=chat_stops(generator.tokenizer))
         reserve = min(config.max_new_tokens, self.window // 2)  # room for the reply
-        self.conversation = Conversation(generator.tokenizer, self.window, reserve, system)
+        self.conversation = Conversation(
+            generator.tokenizer, self.window, reserve, system, special_in_content
+        )
 
     @classmethod
     def load(
         cls, path: str | Path, device: str = "auto", system: str | None = None,
-        dtype: str = "float32", **options: Any,
+        dtype: str = "float32", special_in_content: bool = False, **options: Any,
     ) -> Chat:  # fmt: skip
         """A chat with the model at `path` in `dtype` (Generator.load); `options` are
         GenerationConfig's fields over chat's defaults (config.CHAT: temperature 0.7, repetition
-        penalty 1.1, replies of 200 tokens)."""
+        penalty 1.1, replies of 200 tokens); special tokens spelled in messages are plain text
+        unless `special_in_content` (chat_template.chat_prompt)."""
         generator = Generator.load(path, resolve_device(device), dtype)
-        return cls(generator, GenerationConfig(**{**CHAT, **options}), system)
+        config = GenerationConfig(**{**CHAT, **options})
+        return cls(generator, config, system, special_in_content)
 
     def reply(
         self,

@@ -13,21 +13,28 @@ A Hugging Face instruct model brings its own template (tokenizer_config.json's c
 chat_template.jinja): chat_prompt renders it whenever there is one (even where the tokenizer
 spells roles as qkv does, as Phi-3's), so a model sees the format it was trained on; its replies
 end at its eos ids (generation_config.json). A qkv checkpoint keeps no template of its own: a
-model qkv fine-tuned chats in qkv's template, the one it was trained on.
+model qkv fine-tuned chats in qkv's template, the one it was trained on. The template renders in
+a separate process, bounded in time, memory and output (template_sandbox).
+
+Messages are plain text in a model's own template too, unlike transformers' apply_chat_template
+and vLLM, which tokenize the whole rendering with its special tokens: there a user message
+spelling "<|im_end|>\n<|im_start|>system\n..." is a system turn. chat_prompt encodes the text
+of a message that spells a special token (or begins or ends with part of one) as plain text,
+the template's own text as the tokenizer reads it; special_in_content=True (`qkv chat` and
+`qkv serve` --special-tokens-in-content) tokenizes as transformers does. Token ids equal
+transformers' whenever no message spells a special token.
 """
 
 from __future__ import annotations
 
-import json
-from datetime import datetime
+import re
+import secrets
 from functools import lru_cache
-from typing import Any
 
-import jinja2
-import jinja2.sandbox
 import torch
 from torch import Tensor, nn
 
+from qkv import template_sandbox
 from qkv.errors import QkvError
 from qkv.model import DecoderLM
 from qkv.tokenizer import Tokenizer
@@ -112,15 +119,110 @@ def has_chat_template(tokenizer: Tokenizer) -> bool:
     return has_role_tokens(tokenizer) or tokenizer.chat_template is not None
 
 
-def chat_prompt(turns: list[tuple[str, str]], tokenizer: Tokenizer) -> list[int]:
+def chat_prompt(
+    turns: list[tuple[str, str]], tokenizer: Tokenizer, special_in_content: bool = False
+) -> list[int]:
     """The token ids after which the model writes the assistant's reply to (role, text) turns:
     the model's own template where it has one, rendered with a generation prompt and tokenized
-    as transformers does (special tokens in the rendered text are the model's, none added); else
-    qkv's (answer_prompt)."""
+    as transformers does (special tokens in the rendered text are the model's, none added),
+    except that the messages' text stays plain text unless `special_in_content` (see the
+    module's docstring); else qkv's (answer_prompt). Any problem is one QkvError."""
     if tokenizer.chat_template is None:
         return answer_prompt(turns, tokenizer)
     messages = [{"role": role, "content": text} for role, text in turns]
-    return tokenizer.encode(render_model_template(tokenizer, messages))
+    rendered = render_model_template(tokenizer, messages)
+    spelled = {} if special_in_content else _spelled_specials(tokenizer, turns)
+    if spelled:
+        ids = _encode_with_plain_content(tokenizer, messages, rendered, spelled)
+    else:
+        ids = tokenizer.encode(rendered)
+    if not ids:
+        raise QkvError("the model's chat template rendered an empty prompt for this "
+                       "conversation; fix chat_template in the model directory")  # fmt: skip
+    return ids
+
+
+def _spelled_specials(tokenizer: Tokenizer, turns: list[tuple[str, str]]) -> dict[int, str]:
+    """The turns whose text spells one of the tokenizer's special tokens, or begins or ends
+    with part of one (which the template's text beside it could complete): {index: token}."""
+    specials = tuple(
+        added.content
+        for added in tokenizer.backend.get_added_tokens_decoder().values()
+        if added.special and added.content
+    )
+    if not specials:
+        return {}
+    whole, heads, tails = _special_parts(specials)
+    longest = max(map(len, specials))
+    spelled = {}
+    for index, (_, text) in enumerate(turns):
+        found = whole.search(text)
+        if found:
+            spelled[index] = found.group()
+            continue
+        for k in range(1, longest):
+            end = heads.get(text[-k:]) or heads.get(text.rstrip()[-k:])
+            start = tails.get(text[:k]) or tails.get(text.lstrip()[:k])
+            if end or start:
+                spelled[index] = end or start
+                break
+    return spelled
+
+
+@lru_cache(maxsize=4)
+def _special_parts(
+    specials: tuple[str, ...],
+) -> tuple[re.Pattern[str], dict[str, str], dict[str, str]]:
+    """A pattern matching any of `specials`, and their proper prefixes and suffixes, each
+    mapped to its token."""
+    whole = re.compile("|".join(map(re.escape, sorted(specials, key=len, reverse=True))))
+    heads = {token[:k]: token for token in specials for k in range(1, len(token))}
+    tails = {token[k:]: token for token in specials for k in range(1, len(token))}
+    return whole, heads, tails
+
+
+def _encode_with_plain_content(
+    tokenizer: Tokenizer, messages: list[dict[str, str]], rendered: str, spelled: dict[int, str]
+) -> list[int]:
+    """Token ids of `rendered` with the text of the `spelled` messages encoded as plain text
+    (Tokenizer.encode_plain) and the template's own text as encode() reads it. Where that text
+    lies, a second rendering tells: those messages wrapped in markers (after their leading and
+    before their trailing whitespace, which a template may trim); it must equal the first with
+    the markers taken out, each marker paired, or the message is refused."""
+    nonce = secrets.randbits(64)
+    opening, closing = f"\U000f0000{nonce}\U000f0001", f"\U000f0001{nonce}\U000f0000"
+    marked = [dict(message) for message in messages]
+    for index in spelled:
+        text = marked[index]["content"]
+        core = text.strip()
+        start = len(text) - len(text.lstrip())
+        marked[index]["content"] = (
+            text[:start] + opening + core + closing + text[start + len(core) :]
+        )
+    first, *pieces = render_model_template(tokenizer, marked).split(opening)
+    template_parts, contents, paired = [first], [], closing not in first
+    for piece in pieces:
+        content, found, after = piece.partition(closing)
+        paired = paired and bool(found) and closing not in after
+        contents.append(content)
+        template_parts.append(after)
+    plain = "".join(
+        part + content for part, content in zip(template_parts, [*contents, ""], strict=True)
+    )
+    if not paired or plain != rendered:
+        token = next(iter(spelled.values()))
+        raise QkvError(
+            f"a message spells a special token of the model ({token}) and the model's chat "
+            "template changes messages too much for qkv to keep that text plain: remove it, or "
+            "let messages hold special tokens (--special-tokens-in-content)"
+        )
+    template_ids = tokenizer.encode_batch(template_parts)
+    content_ids = tokenizer.encode_plain_batch(contents)
+    return [
+        token_id
+        for part, content in zip(template_ids, [*content_ids, []], strict=True)
+        for token_id in (*part, *content)
+    ]
 
 
 def chat_stops(tokenizer: Tokenizer) -> tuple[str, ...]:
@@ -131,34 +233,6 @@ def chat_stops(tokenizer: Tokenizer) -> tuple[str, ...]:
     return ()
 
 
-class _TemplateRefused(Exception):
-    """raise_exception(message) called by a chat template."""
-
-
-def _raise_exception(message: str) -> None:
-    raise _TemplateRefused(message)
-
-
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
-            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:  # fmt: skip
-    """json.dumps without Jinja's HTML escaping (as transformers' templates expect)."""
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                      sort_keys=sort_keys)  # fmt: skip
-
-
-@lru_cache(maxsize=8)
-def _compiled(template: str) -> jinja2.Template:
-    """`template` compiled in the sandbox transformers uses: immutable, trim_blocks and
-    lstrip_blocks, loop controls, raise_exception, strftime_now and a plain tojson."""
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-    )
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(template)
-
-
 def render_model_template(
     tokenizer: Tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = True
 ) -> str:
@@ -167,13 +241,6 @@ def render_model_template(
     template that fails or refuses the conversation is one QkvError with its message."""
     if tokenizer.chat_template is None:
         raise QkvError("this model has no chat template of its own")
-    try:
-        template = _compiled(tokenizer.chat_template)
-        return template.render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            **tokenizer.template_tokens,
-        )  # fmt: skip
-    except _TemplateRefused as refused:
-        raise QkvError(f"the model's chat template refuses this conversation: {refused}") from None
-    except (jinja2.TemplateError, TypeError, ValueError, OverflowError, KeyError) as err:
-        raise QkvError(f"the model's chat template failed: {err}") from None
+    return template_sandbox.render(
+        tokenizer.chat_template, messages, add_generation_prompt, tokenizer.template_tokens
+    )

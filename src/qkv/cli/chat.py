@@ -34,13 +34,21 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "generated; the conversation so far is part of each prompt, the oldest exchanges\n"
         "dropped when it outgrows the context window. /reset forgets the history, /exit or\n"
         "Ctrl-D ends, Ctrl-C stops a reply. With piped input every line is a message, and\n"
-        "one that cannot be answered (not UTF-8, too long) gets one error line on stderr in\n"
-        "its place: the other lines are answered, and the exit status is then 1.",
+        "one that cannot be answered (not UTF-8, too long, refused by the model's chat\n"
+        "template) gets one error line on stderr in its place: the other lines are answered,\n"
+        "and the exit status is then 1.",
         EXAMPLES,
     )
     add_model(chat)
     chat.add_argument("-p", "--prompt", help="answer this one message and exit")
     chat.add_argument("--system", help="a system message kept at the start of the conversation")
+    chat.add_argument(
+        "--special-tokens-in-content",
+        action="store_true",
+        help="read special tokens written in messages (as <|im_end|>) as the model's own, as "
+        "transformers does; by default a message's text is plain text, so that it cannot forge "
+        "a turn of the model's chat template",
+    )
     add_sampling(chat, CHAT)
     add_device(chat)
     add_dtype(chat)
@@ -77,7 +85,8 @@ def input_lines(interactive: bool) -> Iterator[str | UnicodeDecodeError]:
 def run(args: argparse.Namespace) -> None:
     from qkv.chat import Chat
 
-    chat = Chat.load(args.model, args.device, args.system, args.dtype, **sampling(args))
+    chat = Chat.load(args.model, args.device, args.system, args.dtype,
+                     args.special_tokens_in_content, **sampling(args))  # fmt: skip
     print(chat.generator.summary, file=sys.stderr)
     interactive = sys.stdin.isatty() and args.prompt is None
 
