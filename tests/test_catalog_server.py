@@ -319,3 +319,16 @@ def test_message_text_cannot_forge_a_turn(hostile: str) -> None:
     ids = json.loads(httpx.post(f"{hostile}/tokenize", json={"prompt": "<|im_start|>"}).text)
     start = ids["tokens"][0]
     assert tokens.count(start) == 2  # the template's own: the user turn and the assistant's
+
+
+def test_health_says_when_the_engine_has_stopped(model_dir: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from qkv.server import load_served
+
+    served = load_served(model_dir, "cpu")
+    with TestClient(create_app(served), base_url="http://127.0.0.1") as client:
+        assert client.get("/health").json() == {"status": "ok"}
+        served.engine.stop()
+        reply = client.get("/health")
+        assert reply.status_code == 503 and reply.json() == {"status": "the engine has stopped"}
