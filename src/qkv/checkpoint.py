@@ -30,13 +30,14 @@ from safetensors.torch import save_file
 
 from qkv import files, hf
 from qkv.chat_template import grow_vocabulary
-from qkv.config import ModelConfig, TrainConfig
+from qkv.config import STRINGS, TEXT, Kind, ModelConfig, TrainConfig, check_fields, integer, number
 from qkv.device import choose_load_dtype
 from qkv.distributed import shard_as
-from qkv.errors import QkvError
+from qkv.errors import ConfigError, QkvError
 from qkv.memory import MORE_MEMORY, check_model_fits
 from qkv.model import build_model
 from qkv.nn.lora import add_lora, lora_state_dict
+from qkv.text import model_file, read_model_json
 from qkv.tokenizer import Tokenizer
 
 CONFIG = "config.json"
@@ -46,7 +47,11 @@ OPTIMIZER = "optimizer.safetensors"
 TRAINER_STATE = "trainer_state.json"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER = "adapter.safetensors"
-ADAPTER_FIELDS = ("base", "base_sha256", "rank", "alpha", "dropout", "targets")
+ADAPTER_FIELDS: dict[str, Kind] = {
+    "base": TEXT, "base_sha256": TEXT, "rank": integer(1), "alpha": number(0),
+    "dropout": Kind("a number from 0 to below 1", lambda v: number(-1).accepts(v) and 0 <= v < 1),
+    "targets": STRINGS,
+}  # fmt: skip
 LATEST = "latest"
 STEP = re.compile(r"step-(\d+)")  # RUN/checkpoints/step-NNNNNNNN
 # Each kind of run (trainer_state.json's "kind"): what it is, and what continues it.
@@ -186,11 +191,17 @@ def resolve(path: str | Path) -> Path:
     at nothing (its checkpoint deleted) or is missing (a run killed before linking its first),
     the run's newest complete checkpoint, with a warning naming both."""
     path = Path(path)
-    if (path / CONFIG).is_file() or (path / ADAPTER_CONFIG).is_file():
+    if model_file(path, CONFIG) or model_file(path, ADAPTER_CONFIG):
         return path
     link = path / LATEST
     if link.exists():
-        return link.resolve()
+        target = link.resolve()
+        if not target.is_relative_to(path.resolve()):
+            raise QkvError(
+                f"{link} points outside its run directory (to {target}); give that checkpoint "
+                "itself, or point the link at one of RUN/checkpoints"
+            )
+        return target
     if not path.exists():
         raise QkvError(f"no checkpoint at {path}: the path does not exist")
     newest = newest_checkpoint(path)
@@ -214,7 +225,12 @@ def resolve(path: str | Path) -> Path:
 
 
 def load_config(folder: Path) -> ModelConfig:
-    return ModelConfig.load(folder / CONFIG)
+    """A qkv checkpoint's config.json (read by qkv.text.read_model_json), validated; an invalid
+    one is a ConfigError naming it."""
+    try:
+        return ModelConfig.from_dict(read_model_json(folder, CONFIG))
+    except ConfigError as err:
+        raise ConfigError(f"{folder / CONFIG}: {err}") from None
 
 
 def load_model(
@@ -224,16 +240,17 @@ def load_model(
     directory, or a Hugging Face model directory (read straight into `dtype`); a LoRA
     checkpoint gives its base model with the adapter applied (not merged)."""
     folder = resolve(path)
-    if (folder / ADAPTER_CONFIG).is_file():
+    if model_file(folder, ADAPTER_CONFIG):
         model, tokenizer = load_adapter_model(folder)
     elif hf.is_hf_directory(folder):
         model, tokenizer = hf.load_hf_directory(folder, dtype)
-        vocabulary = folder / TOKENIZER if (folder / TOKENIZER).is_file() else folder / "vocab.txt"
+        vocabulary = folder / (TOKENIZER if model_file(folder, TOKENIZER) else "vocab.txt")
         check_vocabulary(model.config.vocab_size, tokenizer, folder / CONFIG, vocabulary)
     else:
         config = load_config(folder)
         tokenizer = Tokenizer.load(folder / TOKENIZER)
         check_vocabulary(config.vocab_size, tokenizer, folder / CONFIG, folder / TOKENIZER)
+        _weights(folder, WEIGHTS, "checkpoint weight file")
         check_weights_fit(config, folder / WEIGHTS)
         check_model_fits(config, str(folder), fix=MORE_MEMORY)
         model = build_model(config)
@@ -261,7 +278,7 @@ def load_for_inference(
     """load_model, then the model in the dtype choose_load_dtype picks, and one line saying
     what runs: the family, parameters, dtype (and why) and the memory its weights take."""
     folder = resolve(path)
-    adapter = (folder / ADAPTER_CONFIG).is_file()
+    adapter = model_file(folder, ADAPTER_CONFIG) is not None
     base = Path(read_adapter_config(folder)["base"]) if adapter else folder
     chosen, why = choose_load_dtype(dtype, device, stored_dtype(base))
     model, tokenizer = load_model(folder, device, chosen)
@@ -337,25 +354,33 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
     model.load_state_dict({name: shard_as(t, expected[name]) for name, t in weights.items()})
 
 
+def _weights(folder: Path, name: str, what: str) -> Path:
+    """FOLDER/NAME, a weight file, once qkv.text.model_file finds it a regular file inside the
+    directory; a missing one is a QkvError naming it as `what`."""
+    path = model_file(folder, name)
+    if path is None:
+        raise QkvError(f"{what} {folder / name} is missing")
+    return path
+
+
 def weights_digest(folder: Path) -> str:
     """SHA-256 of a checkpoint's model.safetensors: which base model an adapter belongs to."""
     digest = hashlib.sha256()
-    with open(folder / WEIGHTS, "rb") as file:
+    with open(_weights(folder, WEIGHTS, "weight file"), "rb") as file:
         for chunk in iter(lambda: file.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
 
 
 def read_adapter_config(folder: Path) -> dict[str, Any]:
-    """The adapter_config.json of a LoRA checkpoint, its fields checked."""
+    """The adapter_config.json of a LoRA checkpoint (read by qkv.text.read_model_json), its
+    fields checked: present, of their types and ranges."""
     path = folder / ADAPTER_CONFIG
-    try:
-        adapter = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise QkvError(f"{path} is unreadable ({err})") from None
-    missing = [k for k in ADAPTER_FIELDS if not isinstance(adapter, dict) or k not in adapter]
+    adapter = read_model_json(folder, ADAPTER_CONFIG)
+    missing = [k for k in ADAPTER_FIELDS if k not in adapter]
     if missing:
         raise QkvError(f"{path} lacks the field(s) {', '.join(missing)}")
+    check_fields(adapter, ADAPTER_FIELDS, f"{path}: ")
     return adapter
 
 
@@ -364,7 +389,7 @@ def load_adapter_model(folder: Path) -> tuple[Any, Tokenizer]:
     adapter's vocabulary, with LoRA layers holding the adapter's tensors."""
     adapter = read_adapter_config(folder)
     base = Path(adapter["base"])
-    if not (base / WEIGHTS).is_file():
+    if not base.is_dir() or model_file(base, WEIGHTS) is None:
         raise QkvError(
             f"{folder} is a LoRA adapter for the base model {base}, which is missing: "
             "restore it there, or merge the adapter (qkv merge) where it exists"
@@ -380,7 +405,7 @@ def load_adapter_model(folder: Path) -> tuple[Any, Tokenizer]:
     check_vocabulary(model.config.vocab_size, tokenizer, base / CONFIG, folder / TOKENIZER)
     targets = tuple(adapter["targets"])
     add_lora(model, adapter["rank"], adapter["alpha"], adapter["dropout"], targets)
-    load_adapter_weights(model, folder / ADAPTER)
+    load_adapter_weights(model, _weights(folder, ADAPTER, "adapter weight file"))
     return model, tokenizer
 
 
@@ -392,7 +417,7 @@ def load_adapter_weights(model: torch.nn.Module, path: Path) -> None:
 
 def _check_resumable(folder: Path) -> None:
     """Raise a QkvError unless `folder` holds the optimizer and trainer state training wrote."""
-    missing = [name for name in (OPTIMIZER, TRAINER_STATE) if not (folder / name).is_file()]
+    missing = [name for name in (OPTIMIZER, TRAINER_STATE) if model_file(folder, name) is None]
     if missing:
         raise QkvError(
             f"{folder} cannot be resumed: {missing[0]} is missing "
@@ -400,24 +425,11 @@ def _check_resumable(folder: Path) -> None:
         )
 
 
-def _read_trainer_state(folder: Path) -> dict[str, Any]:
-    path = folder / TRAINER_STATE
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as err:
-        raise QkvError(f"training state {path} is corrupt ({err})") from None
-    except OSError as err:
-        raise QkvError(f"training state {path} is unreadable ({err})") from None
-    if not isinstance(state, dict):
-        raise QkvError(f"training state {path} is corrupt: it is not a JSON object")
-    return state
-
-
 def load_training_state(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(optimizer + RNG tensors, trainer state) of a checkpoint written by training."""
     _check_resumable(folder)
     tensors = files.read_safetensors(folder / OPTIMIZER, "optimizer state")
-    return tensors, _read_trainer_state(folder)
+    return tensors, read_model_json(folder, TRAINER_STATE)
 
 
 @dataclass(frozen=True)
@@ -455,19 +467,18 @@ def find_run(path: str | Path) -> RunInfo | None:
     """The run a checkpoint belongs to, or None for one not written by training (no
     trainer_state.json: a model from qkv merge, a Hugging Face directory)."""
     folder = resolve(path)
-    return _run_info(folder) if (folder / TRAINER_STATE).is_file() else None
+    return _run_info(folder) if model_file(folder, TRAINER_STATE) else None
 
 
 def _run_info(folder: Path) -> RunInfo:
-    state = _read_trainer_state(folder)
+    state = read_model_json(folder, TRAINER_STATE)
     path = folder / TRAINER_STATE
     train_config, step = state.get("train_config"), state.get("step")
     if not isinstance(train_config, dict) or not isinstance(step, int):
         raise QkvError(f"{path} was not written by this version of qkv train")
     kind = state.get("kind")
     if kind is None:  # written before runs recorded their kind
-        config = folder / CONFIG
-        seq2seq = config.is_file() and load_config(folder).arch == "encoder-decoder"
+        seq2seq = model_file(folder, CONFIG) and load_config(folder).arch == "encoder-decoder"
         kind = "seq2seq" if seq2seq else "train"
     if kind not in KINDS:
         raise QkvError(f"{path} names an unknown kind of run {kind!r}; qkv knows "

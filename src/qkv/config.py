@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,9 @@ OPTIMIZERS = ("adamw", "muon")  # muon: Muon for the blocks' matrices, AdamW for
 SCHEDULES = ("cosine", "wsd")  # after warmup: cosine decay, or warmup-stable-decay
 MAX_WINDOWS_PER_STEP = 2**24  # sequences in an accumulated step (batch_size x grad_accum)
 ROPE_SCALINGS = ("llama3", "linear")  # Llama 3.1+'s per-frequency scaling; positions / factor
+MAX_SIZE = 1 << 26  # the most of any size (vocab_size, d_model, max_seq_len, n_heads x head_dim)
+SIZES = ("vocab_size", "d_model", "n_heads", "n_layers", "d_ff", "n_kv_heads", "head_dim",
+         "max_seq_len", "rope_original_context")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -106,14 +110,17 @@ class ModelConfig:
     def validate(self) -> None:
         """Raise ConfigError naming the first invalid field and how to fix it."""
         _check_type(self)
-        for name in (
-            "vocab_size", "d_model", "n_heads", "n_layers", "d_ff", "n_kv_heads", "head_dim",
-        ):  # fmt: skip
+        for name in SIZES:
+            value = getattr(self, name)
             _require(
-                getattr(self, name) >= 1, name, f"must be at least 1, got {getattr(self, name)}"
+                1 <= value <= MAX_SIZE,
+                name,
+                f"must be at least 1 and at most {MAX_SIZE:,}, got {value}",
             )
         _require(
-            self.max_seq_len >= 1, "max_seq_len", f"must be at least 1, got {self.max_seq_len}"
+            self.n_heads * self.head_dim <= MAX_SIZE,
+            "head_dim",
+            f"n_heads x head_dim must be at most {MAX_SIZE:,}, got {self.n_heads * self.head_dim}",
         )
         _choice(self, "arch", ARCHS)
         _choice(self, "position", POSITIONS)
@@ -136,13 +143,16 @@ class ModelConfig:
                 "each key/value head must serve a whole group of query heads",
             )
         _require(
-            self.type_vocab_size >= 0,
+            0 <= self.type_vocab_size <= MAX_SIZE,
             "type_vocab_size",
-            f"must be 0 (none) or more, got {self.type_vocab_size}",
+            f"must be 0 (none) to {MAX_SIZE:,}, got {self.type_vocab_size}",
         )
         _require(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
-        _require(self.norm_eps > 0, "norm_eps", f"must be positive, got {self.norm_eps}")
-        _require(self.rope_base > 1, "rope_base", f"must be greater than 1, got {self.rope_base}")
+        _require(
+            1 < self.rope_base < math.inf,
+            "rope_base",
+            f"must be greater than 1 and finite, got {self.rope_base}",
+        )
         if self.position == "rope" and self.head_dim % 2:
             _require(
                 False,
@@ -169,14 +179,19 @@ class ModelConfig:
             )
         if self.rope_scaling is not None:
             _choice(self, "rope_scaling", ROPE_SCALINGS)
-            _require(self.rope_factor >= 1, "rope_factor", f"must be >= 1, got {self.rope_factor}")
             _require(
-                0 < self.rope_low_freq_factor < self.rope_high_freq_factor,
+                1 <= self.rope_factor < math.inf,
+                "rope_factor",
+                f"must be >= 1 and finite, got {self.rope_factor}",
+            )
+            _require(
+                0 < self.rope_low_freq_factor < self.rope_high_freq_factor < math.inf,
                 "rope_low_freq_factor",
                 "must be positive and below rope_high_freq_factor, got "
                 f"{self.rope_low_freq_factor} and {self.rope_high_freq_factor}",
             )
-        for name in ("logit_softcap", "attention_softcap", "attention_scale", "rope_local_base"):
+        positive = ("norm_eps", "logit_softcap", "attention_softcap", "attention_scale")
+        for name in (*positive, "rope_local_base"):
             value = getattr(self, name)
             _require(
                 value is None or 0 < value < math.inf,
@@ -222,6 +237,8 @@ class ModelConfig:
             data = json.loads(text)
         except json.JSONDecodeError as err:
             raise ConfigError(f"config is not valid JSON ({err}); fix the file's syntax") from None
+        except RecursionError:
+            raise ConfigError("config JSON is nested too deeply to read; fix the file") from None
         if not isinstance(data, dict):
             raise ConfigError("config JSON must be an object of field: value pairs")
         return cls.from_dict(data)
@@ -273,6 +290,113 @@ def _require(ok: bool, name: str, message: str) -> None:
 def _choice(config: ModelConfig, name: str, choices: tuple[str, ...]) -> None:
     value = getattr(config, name)
     _require(value in choices, name, f"{value!r} is not one of {list(choices)}")
+
+
+@dataclass(frozen=True)
+class Kind:
+    """What a field of a model directory's JSON file may hold: whether it `accepts` a value,
+    and what it `must` be."""
+
+    must: str
+    accepts: Callable[[Any], bool]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def integer(low: int, high: int = MAX_SIZE, null: bool = False) -> Kind:
+    """An integer from `low` to `high` (not 2.5, not true), or null if `null`."""
+    return Kind(f"an integer from {low} to {high:,}" + " or null" * null,
+                lambda v: (null and v is None) or (_is_int(v) and low <= v <= high))  # fmt: skip
+
+
+def number(low: float, null: bool = False, at_least: bool = False) -> Kind:
+    """A finite number above `low` (or `at_least` it), or null if `null`: not Infinity, NaN,
+    a string or a boolean."""
+    return Kind(
+        f"a finite number {'of at least' if at_least else 'above'} {low:g}" + " or null" * null,
+        lambda v: (null and v is None) or (
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            and (v >= low if at_least else v > low)
+        ),
+    )  # fmt: skip
+
+
+def typed(kind: type, must: str, null: bool = False) -> Kind:
+    """A value of type `kind` (str, bool, dict), or null if `null`."""
+    return Kind(must + " or null" * null, lambda v: (null and v is None) or isinstance(v, kind))
+
+
+SIZE, SIZE_OR_NULL, EPS, BASE = integer(1), integer(1, null=True), number(0), number(1)
+LAYERS = integer(1, 100_000)  # a layer list (Gemma's layer_types) is built before any weight
+TEXT, FLAG = typed(str, "a string"), typed(bool, "true or false")
+OBJECT, TEXT_OR_NULL = typed(dict, "an object", True), typed(str, "a string", True)
+STRINGS = Kind(
+    "a list of strings", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)
+)
+# The fields of a Hugging Face config.json that qkv reads (each family's *_config_from_hf).
+HF_FIELDS: dict[str, Kind] = {
+    "model_type": TEXT, "vocab_size": SIZE, "n_embd": SIZE, "n_head": SIZE, "n_layer": LAYERS,
+    "n_inner": SIZE_OR_NULL, "n_positions": SIZE, "hidden_size": SIZE,
+    "intermediate_size": SIZE, "num_attention_heads": SIZE, "num_hidden_layers": LAYERS,
+    "num_key_value_heads": SIZE_OR_NULL, "head_dim": SIZE_OR_NULL,
+    "max_position_embeddings": SIZE, "type_vocab_size": integer(0), "layer_norm_epsilon": EPS,
+    "layer_norm_eps": EPS, "rms_norm_eps": EPS, "rope_theta": BASE, "rope_local_base_freq": BASE,
+    "rope_scaling": OBJECT, "rope_parameters": OBJECT, "partial_rotary_factor": number(0),
+    "sliding_window": SIZE_OR_NULL, "use_sliding_window": FLAG, "max_window_layers": integer(0),
+    "sliding_window_pattern": SIZE, "layer_types": STRINGS, "query_pre_attn_scalar": number(0),
+    "attn_logit_softcapping": number(0, True), "final_logit_softcapping": number(0, True),
+    "tie_word_embeddings": FLAG, "attention_bias": FLAG, "mlp_bias": FLAG,
+    "use_bidirectional_attention": typed(bool, "true or false", True), "hidden_act": TEXT,
+    "activation_function": TEXT, "hidden_activation": TEXT_OR_NULL, "dtype": TEXT_OR_NULL,
+    "position_embedding_type": TEXT, "torch_dtype": TEXT_OR_NULL,
+}  # fmt: skip
+# rope_scaling / rope_parameters, and Gemma 3's per kind of layer inside them.
+ROPE_FIELDS: dict[str, Kind] = {
+    "rope_type": TEXT, "type": TEXT, "rope_theta": BASE, "factor": number(1, at_least=True),
+    "low_freq_factor": number(0), "high_freq_factor": number(0),
+    "original_max_position_embeddings": SIZE, "partial_rotary_factor": number(0),
+    "full_attention": OBJECT, "sliding_attention": OBJECT,
+}  # fmt: skip
+TOKEN_IDS = ("eos_token_id", "pad_token_id")  # the ids qkv reads (an id, a list of them, null)
+
+
+def check_fields(data: Mapping[str, Any], kinds: Mapping[str, Kind], source: str) -> None:
+    """Raise a ConfigError naming `source` (the file, and where in it) and the first field of
+    `data` that `kinds` names whose value does not fit; other fields are not looked at."""
+    for name, kind in kinds.items():
+        if name in data and not kind.accepts(data[name]):
+            raise ConfigError(
+                f"{source}{name} must be {kind.must}, got {repr(data[name])[:40]}; fix it, or put "
+                "the model's own file back"
+            )
+
+
+def check_token_ids(data: Mapping[str, Any], vocab_size: int, source: str) -> None:
+    """TOKEN_IDS of `data` are ids of the vocabulary (0 .. vocab_size - 1), lists of them or
+    null: an id outside it (-1 included) is a ConfigError, not ignored."""
+    for name in TOKEN_IDS:
+        value = data.get(name)
+        for token_id in value if isinstance(value, list) else [value]:
+            if token_id is not None and not (_is_int(token_id) and 0 <= token_id < vocab_size):
+                raise ConfigError(
+                    f"{source}{name} must be a token id from 0 to {vocab_size - 1} (or a list "
+                    f"of them, or null), got {repr(value)[:40]}; fix it, or put the model's own "
+                    "file back"
+                )
+
+
+def check_hf_config(hf: Mapping[str, Any], source: str) -> None:
+    """Every field of a Hugging Face config.json that qkv reads, by type and range (HF_FIELDS,
+    ROPE_FIELDS, token ids of its vocabulary): a ConfigError naming `source` and the field."""
+    check_fields(hf, HF_FIELDS, f"{source}: ")
+    for name in ("rope_scaling", "rope_parameters"):
+        rope = hf.get(name) or {}
+        check_fields(rope, ROPE_FIELDS, f"{source}: {name}.")
+        for part in ("full_attention", "sliding_attention"):
+            check_fields(rope.get(part) or {}, ROPE_FIELDS, f"{source}: {name}.{part}.")
+    check_token_ids(hf, hf.get("vocab_size", MAX_SIZE), f"{source}: ")
 
 
 # The original paper's (and the notes') design: Norm(x + Sublayer(x)), sinusoids, ReLU FFN.

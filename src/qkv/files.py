@@ -255,11 +255,16 @@ _HELD: dict[Path, int] = {}  # run directories this process holds the lock of, a
 def one_writer(folder: Path) -> Iterator[None]:
     """The block holds an advisory lock on `folder` (FOLDER/.lock, released however the block
     ends, even by SIGKILL): a second writer, another process, is refused with the pid that holds
-    it. Within one process the lock nests (a run prepared under it, then trained under it)."""
+    it. Within one process the lock nests (a run prepared under it, then trained under it).
+    A block that raises before anything is saved there (the folder holds what it held, and the
+    lock's files) leaves no trace: the lock's files it made are removed, and the folders this
+    call created; a folder that existed stays, with all it held."""
     if folder.exists() and not folder.is_dir():
         raise QkvError(f"--out {folder} is a file; give a directory for the run")
+    created = [p for p in (folder, *folder.absolute().parents) if not p.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        before = set(os.listdir(folder))
     except OSError as err:
         raise write_error(f"to {folder}", err) from None
     key = folder.resolve()
@@ -290,6 +295,25 @@ def one_writer(folder: Path) -> Iterator[None]:
     _HELD[key] = 1
     try:
         yield
+    except BaseException:
+        _remove_if_unused(folder, before, created)
+        raise
     finally:
         del _HELD[key]
         lock.release()
+
+
+def _remove_if_unused(folder: Path, before: set[str], created: list[Path]) -> None:
+    """Where `folder` holds what it held `before` and the lock's files, remove those of the lock
+    files that were not there before, then the folders in `created` (deepest first) while they
+    are empty."""
+    lock_files = {".lock", ".lock.pid"}
+    try:
+        if set(os.listdir(folder)) - lock_files != before - lock_files:
+            return  # something was saved: the run's to keep
+        for name in lock_files - before:
+            (folder / name).unlink(missing_ok=True)
+        for made in created:
+            made.rmdir()
+    except OSError:  # written to meanwhile, or not ours to change: kept as it is
+        pass

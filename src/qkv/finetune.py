@@ -44,7 +44,7 @@ from qkv.files import check_new_directory, one_writer
 from qkv.generate import Generator
 from qkv.model import DecoderLM
 from qkv.nn.lora import DEFAULT_TARGETS, UnknownTargets, add_lora, merge_lora
-from qkv.text import read_jsonl
+from qkv.text import model_file, read_jsonl
 from qkv.tokenizer import Tokenizer
 from qkv.train import Trainer, run_to_end
 
@@ -282,7 +282,7 @@ def prepare_finetune(
     adapter = None
     if resume is not None:
         folder = resolve(resume)
-        if (folder / ADAPTER_CONFIG).is_file():
+        if model_file(folder, ADAPTER_CONFIG):
             adapter = read_adapter_config(folder)
             model, tokenizer = load_adapter_model(folder)
         else:
@@ -290,7 +290,7 @@ def prepare_finetune(
     else:
         check_run_directory(out)
         base = resolve(model_dir)
-        if lora is not None and not (base / WEIGHTS).is_file():
+        if lora is not None and not model_file(base, WEIGHTS):
             raise QkvError(f"{base} is itself a LoRA adapter: merge it first (qkv merge)")
         model, tokenizer = load_model(base, "cpu")
         if lora is None and merge_lora(model):  # an adapter: fine-tune its merged weights
@@ -444,7 +444,7 @@ def merge_adapter(adapter_dir: str | Path, out: Path) -> MergeReport:
     """`qkv merge`: fold a LoRA adapter into its base model (W' = W + (alpha / r) B A) and write
     the plain checkpoint to `out`, checked on a random probe of token ids."""
     folder = resolve(adapter_dir)
-    if not (folder / ADAPTER_CONFIG).is_file():
+    if not model_file(folder, ADAPTER_CONFIG):
         raise QkvError(
             f"{folder} is not a LoRA adapter (it has no {ADAPTER_CONFIG}): nothing to merge"
         )

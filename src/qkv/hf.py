@@ -34,10 +34,11 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 from torch import Tensor
 
 from qkv import files
-from qkv.config import ModelConfig
+from qkv.config import FLAG, MAX_SIZE, ModelConfig, check_fields, check_hf_config, check_token_ids
 from qkv.errors import QkvError
 from qkv.memory import MORE_MEMORY, check_model_fits
 from qkv.model import DecoderLM, Encoder, build_model, model_from_tensors
+from qkv.text import model_file, read_model_json, read_model_text
 from qkv.tokenizer import Tokenizer
 
 
@@ -766,21 +767,19 @@ def from_gpt2(model: torch.nn.Module) -> DecoderLM:
 
 
 def is_hf_directory(folder: Path) -> bool:
-    """A Hugging Face model directory: its config.json names a model_type."""
-    try:
-        return "model_type" in json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, TypeError):
-        return False
+    """A Hugging Face model directory: its config.json names a model_type (a config.json that
+    cannot be read, through text.read_model_json, is an error)."""
+    has_config = model_file(folder, "config.json") is not None
+    return has_config and "model_type" in read_model_json(folder, "config.json")
 
 
 def read_hf_config(folder: Path) -> dict[str, Any]:
-    """A directory's config.json, its model_type one of FAMILIES."""
-    try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise QkvError(f"{folder}/config.json is unreadable ({err})") from None
-    if not isinstance(config, dict) or config.get("model_type") not in FAMILIES:
-        model_type = config.get("model_type") if isinstance(config, dict) else None
+    """A directory's config.json, its model_type one of FAMILIES, each field qkv reads of the
+    type and range config.check_hf_config says."""
+    config = read_model_json(folder, "config.json")
+    check_hf_config(config, str(folder / "config.json"))
+    if config.get("model_type") not in FAMILIES:
+        model_type = config.get("model_type")
         raise QkvError(
             f"{folder}: model_type {model_type!r} is not supported; qkv imports "
             f"{', '.join(FAMILIES)}"
@@ -791,15 +790,16 @@ def read_hf_config(folder: Path) -> dict[str, Any]:
 def weight_files(folder: Path) -> list[Path]:
     """A directory's weight files: model.safetensors, the shards its index lists, or
     pytorch_model.bin."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
-        except (OSError, ValueError, KeyError, AttributeError, TypeError) as err:
-            raise QkvError(f"{index} is unreadable ({err})") from None
-        return [folder / shard for shard in sorted(shards)]
+    index = "model.safetensors.index.json"
+    if model_file(folder, index) is not None:
+        shards = read_model_json(folder, index).get("weight_map")
+        if not isinstance(shards, dict) or not all(isinstance(s, str) for s in shards.values()):
+            raise QkvError(f"{folder / index} has no weight_map of tensor names to file names")
+        return [
+            model_file(folder, shard) or folder / shard for shard in sorted(set(shards.values()))
+        ]
     for name in ("model.safetensors", "pytorch_model.bin"):
-        if (folder / name).is_file():
+        if model_file(folder, name) is not None:
             return [folder / name]
     raise QkvError(
         f"{folder} has no weights: looked for model.safetensors, model.safetensors.index.json "
@@ -837,7 +837,7 @@ def _special(config: dict[str, Any], extra: dict[str, Any], backend: tokenizers.
              id_field: str, names: tuple[str, ...]) -> str | None:  # fmt: skip
     """A special token by config.json's id field, else by tokenizer_config.json's names."""
     token_id = config.get(id_field)
-    token_id = token_id[0] if isinstance(token_id, list) else token_id
+    token_id = (token_id or [None])[0] if isinstance(token_id, list) else token_id
     if token_id is not None and backend.id_to_token(token_id) is not None:
         return backend.id_to_token(token_id)
     for name in names:
@@ -850,9 +850,9 @@ def _special(config: dict[str, Any], extra: dict[str, Any], backend: tokenizers.
 
 def _wordpiece(folder: Path, lowercase: bool) -> tokenizers.Tokenizer:
     """BERT's vocab.txt as a WordPiece tokenizer, [CLS] text [SEP] around every input."""
-    backend = tokenizers.Tokenizer(
-        models.WordPiece.from_file(str(folder / "vocab.txt"), unk_token="[UNK]")
-    )
+    lines = read_model_text(folder, "vocab.txt").split("\n")  # as WordPiece.from_file reads it
+    vocab = {line.rstrip(): i for i, line in enumerate(lines[:-1] if lines[-1] == "" else lines)}
+    backend = tokenizers.Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
     backend.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     backend.decoder = decoders.WordPiece()
@@ -870,18 +870,11 @@ def load_hf_tokenizer(folder: Path, config: dict[str, Any]) -> Tokenizer:
     """The directory's tokenizer.json (or BERT's vocab.txt, lower-cased unless
     tokenizer_config.json says otherwise); its end-of-text token is config.json's eos_token_id
     (or the tokenizer config's eos / sep token)."""
-    try:
-        extra = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        extra = {}
-    extra = extra if isinstance(extra, dict) else {}
-    path = folder / "tokenizer.json"
-    if path.is_file():
-        try:
-            backend = tokenizers.Tokenizer.from_file(str(path))
-        except Exception as err:
-            raise QkvError(f"{path} is not a valid tokenizer.json ({err})") from None
-    elif (folder / "vocab.txt").is_file():
+    extra = read_model_json(folder, "tokenizer_config.json", missing_ok=True)
+    check_fields(extra, {"do_lower_case": FLAG}, f"{folder / 'tokenizer_config.json'}: ")
+    if model_file(folder, "tokenizer.json") is not None:
+        backend = Tokenizer.read_backend(folder, "tokenizer.json")
+    elif model_file(folder, "vocab.txt") is not None:
         backend = _wordpiece(folder, extra.get("do_lower_case", True))
     else:
         raise QkvError(f"{folder} has no tokenizer.json or vocab.txt")
@@ -904,9 +897,8 @@ def load_hf_tokenizer(folder: Path, config: dict[str, Any]) -> Tokenizer:
 def _chat_template(folder: Path, extra: dict[str, Any]) -> str | None:
     """The model's chat template: chat_template.jinja, else tokenizer_config.json's
     chat_template (a string, or a list of named ones: "default")."""
-    path = folder / "chat_template.jinja"
-    if path.is_file():
-        return path.read_text(encoding="utf-8")
+    if model_file(folder, "chat_template.jinja") is not None:
+        return read_model_text(folder, "chat_template.jinja")
     template = extra.get("chat_template")
     if isinstance(template, list):
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
@@ -917,13 +909,14 @@ def _chat_template(folder: Path, extra: dict[str, Any]) -> str | None:
 def _stop_ids(
     folder: Path, config: dict[str, Any], backend: tokenizers.Tokenizer
 ) -> tuple[int, ...]:
-    """Every eos_token_id of generation_config.json and config.json (each an id or a list)."""
-    try:
-        generation = json.loads((folder / "generation_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        generation = {}
+    """Every eos_token_id of generation_config.json and config.json (each an id or a list, of
+    ids from 0 to config.json's vocab_size - 1; those the tokenizer lacks are skipped)."""
+    generation = read_model_json(folder, "generation_config.json", missing_ok=True)
+    check_token_ids(
+        generation, config.get("vocab_size", MAX_SIZE), f"{folder / 'generation_config.json'}: "
+    )
     ids: list[int] = []
-    for source in (generation if isinstance(generation, dict) else {}, config):
+    for source in (generation, config):
         value = source.get("eos_token_id")
         for token_id in value if isinstance(value, list) else [value]:
             if isinstance(token_id, int) and backend.id_to_token(token_id) is not None:
@@ -942,6 +935,8 @@ def load_hf_directory(
         config = family.config_from_hf(hf)
     except KeyError as err:
         raise QkvError(f"{folder}/config.json lacks the field {err}") from None
+    except QkvError as err:
+        raise QkvError(f"{folder}/config.json: {err}") from None
     stored = read_hf_weights(folder, shapes_only=True)
     layers = count_layers(family, stored)
     if layers != config.n_layers:

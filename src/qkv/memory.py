@@ -2,6 +2,7 @@
 config and options before anything is allocated, against what the machine has free.
 
     parameters    = P x 4 bytes (float32; P counted exactly, on the meta device)
+                    + the position tables computed when it is built (position_table_bytes)
     training      = gradients + AdamW's two moments (3 x 4 bytes per trainable parameter)
                     + activations of one micro-batch, B x T tokens each keeping at least
                       d_model + n_layers (6 d_model + 2 d_ff (ReLU: 1)) + 2 vocab values (the logits
@@ -40,6 +41,20 @@ def parameter_count(config: ModelConfig) -> int:
         models = [build_model(layer_config) for layer_config in layers]
     one, two = (sum(p.numel() for p in model.parameters()) for model in models)
     return one + (config.n_layers - 1) * (two - one)
+
+
+def position_table_bytes(config: ModelConfig) -> int:
+    """Bytes of the tables a model computes for its max_seq_len positions as it is built, with
+    what computing the last of them holds meanwhile: RoPE's cos and sin (L x d_k float32 each,
+    per base), from L int64 positions, their float32 copy and L x d_k / 2 + L x d_k angles; the
+    sinusoids (L x d_model float32), made in float64 from L positions and L x d_model / 2 angles."""
+    length = config.max_seq_len
+    if config.position == "rope":
+        tables = 1 + (config.rope_local_base is not None)
+        return length * (tables * 8 * config.head_dim + 12 + 6 * config.head_dim)
+    if config.position == "sinusoidal":
+        return length * (4 * config.d_model + 8 + 12 * config.d_model)
+    return 0
 
 
 def available_memory(device: torch.device | None = None) -> int:
@@ -97,8 +112,12 @@ def check_model_fits(
     device: torch.device | None = None,
     fix: str = SMALLER_MODEL,
 ) -> None:
-    """Refuse to build a model whose float32 parameters cannot fit, before allocating them."""
-    parts = {"parameters": parameter_count(config) * FLOAT32}
+    """Refuse to build a model whose float32 parameters and position tables cannot fit, before
+    allocating them."""
+    parts = {
+        "parameters": parameter_count(config) * FLOAT32,
+        "position tables": position_table_bytes(config),
+    }
     check_fits(
         parts,
         f"the model of {source} (d_model={config.d_model}, n_layers={config.n_layers}, "

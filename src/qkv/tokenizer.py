@@ -20,6 +20,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from qkv.config import TOKENIZERS
 from qkv.errors import QkvError
+from qkv.text import check_unicode, model_file, read_model_json, read_model_text
 
 END_OF_TEXT = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -100,25 +101,36 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
-        """Read a tokenizer.json (or the one inside a checkpoint directory); a model's own
-        tokenizer has its end-of-text and padding tokens in tokenizer_config.json beside it."""
+        """Read a tokenizer.json (or the one inside a checkpoint directory) through the model
+        directory reader (qkv.text.read_model_text); a model's own tokenizer has its
+        end-of-text and padding tokens in tokenizer_config.json beside it."""
         path = Path(path)
-        if path.is_dir():
-            path = path / "tokenizer.json"
-        if not path.is_file():
-            raise QkvError(f"no tokenizer at {path}; a checkpoint needs its tokenizer.json")
+        folder, name = (path, "tokenizer.json") if path.is_dir() else (path.parent, path.name)
+        if model_file(folder, name) is None:
+            raise QkvError(
+                f"no tokenizer at {folder / name}; a checkpoint needs its tokenizer.json"
+            )
+        backend = cls.read_backend(folder, name)
+        names = read_model_json(folder, SPECIALS, missing_ok=True)
+        if not names:
+            return cls(backend)
+        eos, pad = names.get("eos_token"), names.get("pad_token")
+        if not isinstance(eos, str) or not isinstance(pad, str | None):
+            raise QkvError(
+                f"{folder / SPECIALS} names no eos_token (and pad_token) as strings; put back "
+                "the file qkv wrote"
+            )
+        return cls(backend, eos, pad)
+
+    @staticmethod
+    def read_backend(folder: Path, name: str = "tokenizer.json") -> tokenizers.Tokenizer:
+        """The `tokenizers` tokenizer of FOLDER/NAME, read by qkv.text.read_model_text."""
+        text = read_model_text(folder, name)
         try:
-            backend = tokenizers.Tokenizer.from_file(str(path))
+            return tokenizers.Tokenizer.from_str(text)
         except Exception as err:
-            raise QkvError(f"{path} is not a valid tokenizer.json ({err})") from None
-        specials = path.with_name(SPECIALS)
-        if specials.is_file():
-            try:
-                names = json.loads(specials.read_text(encoding="utf-8"))
-                return cls(backend, names["eos_token"], names.get("pad_token"))
-            except (OSError, ValueError, KeyError, TypeError) as err:
-                raise QkvError(f"{specials} is unreadable ({err})") from None
-        return cls(backend)
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise QkvError(f"{folder / name} is not a valid tokenizer.json ({reason})") from None
 
     def add_special_tokens(self, tokens: list[str]) -> None:
         """Add tokens (ids after the vocabulary; those already there keep theirs) that encode()
@@ -162,20 +174,22 @@ class Tokenizer:
         return self.backend.token_to_id(self.pad)
 
     def encode(self, text: str) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=False).ids
+        """Token ids of `text`, a special token spelled in it read as that token. Every encode
+        method refuses text with a lone surrogate (qkv.text.check_unicode): one QkvError."""
+        return self.backend.encode(check_unicode(text), add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        encodings = self.backend.encode_batch(texts, add_special_tokens=False)
+        encodings = self.backend.encode_batch(_checked(texts), add_special_tokens=False)
         return [e.ids for e in encodings]
 
     def encode_plain(self, text: str) -> list[int]:
         """Token ids of `text` with every special token in it spelled out as ordinary text, so
         that no id of a special token comes from the text; decode(encode_plain(s)) == s."""
-        return self._plain_backend().encode(text, add_special_tokens=False).ids
+        return self._plain_backend().encode(check_unicode(text), add_special_tokens=False).ids
 
     def encode_plain_batch(self, texts: list[str]) -> list[list[int]]:
         """encode_plain of each text, in one call."""
-        encodings = self._plain_backend().encode_batch(texts, add_special_tokens=False)
+        encodings = self._plain_backend().encode_batch(_checked(texts), add_special_tokens=False)
         return [e.ids for e in encodings]
 
     def _plain_backend(self) -> tokenizers.Tokenizer:
@@ -191,7 +205,9 @@ class Tokenizer:
     def encode_inputs(self, texts: list[str]) -> list[list[int]]:
         """Token ids of whole model inputs: with the template's special tokens for a model's
         own tokenizer, plain encode_batch for qkv's."""
-        encodings = self.backend.encode_batch(texts, add_special_tokens=self.model_template)
+        encodings = self.backend.encode_batch(
+            _checked(texts), add_special_tokens=self.model_template
+        )
         return [e.ids for e in encodings]
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -202,3 +218,10 @@ class Tokenizer:
         if self._texts is None:
             self._texts = [self.decode([i]) for i in range(self.vocab_size)]
         return self._texts
+
+
+def _checked(texts: list[str]) -> list[str]:
+    """`texts`, each checked by qkv.text.check_unicode."""
+    for text in texts:
+        check_unicode(text)
+    return texts
