@@ -253,6 +253,11 @@ CASES = [
         lambda p: [*TRAIN.split(), "--seed", "99999999999999999999999"],
         "--seed",
     ),
+    Case(
+        "explain-model-invalid-utf8",  # a shell's $'ab\xffcd', as Python decodes arguments
+        lambda p: ["explain", "--model", "run", "ab\udcffcd"],
+        "a lone surrogate (\\udcff) at character 2",
+    ),
     Case("quickstart-minutes-nan", lambda p: ["quickstart", "--minutes", "nan"], "--minutes"),
     Case("quickstart-minutes-inf", lambda p: ["quickstart", "--minutes", "inf"], "--minutes"),
 ]

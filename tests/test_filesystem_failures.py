@@ -297,6 +297,17 @@ def test_a_read_only_mount_is_refused_before_any_work(
 
 
 @pytest.mark.slow
+def test_an_html_page_onto_a_read_only_mount_is_one_error(unshare: list[str], tmp_path: Path):
+    mounted = tmp_path / "read-only"
+    mounted.mkdir()
+    read_only = [["--bind", str(mounted), str(mounted)], ["-o", "remount,bind,ro", str(mounted)]]
+    result = qkv_under_mounts(unshare, read_only, "explain", "--html", str(mounted / "x.html"))
+    assert "Traceback" not in result.stderr and result.returncode == 2, result.stderr
+    assert one_error(result).startswith(f"qkv explain: error: cannot write {mounted}/x.html: "
+                                        "Read-only file system (errno 30)")  # fmt: skip
+
+
+@pytest.mark.slow
 def test_export_onto_a_full_disk_removes_its_temporary_directory(
     unshare: list[str], tmp_path: Path
 ) -> None:

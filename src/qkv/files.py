@@ -14,6 +14,7 @@ it (free space, or another --out).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import pickle
@@ -186,7 +187,8 @@ def atomic_write_text(path: Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only mount refuses even this (EROFS)
+            tmp.unlink(missing_ok=True)
         raise QkvError(
             f"cannot write {path}: {describe_os_error(err)}; free space or write elsewhere"
         ) from None
