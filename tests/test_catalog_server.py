@@ -48,7 +48,7 @@ def error_of(reply: httpx.Response, status: int) -> str:
 
 @pytest.fixture(scope="module")
 def keyed(model_dir: Path) -> Iterator[str]:
-    with serving(model_dir, "--api-key", KEY, "--max-queue", "64", "--header-timeout", "1",
+    with serving(model_dir, "--api-key", KEY, "--max-queue", "64", "--request-timeout", "1",
                  "--served-model-name", "tiny") as (url, _):  # fmt: skip
         yield url
 
@@ -76,7 +76,15 @@ def test_every_route_but_health_needs_the_key(keyed: str) -> None:
 
 
 def test_a_host_the_server_does_not_listen_as_is_400(keyed: str) -> None:
-    for host in ("evil.example", "evil.example:80", "127.0.0.1.evil.example"):
+    for host in (
+        "evil.example",
+        "evil.example:80",
+        "127.0.0.1.evil.example",
+        "localhost:80/health#",
+        "localhost:evil",
+        "[::1]junk",
+        "user@localhost",
+    ):
         reply = httpx.get(f"{keyed}/health", headers={"Host": host}, timeout=10)
         assert "does not answer to the host name" in error_of(reply, 400)
     port = keyed.rsplit(":", 1)[1]
@@ -141,13 +149,46 @@ def test_metrics_labels_stay_bounded_under_random_paths(keyed: str) -> None:
     still_serves(keyed)
 
 
-def test_a_connection_that_never_finishes_its_headers_is_closed(keyed: str) -> None:
+@pytest.mark.parametrize(
+    "start",
+    [
+        b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n",  # headers never finished
+        b"POST /health HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 9\r\n\r\n{",  # body
+        b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 9\r\n"
+        b"Authorization: Bearer " + KEY.encode() + b"\r\n\r\n{",
+    ],
+)
+def test_a_request_that_never_arrives_whole_is_closed(keyed: str, start: bytes) -> None:
     host, port = keyed.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as slow:
-        slow.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and nothing more
+        slow.sendall(start)  # and nothing more
         started = time.monotonic()
-        assert slow.recv(1024) == b""  # closed by the server
+        while slow.recv(1024):  # a refusal may come first; then the server closes it
+            pass
         assert time.monotonic() - started < 5
+    still_serves(keyed)
+
+
+def test_many_tiny_prompts_are_refused_before_tokenizing(keyed: str) -> None:
+    started = time.monotonic()
+    reply = post(keyed, "/v1/completions", {"prompt": ["a"] * 1_000_000, "max_tokens": 1})
+    assert "asks for 1000000 sequences" in error_of(reply, 400)
+    assert time.monotonic() - started < 5
+    reply = post(keyed, "/detokenize", {"tokens": [1] * 1_000_000})
+    assert "give at most 64" in error_of(reply, 400)
+    still_serves(keyed)
+
+
+def test_only_get_and_head_of_health_go_without_the_key(keyed: str) -> None:
+    assert httpx.head(f"{keyed}/health").status_code == 200
+    assert "API key" in error_of(httpx.post(f"{keyed}/health", content=b"{}"), 401)
+    host, port = keyed.removeprefix("http://").split(":")
+    upgrade = (b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+               b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+               b"Sec-WebSocket-Version: 13\r\n\r\n")  # fmt: skip
+    with socket.create_connection((host, int(port)), timeout=10) as socket_:
+        socket_.sendall(upgrade)
+        assert b" 101 " not in socket_.recv(1024)  # no websocket gets past the guard
     still_serves(keyed)
 
 
@@ -172,6 +213,8 @@ def test_a_connection_that_never_finishes_its_headers_is_closed(keyed: str) -> N
         ("/v1/completions", '{"prompt": "a", "stream": "yes"}', 400, "stream"),
         ("/v1/completions", '{"prompt": "a", "max_tokens": "5"}', 400, "max_tokens"),
         ("/v1/completions", '{"prompt": "a", "n": 2.0}', 400, "n"),
+        ("/v1/completions", '{"prompt": "a", "stop": ["\\ud800"]}', 400, "lone surrogate"),
+        ("/v1/completions", '{"prompt": "a", "seed": 1' + "0" * 5000 + "}", 400, "number too long"),
         ("/v1/completions", "[" * 100_000 + "]" * 100_000, 400, "nested too deeply"),
         ("/v1/explain", '{"text": "the fox", "layers": [7]}', 400, "layer 7 does not exist"),
         ("/v1/explain", json.dumps({"token_ids": [1] * (MAX_WORDS + 1)}), 400, "explain shows"),
@@ -187,7 +230,8 @@ def test_each_bad_field_is_one_clear_error(keyed: str, path: str, body: str | by
 
 
 JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
+    st.none() | st.booleans() | st.integers() | st.floats(allow_subnormal=False)
+    | st.text(max_size=20)
     | st.sampled_from(["\ud800", "<|user|>", "", "-1", "1e309"]),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
                                                                 max_size=3),
@@ -332,3 +376,9 @@ def test_health_says_when_the_engine_has_stopped(model_dir: Path) -> None:
         served.engine.stop()
         reply = client.get("/health")
         assert reply.status_code == 503 and reply.json() == {"status": "the engine has stopped"}
+
+
+def test_a_body_without_its_content_type_says_so(keyed: str) -> None:
+    reply = httpx.post(f"{keyed}/v1/completions", content=json.dumps(NORMAL), headers=AUTH)
+    assert "Content-Type: application/json" in error_of(reply, 400)
+    still_serves(keyed)

@@ -53,8 +53,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "127.0.0.1, localhost, ::1 and --host, or any name when --host is 0.0.0.0",
     )  # fmt: skip
     serve.add_argument(
-        "--header-timeout", type=float, default=10.0, metavar="SECONDS",
-        help="close a connection that has not sent its request headers in this time (10)",
+        "--request-timeout", type=float, default=10.0, metavar="SECONDS",
+        help="close a connection whose request (headers and body) has not all come in this "
+        "time (10)",
     )  # fmt: skip
     serve.add_argument(
         "--max-connections", type=positive, default=256,
@@ -98,5 +99,5 @@ def run(args: argparse.Namespace) -> None:
     )
     serving.serve(
         served, args.host, args.port, args.shutdown_grace, more_hosts=args.allowed_host,
-        header_timeout=args.header_timeout, max_connections=args.max_connections,
+        request_timeout=args.request_timeout, max_connections=args.max_connections,
     )  # fmt: skip

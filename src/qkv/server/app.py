@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import secrets
 from collections.abc import Callable, Sequence
+from itertools import accumulate
 from typing import Any
 
 import torch
@@ -61,15 +63,22 @@ def create_app(served: Served) -> FastAPI:
     async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
         message = str(err.detail)
         if err.status_code == 400:  # FastAPI's "error parsing the body": JSON it cannot read
-            message = "the body could not be read as JSON: it is nested too deeply"
+            message = "the body could not be read as JSON (nested too deeply, or a number too long)"
         return ApiError(err.status_code, message).response()
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
-        first = err.errors()[0]
-        where = [str(part) for part in first.get("loc", ()) if part != "body"]
+        errors = err.errors()
+        # a value's own complaint (a lone surrogate) says more than the union's other members'
+        first = next((e for e in errors if e.get("type") == "value_error"), errors[0])
         if first.get("type") == "json_invalid":
             return ApiError(400, f"the body is not valid JSON ({first.get('msg')})").response()
+        # field names and list indices, not pydantic's names of union members
+        where = [str(part) for part in first.get("loc", ())
+                 if part != "body" and re.fullmatch(r"\w+", str(part))]  # fmt: skip
+        if not where and first.get("type") in ("model_attributes_type", "dict_type"):
+            return ApiError(400, "the body must be a JSON object, sent with Content-Type: "
+                            "application/json").response()  # fmt: skip
         message = f"{'.'.join(where) or 'body'}: {first.get('msg')}"
         return ApiError(400, message, where[0] if where else None).response()
 
@@ -100,8 +109,9 @@ def create_app(served: Served) -> FastAPI:
             config = served.model.config
             limit = min(MAX_WORDS, config.max_seq_len)
             if len(ids or ()) > limit:
+                param = "text" if body.token_ids is None else "token_ids"
                 raise ApiError(400, f"the text has {len(ids):,} tokens; explain shows at most "
-                               f"{limit}", "text")  # fmt: skip
+                               f"{limit}", param)  # fmt: skip
             target = MAX_TARGET + 1 if config.arch == "encoder-decoder" else 0
             # sized before the forward pass: what shrinks it is named in the 400
             check_explain_size(config, len(ids or ()), body.layers, body.heads, body.top, target)
@@ -116,7 +126,7 @@ def create_app(served: Served) -> FastAPI:
         text = await asyncio.to_thread(json.dumps, data, allow_nan=False)  # megabytes: off the loop
         return Response(text, media_type="application/json")
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> JSONResponse:
         if served.engine is not None and not served.engine.running:
             return JSONResponse({"status": "the engine has stopped"}, 503)
@@ -138,8 +148,11 @@ def create_app(served: Served) -> FastAPI:
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict[str, str]:
         served.loaded()
+        if len(body.tokens) > served.window:
+            raise ApiError(400, f"tokens: give at most {served.window} (the model's context), "
+                           f"got {len(body.tokens):,}", "tokens")  # fmt: skip
         served.check_ids(body.tokens, "tokens")
-        return {"prompt": served.tokenizer.decode(body.tokens)}
+        return {"prompt": await asyncio.to_thread(served.tokenizer.decode, body.tokens)}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -149,10 +162,11 @@ def create_app(served: Served) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest) -> Any:
-        served.decoding()
+        engine = served.decoding()
         texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not texts:
             raise ApiError(400, "prompt: give at least one prompt", "prompt")
+        engine.check_room(len(texts) * body.n)  # before tokenizing any of them
         prompts = await served.encode(texts)
         tickets = tickets_for(served, body, prompts, tuple(body.stop or ()), body.logprobs)
 
@@ -172,7 +186,7 @@ def create_app(served: Served) -> FastAPI:
                     "tokens": tokens,
                     "token_logprobs": [e.logprob for e in entries],
                     "top_logprobs": [alternatives(e) for e in entries],
-                    "text_offset": [sum(map(len, tokens[:i])) for i in range(len(tokens))],
+                    "text_offset": list(accumulate(map(len, tokens), initial=0))[:-1],
                 }
             return {"index": index, "text": text, "finish_reason": reason, "logprobs": logprobs}
 
@@ -180,7 +194,7 @@ def create_app(served: Served) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest) -> Any:
-        served.decoding()
+        served.decoding().check_room(body.n)
         if not has_chat_template(served.tokenizer):
             raise ApiError(400, "this model has no chat template (no role tokens, no "
                            "chat_template of its own); use /v1/completions, or fine-tune it "
@@ -298,21 +312,21 @@ def serve(
     grace: float = 3.0,
     on_ready: Callable[[], None] | None = None,
     more_hosts: Sequence[str] = (),
-    header_timeout: float = 10.0,
+    request_timeout: float = 10.0,
     max_connections: int = 256,
 ) -> None:
     """Run the HTTP server until Ctrl-C / SIGTERM: then no new requests; running ones get
     `grace` seconds to finish, and the rest end with finish reason "length". `on_ready` is
     called once the server listens (`qkv explore` opens the browser then). Requests must name
-    the host it listens as (allowed_hosts); a connection that has not sent its headers within
-    `header_timeout` seconds is closed; past `max_connections` at once, new requests get a
-    503."""
+    the host it listens as (allowed_hosts); a connection whose request (headers and body) has
+    not all come within `request_timeout` seconds is closed; past `max_connections` at once, new
+    requests get a 503."""
     import uvicorn
 
     check_port(port)
-    if not 0 < header_timeout <= 3600:
-        raise QkvError(f"--header-timeout must be more than 0 and at most 3600 seconds, got "
-                       f"{header_timeout}")  # fmt: skip
+    if not 0 < request_timeout <= 3600:
+        raise QkvError(f"--request-timeout must be more than 0 and at most 3600 seconds, got "
+                       f"{request_timeout}")  # fmt: skip
     if not 0 < max_connections <= 65536:
         raise QkvError(f"--max-connections must be 1 to 65536, got {max_connections}")
     served.allowed_hosts = allowed_hosts(host, more_hosts)
@@ -331,7 +345,7 @@ def serve(
     config = uvicorn.Config(
         create_app(served), host=host, port=port, log_level="warning",
         timeout_graceful_shutdown=grace + 2, limit_concurrency=max_connections,
-        http=header_deadline(header_timeout),
+        http=request_deadline(request_timeout),
     )  # fmt: skip
     try:
         Server(config).run()
@@ -340,10 +354,10 @@ def serve(
             served.engine.stop()
 
 
-def header_deadline(seconds: float) -> type:
-    """uvicorn's h11 protocol, closing a connection whose request headers have not all come
-    within `seconds` of its opening or of its last response (slow-header clients hold no
-    connection for long)."""
+def request_deadline(seconds: float) -> type:
+    """uvicorn's h11 protocol, closing a connection whose request (headers and body) has not
+    all come within `seconds` of its opening or of its last response: clients that send slowly,
+    or stop halfway, hold no connection for long."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -360,7 +374,7 @@ def header_deadline(seconds: float) -> type:
                 self.deadline = None
 
         def expire(self) -> None:
-            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            if self.conn.their_state is not h11.DONE and not self.transport.is_closing():
                 self.transport.close()
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -369,7 +383,7 @@ def header_deadline(seconds: float) -> type:
 
         def handle_events(self) -> None:
             super().handle_events()
-            if self.conn.their_state is not h11.IDLE:  # the headers are in
+            if self.conn.their_state is h11.DONE:  # the whole request is in
                 self.disarm()
 
         def on_response_complete(self) -> None:

@@ -59,13 +59,20 @@ class Engine:
         self.thread = threading.Thread(target=self._loop, name="qkv-engine", daemon=True)
         self.thread.start()
 
-    def submit(self, tickets: list[Ticket]) -> None:
+    def check_room(self, count: int) -> None:
+        """A 400 for a request of `count` sequences that can never fit the queue, a 503 when the
+        engine does not run: checked before any work on the request."""
         if self.deadline is not None:
             raise ApiError(503, "the server is shutting down")
-        if len(tickets) > self.max_queue:
-            raise ApiError(400, f"this request asks for {len(tickets)} sequences (prompts x n) "
-                           f"but the server queues at most {self.max_queue}; send fewer prompts "
-                           "or a smaller n, or start it with a larger --max-queue")  # fmt: skip
+        if not self.running:
+            raise ApiError(503, "the server's engine has stopped; restart the server")
+        if count > self.max_queue:
+            raise ApiError(400, f"this request asks for {count} sequences (prompts x n) but the "
+                           f"server queues at most {self.max_queue}; send fewer prompts or a "
+                           "smaller n, or start it with a larger --max-queue")  # fmt: skip
+
+    def submit(self, tickets: list[Ticket]) -> None:
+        self.check_room(len(tickets))
         if self.waiting + len(tickets) > self.max_queue:
             raise ApiError(503, "the server is busy (its queue is full); retry shortly")
         self.waiting += len(tickets)
@@ -79,7 +86,9 @@ class Engine:
 
     def call(self, work: Callable[[], Any]) -> concurrent.futures.Future[Any]:
         """Run `work` on the engine's thread between two steps (it may use the model: nothing
-        else does meanwhile); its result or exception arrives in the future."""
+        else does meanwhile), at most one such call between two steps; its result or exception
+        arrives in the future."""
+        self.check_room(0)
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         self.inbox.put(("call", (work, future)))
         return future
@@ -112,7 +121,19 @@ class Engine:
                     self._publish(self.batcher.step())
             except Exception as err:
                 failure = f"the model failed on this batch ({type(err).__name__}: {err})"
-                self._publish(self.batcher.abort_all(failure.splitlines()[0]))
+                self._abort(failure.splitlines()[0])
+
+    def _abort(self, message: str) -> None:
+        """End every sequence in flight with `message` (each request gets a 500); where even
+        that fails, tell every ticket and start on a fresh batcher."""
+        try:
+            self._publish(self.batcher.abort_all(message))
+        except Exception:
+            for ticket in self.tickets.values():
+                ticket.loop.call_soon_threadsafe(ticket.events.put_nowait, ("error", message))
+            self.tickets.clear()
+            old = self.batcher
+            self.batcher = Batcher(old.model, old.tokenizer, old.max_batch)
 
     def _take(self, block: bool) -> None:
         """Apply the commands queued since the last step (waiting for one when idle)."""
@@ -147,6 +168,7 @@ class Engine:
                     future.set_result(work())
                 except Exception as err:  # handed to the request that asked
                     future.set_exception(err)
+                return  # a step before the next call: completions go on between explains
 
     def _publish(self, changed: list[Sequence]) -> None:
         waiting = sum(1 for s in self.batcher.waiting if not s.cancelled)

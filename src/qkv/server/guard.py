@@ -14,6 +14,7 @@ and every request counted by route.
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Sequence
 
@@ -26,16 +27,18 @@ from starlette.types import Message as AsgiMessage
 from qkv.server.schemas import MAX_BODY, ApiError
 from qkv.server.served import Served
 
-OPEN = {"/health"}  # the only path answered without the API key
+OPEN = {("GET", "/health"), ("HEAD", "/health")}  # answered without the API key
 UNMATCHED = "unmatched"  # the metrics label of every path no route serves
+LEFT = "499"  # the metrics status of a request whose client left before its answer
+# A Host header: a name or IPv4 address, or an IPv6 address in brackets, and an optional port.
+HOST = re.compile(r"(?P<name>[a-z0-9.-]+|\[(?P<ipv6>[0-9a-f:.]+)\])(?::\d{1,5})?")
 
 
-def host_name(header: str) -> str:
-    """The name in a Host header, without its port: "[::1]:8000" -> "::1", "a.b:80" -> "a.b"."""
-    header = header.strip().lower()
-    if header.startswith("["):
-        return header[1 : header.find("]")] if "]" in header else header
-    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+def host_name(header: str) -> str | None:
+    """The name in a Host header, without its port: "[::1]:8000" -> "::1", "a.b:80" -> "a.b";
+    None for anything else (userinfo, paths, junk after the port)."""
+    found = HOST.fullmatch(header.strip().lower())
+    return None if found is None else found["ipv6"] or found["name"]
 
 
 class Guard:
@@ -46,14 +49,16 @@ class Guard:
         self.app, self.served, self.routes = app, served, routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":  # no route takes one: none gets past the guard
+            return await send({"type": "websocket.close", "code": 1008})
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        status = 500
+        status = LEFT
 
         async def sending(message: AsgiMessage) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status = str(message["status"])
             await send(message)
 
         try:
@@ -68,7 +73,7 @@ class Guard:
                     receive = replay(body, receive)
             await (refusal or self.app)(scope, receive, sending)
         finally:
-            self.served.metrics.requests.labels(self.label(scope), str(status)).inc()
+            self.served.metrics.requests.labels(self.label(scope), status).inc()
 
     def refusal(self, request: Request) -> JSONResponse | None:
         """A response refusing the request from its headers alone, or None."""
@@ -81,11 +86,12 @@ class Guard:
         if size is not None and size.isdigit() and int(size) > MAX_BODY:
             return too_large()
         key = self.served.api_key
-        if key is not None and request.url.path not in OPEN:
+        path = request.scope["path"]  # what routing reads (request.url is built from Host)
+        if key is not None and (request.method, path) not in OPEN:
             given = request.headers.get("authorization", "")
-            if request.url.path == "/" and "key" in request.query_params:
+            if path == "/" and "key" in request.query_params:
                 given = f"Bearer {request.query_params['key']}"
-            if not secrets.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            if not secrets.compare_digest(given.encode("latin-1"), f"Bearer {key}".encode()):
                 return ApiError(401, "a missing or wrong API key; send 'Authorization: Bearer "
                                 "KEY'", kind="authentication_error").response()  # fmt: skip
         return None

@@ -62,8 +62,7 @@ class Served:
     async def chat(self, turns: list[tuple[str, str]]) -> list[int]:
         """The prompt of a conversation in the model's chat template, rendered and tokenized
         on a worker thread (the template's own time and size bounds apply)."""
-        for number, (_, text) in enumerate(turns):
-            self.check_bytes(text, f"message {number}", "messages")
+        self.check_bytes("".join(text for _, text in turns), "the messages", "messages")
         return await asyncio.to_thread(
             chat_prompt, turns, self.tokenizer, special_in_content=self.special_in_content
         )
