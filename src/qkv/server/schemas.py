@@ -7,7 +7,9 @@ from typing import Annotated, Any, Literal
 from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
+from qkv.errors import QkvError
 from qkv.generate import MAX_STOP_CHARS
+from qkv.text import check_unicode
 
 MAX_BODY = 8 << 20  # bytes of a request body
 MAX_EXPLAINS = 4  # explain requests waiting for or holding the model; more get a 503
@@ -33,16 +35,11 @@ class ApiError(Exception):
 
 def _unicode(text: str) -> str:
     """Text the tokenizer can take: JSON's escapes can spell a lone surrogate ("\\ud800"),
-    which is not Unicode."""
-    if not text.isascii():
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as err:
-            raise ValueError(
-                f"holds a lone surrogate (\\u{ord(text[err.start]):04x}) at character "
-                f"{err.start}, which is not Unicode text; send UTF-8 text"
-            ) from None
-    return text
+    which is not Unicode (text.check_unicode, as pydantic's ValueError)."""
+    try:
+        return check_unicode(text)
+    except QkvError as err:
+        raise ValueError(str(err)) from None
 
 
 Text = Annotated[str, AfterValidator(_unicode)]
