@@ -88,10 +88,11 @@ def run(args: argparse.Namespace) -> None:
     served.special_in_content = args.special_tokens_in_content
     print(served.summary, file=sys.stderr)
     url = f"http://{args.host}:{args.port}"
-    auth = " -H 'Authorization: Bearer $KEY'" if key else ""
+    auth = ' -H "Authorization: Bearer $KEY"' if key else ""
+    page = f"{url}/?key=KEY" if key else f"{url}/"
     print(
         f"serving {served.name} ({served.model.num_parameters():,} parameters, context "
-        f"{served.window}) at {url}/v1; Ctrl-C stops\n"
+        f"{served.window}) at {url}/v1, the explorer at {page}; Ctrl-C stops\n"
         f"  curl {url}/v1/completions -H 'Content-Type: application/json'{auth} "
         f"""-d '{{"prompt": "Hello", "max_tokens": 16}}'""",
         file=sys.stderr,
