@@ -79,7 +79,8 @@ def create_app(served: Served) -> FastAPI:
         if not where and first.get("type") in ("model_attributes_type", "dict_type"):
             return ApiError(400, "the body must be a JSON object, sent with Content-Type: "
                             "application/json").response()  # fmt: skip
-        message = f"{'.'.join(where) or 'body'}: {first.get('msg')}"
+        detail = str(first.get("msg", "")).removeprefix("Value error, ")  # pydantic's prefix
+        message = f"{'.'.join(where) or 'body'}: {detail}"
         return ApiError(400, message, where[0] if where else None).response()
 
     @app.get("/", include_in_schema=False)
