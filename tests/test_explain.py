@@ -159,9 +159,9 @@ def test_each_formula_is_the_one_its_module_states():
 @pytest.mark.parametrize("lens_rows", [6, 12, 18, 512])  # 1, 2 (uneven), 3 layers a call; all
 @torch.no_grad()
 def test_logit_lens_is_each_blocks_output_through_final_norm_and_head(monkeypatch, lens_rows):
-    import qkv.explain
+    import qkv.explain.capture
 
-    monkeypatch.setattr(qkv.explain, "LENS_ROWS", lens_rows)
+    monkeypatch.setattr(qkv.explain.capture, "LENS_ROWS", lens_rows)
     torch.manual_seed(0)
     model = DecoderLM(ModelConfig(vocab_size=16, d_model=16, n_heads=2, n_layers=5)).eval()
     ids = torch.randint(0, 16, (1, 6))

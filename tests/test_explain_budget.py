@@ -11,7 +11,7 @@ import torch
 from qkv.config import ModelConfig
 from qkv.errors import QkvError
 from qkv.explain import explain_model, payload
-from qkv.explain_budget import MAX_BYTES, MAX_NUMBERS, check_explain_size, explain_cost
+from qkv.explain.budget import MAX_BYTES, MAX_NUMBERS, check_explain_size, explain_cost
 from qkv.model import build_model
 from qkv.tokenizer import Tokenizer
 

@@ -76,7 +76,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from qkv import explain
-    from qkv.explorer import write_html
+    from qkv.explain.explorer import write_html
 
     if args.top is not None and not args.json:
         raise QkvError("--top shapes the --json output: add --json")

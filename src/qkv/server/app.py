@@ -26,8 +26,8 @@ from qkv.chat_template import chat_stops, has_chat_template
 from qkv.embed import embed_ids
 from qkv.errors import QkvError
 from qkv.explain import MAX_TARGET, MAX_WORDS, explain_model, explain_text, payload
-from qkv.explain_budget import check_explain_size
-from qkv.explorer import page
+from qkv.explain.budget import check_explain_size
+from qkv.explain.explorer import page
 from qkv.model import Encoder, EncoderDecoder
 from qkv.sampling import SamplingConfig
 from qkv.server.guard import Guard
